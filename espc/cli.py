@@ -126,7 +126,6 @@ def schema(
 
 
 _PLANNER = "the MILP policy compiler (planner)"
-_BACKEND = "the FX lowering backend"
 _RUNTIME = "the multi-process runtime"
 _SERVER = "the OpenAI-compatible server"
 
@@ -286,9 +285,20 @@ def graph(
     rank: Annotated[Optional[int], typer.Option(help="show one rank only")] = None,
     format_: Annotated[GraphFormat, typer.Option("--format", help="output format")] = GraphFormat.table,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="write here instead of stdout")] = None,
+    dump_ir: Annotated[Optional[Path], typer.Option("--dump-ir", help="also write every pass's graphs into this directory")] = None,
 ) -> None:
     """Lower a representative iteration plan and show the per-rank FX graphs."""
-    _not_implemented("graph", _BACKEND)
+    spec = _load_spec_target(target)
+    from espc.backend.dump import GraphvizMissing, render_graph  # torch loads only for this verb
+
+    try:
+        text = render_graph(spec, phase.value, dop, rank, format_.value, dump_ir)
+    except (ValueError, NotImplementedError, GraphvizMissing) as error:
+        _fail(f"espc graph: {error}")
+    if output is None:
+        typer.echo(text)
+    else:
+        output.write_text(text + "\n", encoding="utf-8")
 
 
 @app.command()

@@ -64,7 +64,6 @@ def test_schema_is_json_schema_of_the_spec():
 PLACEHOLDERS = [
     ["compile", str(TINY), "-o", "out"],
     ["inspect", "out"],
-    ["graph", str(TINY)],
     ["run", "out"],
     ["profile", str(TINY)],
     ["serve", "out"],

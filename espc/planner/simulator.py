@@ -152,7 +152,7 @@ def simulate(
             if plan.batches or plan.migrations:
                 break
 
-    for state_left in list(state.waiting) + list(state.running.values()):
+    for state_left in list(state.waiting.values()) + list(state.running.values()):
         state_left.rejected = state_left.rejected or "never scheduled: the run ended with the request still queued"
     records = sorted((_record(s) for s in state.requests.values()), key=lambda record: record.id)
     duration = max((r.finish_s for r in records if r.finish_s is not None), default=0.0) - min(

@@ -1,0 +1,264 @@
+"""Run lowered plans in N gloo processes on the CPU, without the runtime.
+
+`Harness(spec, world)` spawns one process per rank (torch.multiprocessing, spawn), each with
+the random-weight model of the spec, a KV pool (`KVPool`) and a `Lowering`. `run(plan,
+tokens)` lowers and verifies the plan in the parent (so a bad plan fails before any rank
+waits on a message), sends it to every rank, and each rank lowers its own graph (cached),
+computes its inputs, executes, releases freed and migrated-away slots, and checks its comm
+counters against `expected_traffic` before answering. Any rank's error, or no answer within
+the timeout, tears the group down and raises: a test can never hang.
+
+The runtime's workers are built from the same pieces: `Lowering.lower(plan, ranks=(rank,),
+verify=False)` and `Program.run(rank, pool, table, tokens)`.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import time
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from espc.backend import ops
+from espc.backend.lower import Lowering
+from espc.frontend.spec import ModelSpec
+from espc.planner.plan import DecodeBatch, IterationPlan, PrefillBatch, RequestId, TokenRange
+from espc.runtime.model import build_model
+
+_LONG = torch.int64
+
+
+class PoolFull(RuntimeError):
+    pass
+
+
+class KVPool:
+    """One rank's KV pool: the tensor [layers, 2, slots, kv_heads, head_dim] and a simple
+    token-granular slot table (a `SlotTable`; the runtime brings a paged allocator)."""
+
+    def __init__(self, spec: ModelSpec, slots: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        self.tensor = torch.zeros((spec.layers, 2, slots, spec.kv_heads, spec.head_dim), dtype=dtype, device=device)
+        self._free = torch.arange(slots, dtype=_LONG)
+        self._held: dict[RequestId, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def resident(self, request: RequestId) -> tuple[torch.Tensor, torch.Tensor]:
+        empty = torch.empty(0, dtype=_LONG)
+        return self._held.get(request, (empty, empty))
+
+    def allocate(self, request: RequestId, positions: torch.Tensor) -> torch.Tensor:
+        if len(positions) > len(self._free):
+            raise PoolFull(f"request {request}: {len(positions)} tokens do not fit, {len(self._free)} slots free")
+        slots, self._free = self._free[: len(positions)], self._free[len(positions):]
+        held_positions, held_slots = self.resident(request)
+        self._held[request] = (torch.cat((held_positions, positions)), torch.cat((held_slots, slots)))
+        return slots
+
+    def release(self, request: RequestId, span: TokenRange | None = None) -> None:
+        positions, slots = self.resident(request)
+        drop = torch.ones_like(positions, dtype=torch.bool) if span is None else (positions >= span.start) & (positions < span.end)
+        self._free = torch.cat((self._free, slots[drop]))
+        if drop.all():
+            self._held.pop(request, None)
+        else:
+            self._held[request] = (positions[~drop], slots[~drop])
+
+    def held(self) -> dict[RequestId, tuple[TokenRange, ...]]:
+        """Each request's resident positions as sorted, merged ranges."""
+        summary = {}
+        for request, (positions, _) in sorted(self._held.items()):
+            ranges: list[TokenRange] = []
+            for position in positions.sort().values.tolist():
+                if ranges and ranges[-1].end == position:
+                    ranges[-1] = TokenRange(ranges[-1].start, position + 1)
+                else:
+                    ranges.append(TokenRange(position, position + 1))
+            summary[request] = tuple(ranges)
+        return summary
+
+
+def expected_traffic(plan: IterationPlan, spec: ModelSpec, dtype: torch.dtype) -> dict[int, dict[str, int]]:
+    """Bytes each rank sends per channel, from the plan alone (an independent account of what
+    the lowering must move): the prefill ring passes each rank's KV block d - 1 hops per
+    layer; decode sends each query to the instances holding a non-empty shard and gets one
+    (o, lse) answer back; a migration moves its tokens' KV of every layer once."""
+    size = torch.empty((), dtype=dtype).element_size()
+    kv_token = 2 * spec.kv_heads * spec.head_dim * size
+    traffic: dict[int, dict[str, int]] = {}
+
+    def add(rank: int, channel: str, amount: int) -> None:
+        traffic.setdefault(rank, dict.fromkeys(ops.CHANNELS, 0))[channel] += amount
+
+    for batch in plan.batches:
+        d = len(batch.instances)
+        for p, rank in enumerate(batch.instances):
+            add(rank, "ring", 0)
+            if isinstance(batch, PrefillBatch):
+                for s in range(d - 1):
+                    origin = (p - s) % d
+                    tokens = sum(len(range(item.start + (origin - item.start) % d, item.end, d)) for item in batch.items)
+                    add(rank, "ring", spec.layers * tokens * kv_token)
+        if isinstance(batch, DecodeBatch):
+            for item in batch.items:
+                for holder, tokens in item.shards:
+                    if holder != item.master and tokens:
+                        add(item.master, "query", spec.layers * spec.heads * spec.head_dim * size)
+                        add(holder, "partial", spec.layers * spec.heads * (spec.head_dim + 1) * 4)
+    for migration in plan.migrations:
+        add(migration.src, "migration", spec.layers * len(migration.range) * kv_token)
+        add(migration.dst, "migration", 0)
+    return traffic
+
+
+@dataclass(frozen=True)
+class RankResult:
+    rank: int
+    logits: dict[RequestId, torch.Tensor]
+    counters: dict[str, dict[str, int]]
+    held: dict[RequestId, tuple[TokenRange, ...]]
+    seconds: float  # wall time of the graph, inputs included
+
+
+class HarnessError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, spec: ModelSpec, options: dict, commands, results) -> None:
+    torch.set_num_threads(options["threads"])
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+            timeout=timedelta(seconds=options["timeout"]),
+        )
+        model = build_model(spec, dtype=options["dtype"])
+        lowering = Lowering(model, attention=options["attention"])
+        pool = KVPool(spec, options["slots"], options["dtype"])
+        results.put((rank, "ready", None))
+    except Exception:
+        results.put((rank, None, traceback.format_exc()))
+        return
+    try:
+        while (command := commands.get()) is not None:
+            plan, tokens = command
+            try:
+                results.put((rank, _step(rank, spec, options, lowering, pool, plan, tokens), None))
+            except Exception:
+                results.put((rank, None, traceback.format_exc()))
+    finally:
+        dist.destroy_process_group()
+        # Skip the interpreter's slow teardown (seconds with torch loaded) once the answers
+        # are flushed to the parent.
+        results.close()
+        results.join_thread()
+        os._exit(0)
+
+
+def _step(rank, spec, options, lowering, pool, plan, tokens) -> RankResult:
+    ops.reset_comm_counters()
+    started = time.perf_counter()
+    program = lowering.lower(plan, ranks=(rank,), verify=False)
+    with torch.inference_mode():
+        logits = program.run(rank, pool.tensor, pool, tokens)
+    seconds = time.perf_counter() - started
+    counters = ops.comm_counters()
+    expected = expected_traffic(plan, spec, options["dtype"]).get(rank, dict.fromkeys(ops.CHANNELS, 0))
+    sent = {channel: counters[channel]["bytes_sent"] for channel in ops.CHANNELS}
+    assert sent == expected, f"rank {rank}: sent {sent} bytes per channel, the plan needs exactly {expected}"
+    for request, row in logits.items():
+        assert torch.isfinite(row).all(), f"rank {rank}: request {request} has non-finite logits"
+    return RankResult(rank, logits, counters, pool.held(), seconds)
+
+
+class Harness:
+    """N gloo ranks on the CPU executing lowered plans; use as a context manager."""
+
+    def __init__(
+        self, spec: ModelSpec, world: int, *, slots: int = 16384, dtype: torch.dtype = torch.float32,
+        attention: str = "torch", threads: int = 1, timeout: float = 120.0,
+    ):
+        self.spec, self.world, self.timeout = spec, world, timeout
+        self.lowering = Lowering(build_model(spec, dtype=dtype, device="meta"), attention=attention)
+        options = {"slots": slots, "dtype": dtype, "attention": attention, "threads": threads, "timeout": timeout}
+        context = mp.get_context("spawn")
+        self._results = context.Queue()
+        self._commands = [context.Queue() for _ in range(world)]
+        port = free_port()
+        self._processes = [
+            context.Process(
+                target=_worker, args=(rank, world, port, spec, options, self._commands[rank], self._results), daemon=True
+            )
+            for rank in range(world)
+        ]
+        for process in self._processes:
+            process.start()
+        self._collect("start-up")
+
+    def run(self, plan: IterationPlan, tokens: Mapping[RequestId, torch.Tensor] | None = None) -> list[RankResult]:
+        """Execute one plan on every rank; results indexed by rank."""
+        if not self._processes:
+            raise HarnessError("the harness is closed (a previous run failed or close() was called)")
+        self.lowering.lower(plan)  # verify in the parent: a plan that would deadlock fails here
+        for command in self._commands:
+            command.put((plan, dict(tokens or {})))
+        return self._collect(f"iteration {plan.iteration}")
+
+    def _collect(self, what: str) -> list:
+        answers: dict[int, object] = {}
+        failed: dict[int, str] = {}
+        errors: list[str] = []
+        started = time.monotonic()
+        deadline = started + self.timeout
+        while len(answers) + len(failed) < self.world:
+            try:
+                rank, result, error = self._results.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                missing = sorted(set(range(self.world)) - answers.keys() - failed.keys())
+                errors.append(f"{what}: ranks {missing} did not answer within {time.monotonic() - started:.0f} s")
+                break
+            if error is not None:
+                failed[rank] = error
+                errors.append(f"rank {rank}, {what}:\n{error}")
+                # Peers of a failed rank may wait forever for its messages: give the others a
+                # moment to report their own errors, then tear the group down.
+                deadline = min(deadline, time.monotonic() + 3)
+            else:
+                answers[rank] = result
+        if errors:
+            self.close()
+            raise HarnessError("\n".join(errors))
+        return [answers[rank] for rank in range(self.world)]
+
+    def close(self) -> None:
+        for command, process in zip(self._commands, self._processes):
+            if process.is_alive():
+                command.put(None)
+        for process in self._processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        self._processes = []
+        self._commands = []
+
+    def __enter__(self) -> Harness:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
