@@ -18,9 +18,12 @@ from pathlib import Path
 from espc.frontend.loader import validate_spec
 from espc.frontend.spec import GammaArrival, PoissonArrival, Spec
 from espc.planner.costmodel import CostModel
+from espc.planner import ilp
 from espc.planner.metrics import Goodput, Summary, find_goodput, isolated_prefill, summarize
+from espc.planner.policy import ElasticPolicy
+from espc.planner.scheduler import ElasticScheduler
 from espc.planner.simulator import SimulationResult, simulate
-from espc.planner.strategies import Candidate, candidates
+from espc.planner.strategies import Candidate, Deployment, candidates
 from espc.planner.workload import Request, generate, mean_rate
 
 # A goodput trial simulates at least this many seconds of arrivals by default: a short
@@ -31,6 +34,7 @@ DEFAULT_WINDOW_S = 60.0
 # then measure the best few in full.
 SCREEN_REQUESTS = 200
 SCREEN_TOLERANCE = 0.15
+SCREEN_WINDOW_S = 20.0
 FINALISTS = 3
 
 
@@ -72,14 +76,39 @@ class Evaluator:
 
     def __init__(
         self, spec: Spec, base_dir: Path | None = None, requests: int | None = None, cost: CostModel | None = None,
-        window_s: float = DEFAULT_WINDOW_S,
+        window_s: float = DEFAULT_WINDOW_S, elastic: ElasticPolicy | None = None, max_trial_requests: int | None = None,
     ):
         self.spec = spec
         self.base_dir = base_dir
         self.requests = requests
         self.window_s = window_s
+        # A cap on the window's request count keeps trials of very fast clusters bounded.
+        self.max_trial_requests = max_trial_requests
         self.cost = cost or CostModel.from_spec(spec)
         self.prefill_s = isolated_prefill(self.cost)
+        self.elastic = elastic
+
+    def elastic_candidate(self, policy: ElasticPolicy, label: str | None = None) -> Candidate:
+        deployment = Deployment.build(self.cost, policy.tp)
+        return Candidate(
+            "elastic", label or f"tp={policy.tp}",
+            lambda: ElasticScheduler(deployment, policy, self.spec.slo, self.prefill_s),
+        )
+
+    def milp_policies(self) -> list[ilp.MilpSolution]:
+        """The MILP's elastic policy for every tp the spec allows, highest predicted rate
+        first; InfeasibleSLO (from the best-placed tp) when none is feasible."""
+        sample = self.workload(requests=self.spec.workload.requests)
+        tps = [self.spec.cluster.tp] if self.spec.cluster.tp else self.cost.tp_choices()
+        solutions, errors = [], []
+        for tp in tps:
+            try:
+                solutions.append(ilp.solve(self.cost, tp, sample, self.spec.slo, self.spec.policy, self.prefill_s))
+            except ilp.InfeasibleSLO as error:
+                errors.append(error)
+        if not solutions:
+            raise errors[-1]
+        return sorted(solutions, key=lambda solution: -solution.rate)
 
     def workload(self, rate: float | None = None, seed: int | None = None, requests: int | None = None) -> list[Request]:
         return generate(
@@ -95,6 +124,10 @@ class Evaluator:
         return mean_rate([request.arrival_s for request in self.workload()]) or 1.0
 
     def candidates(self, strategy: str) -> list[Candidate]:
+        if strategy == "elastic":
+            if self.elastic is None:
+                self.elastic = self.milp_policies()[0].policy
+            return [self.elastic_candidate(self.elastic)]
         prompts = [request.prompt_len for request in self.workload()] if strategy == "best-static" else ()
         return candidates(strategy, self.spec.policy, self.cost, prompts)
 
@@ -106,12 +139,15 @@ class Evaluator:
 
     def goodput(
         self, candidate: Candidate, seed: int | None = None, requests: int | None = None, tolerance: float = 0.03,
-        start_rate: float | None = None,
+        start_rate: float | None = None, window_s: float | None = None,
     ) -> Goodput:
         base = requests if requests is not None else self.requests or self.spec.workload.requests
+        window = self.window_s if window_s is None else window_s
 
         def attainment_at(rate: float) -> float:
-            count = max(base, math.ceil(rate * self.window_s))
+            count = max(base, math.ceil(rate * window))
+            if self.max_trial_requests is not None:
+                count = min(count, max(base, self.max_trial_requests))
             return self.run(candidate, self.workload(rate, seed, count))[1].attainment
 
         return find_goodput(attainment_at, self.spec.slo.attainment, start_rate or self.nominal_rate(), tolerance)
@@ -150,7 +186,8 @@ class Evaluator:
                 if on_progress:
                     on_progress(f"screening {candidate.label}")
                 requests = min(SCREEN_REQUESTS, self.requests or SCREEN_REQUESTS)
-                screened.append((self.goodput(candidate, seed, requests, SCREEN_TOLERANCE).rate, candidate))
+                found = self.goodput(candidate, seed, requests, SCREEN_TOLERANCE, window_s=min(self.window_s, SCREEN_WINDOW_S))
+                screened.append((found.rate, candidate))
             screened.sort(key=lambda pair: -pair[0])
             finalists = [(candidate, rate) for rate, candidate in screened[:FINALISTS]]
         else:

@@ -1,0 +1,193 @@
+"""`espc compile`: Spec → Policy, as one flat pipeline of named stages.
+
+    workload   sample the declared workload (seeded)
+    milp       the elastic-policy MILP for every tp the spec allows (espc.planner.ilp)
+    verify     simulate each MILP policy's P90 goodput; the simulator, not the fluid model,
+               ranks them
+    search     local search around the best: per-bucket instance caps and DoP caps ± 1,
+               the batching DP's instance weight × ½ / × 2 — kept when the simulated
+               goodput improves by more than the bisection tolerance, within a time budget
+    strategies with strategy = "auto", every baseline's goodput on the same workload and
+               seed (each family searched as in `espc compare`)
+    choose     the strategy with the highest goodput, and the reason, with the numbers
+
+Every stage reports progress through `on_progress(stage, message)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from espc import __version__
+from espc.frontend.spec import Spec
+from espc.planner.costmodel import CostModel
+from espc.planner.evaluation import Evaluator
+from espc.planner.ilp import MilpSolution
+from espc.planner.policy import POLICY_SCHEMA_VERSION, ElasticPolicy, Policy, StrategyPrediction
+from espc.planner.strategies import BASELINES
+
+VERIFY_TOLERANCE = 0.08  # relative width of the goodput bisection while compiling
+TRIAL_REQUESTS = 300  # requests per simulated trial (at least; high rates simulate a window)
+TRIAL_WINDOW_S = 20.0  # seconds of arrivals a trial covers at high rates ...
+MAX_TRIAL_REQUESTS = 3_000  # ... up to this many requests
+
+Progress = Callable[[str, str], None]
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    search_seconds: float = 20.0
+    trial_requests: int = TRIAL_REQUESTS
+    seed: int | None = None  # the spec's workload seed when None
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One simulated candidate during verification and search."""
+
+    stage: str
+    label: str
+    goodput_rps: float
+
+
+@dataclass(frozen=True)
+class CompileResult:
+    policy: Policy
+    milp: tuple[MilpSolution, ...]
+    trials: tuple[Trial, ...]
+
+
+def compile_spec(
+    spec: Spec,
+    spec_hash: str,
+    base_dir: Path | None = None,
+    options: CompileOptions = CompileOptions(),
+    cost: CostModel | None = None,
+    on_progress: Progress | None = None,
+) -> CompileResult:
+    """Compile `spec` (see the module docstring); raises ilp.InfeasibleSLO when the SLOs
+    cannot be met by the elastic strategy."""
+    started = time.perf_counter()
+
+    def progress(stage: str, message: str) -> None:
+        if on_progress:
+            on_progress(stage, message)
+
+    strategy = spec.policy.strategy
+    seed = spec.workload.seed if options.seed is None else options.seed
+    evaluator = Evaluator(
+        spec, base_dir, requests=options.trial_requests, cost=cost, window_s=TRIAL_WINDOW_S,
+        max_trial_requests=MAX_TRIAL_REQUESTS,
+    )
+    trials: list[Trial] = []
+    predictions: list[StrategyPrediction] = []
+    milp: list[MilpSolution] = []
+    best_elastic: tuple[float, ElasticPolicy] | None = None
+
+    if strategy in ("elastic", "auto"):
+        progress("milp", "solving the policy MILP")
+        milp = evaluator.milp_policies()
+        for solution in milp:
+            progress("verify", f"simulating the MILP policy for tp={solution.tp}")
+            rate = _goodput(evaluator, solution.policy, seed, start_rate=solution.rate)
+            trials.append(Trial("verify", f"milp tp={solution.tp}", rate))
+            if best_elastic is None or rate > best_elastic[0]:
+                best_elastic = (rate, solution.policy)
+        assert best_elastic is not None
+        deadline = time.perf_counter() + options.search_seconds
+        best_elastic = _local_search(evaluator, best_elastic, seed, deadline, trials, progress)
+        predictions.append(StrategyPrediction("elastic", f"tp={best_elastic[1].tp}", best_elastic[0], len(trials)))
+
+    baselines = BASELINES if strategy == "auto" else () if strategy == "elastic" else (strategy,)
+    for baseline in baselines:
+        found = evaluator.strategy_goodput(baseline, seed, on_progress=lambda message, b=baseline: progress("strategies", f"{b}: {message}"))
+        predictions.append(StrategyPrediction(baseline, found.configuration, found.goodput.rate, found.configurations_searched))
+
+    progress("choose", "choosing the strategy")
+    chosen = max(predictions, key=lambda p: (p.goodput_rps, p.strategy == "elastic"))
+    best_solution = next((s for s in milp if best_elastic and s.tp == best_elastic[1].tp), None)
+    policy = Policy(
+        schema_version=POLICY_SCHEMA_VERSION,
+        espc_version=__version__,
+        spec_hash=spec_hash,
+        strategy=chosen.strategy,
+        configuration=chosen.configuration,
+        reason=_reason(chosen, predictions, strategy),
+        cost_parameters=evaluator.cost.to_dict(),
+        elastic=best_elastic[1] if best_elastic else None,
+        solver=best_solution.solver if best_solution else None,
+        predictions=tuple(sorted(predictions, key=lambda p: -p.goodput_rps)),
+        milp_predicted_rps=best_solution.rate if best_solution else None,
+        compile_seconds=round(time.perf_counter() - started, 3),
+    )
+    policy.verify(len(evaluator.cost.cluster.instances(policy.elastic.tp)) if policy.elastic else None)
+    return CompileResult(policy, tuple(milp), tuple(trials))
+
+
+def _goodput(evaluator: Evaluator, policy: ElasticPolicy, seed: int, start_rate: float | None = None) -> float:
+    candidate = evaluator.elastic_candidate(policy)
+    return evaluator.goodput(candidate, seed, tolerance=VERIFY_TOLERANCE, start_rate=start_rate or None).rate
+
+
+def _neighbours(policy: ElasticPolicy, instances: int) -> Iterator[tuple[str, ElasticPolicy]]:
+    """Policies one step from `policy`, the longest buckets first (they matter most)."""
+    buckets = list(policy.buckets)
+    for index in reversed(range(len(buckets))):
+        bucket = buckets[index]
+        for cap in (bucket.max_instances - 1, bucket.max_instances + 1):
+            if max(1, bucket.prefill_dop) <= cap <= instances:
+                changed = buckets.copy()
+                changed[index] = dataclasses.replace(bucket, max_instances=cap)
+                yield f"bucket {index} ≤ {cap} instances", dataclasses.replace(policy, buckets=tuple(changed))
+        for dop in (bucket.prefill_dop - 1, bucket.prefill_dop + 1):
+            if 1 <= dop <= bucket.max_instances:
+                changed = buckets.copy()
+                changed[index] = dataclasses.replace(bucket, prefill_dop=dop)
+                yield f"bucket {index} dop ≤ {dop}", dataclasses.replace(policy, buckets=tuple(changed))
+    for factor in (0.5, 2.0):
+        weight = round(policy.instance_weight * factor, 3) if policy.instance_weight else factor / 2
+        yield f"instance weight {weight:g}", dataclasses.replace(policy, instance_weight=weight)
+
+
+def _local_search(
+    evaluator: Evaluator,
+    best: tuple[float, ElasticPolicy],
+    seed: int,
+    deadline: float,
+    trials: list[Trial],
+    progress: Progress,
+) -> tuple[float, ElasticPolicy]:
+    """First-improvement hill climbing over `_neighbours` until none improves or time is up."""
+    improved = True
+    while improved and time.perf_counter() < deadline:
+        improved = False
+        instances = len(evaluator.cost.cluster.instances(best[1].tp))
+        for label, candidate in _neighbours(best[1], instances):
+            if time.perf_counter() >= deadline:
+                break
+            progress("search", f"{label} (best {best[0]:.4g} req/s)")
+            rate = _goodput(evaluator, candidate, seed, start_rate=best[0])
+            trials.append(Trial("search", label, rate))
+            if rate > best[0] * (1 + VERIFY_TOLERANCE):
+                best = (rate, candidate)
+                improved = True
+                break
+    return best
+
+
+def _reason(chosen: StrategyPrediction, predictions: list[StrategyPrediction], requested: str) -> str:
+    if requested != "auto":
+        return f"the spec asks for {requested}: {chosen.goodput_rps:.4g} req/s P90 goodput in simulation"
+    others = sorted((p for p in predictions if p is not chosen), key=lambda p: -p.goodput_rps)
+    if not others:
+        return f"{chosen.goodput_rps:.4g} req/s P90 goodput in simulation"
+    runner_up = others[0]
+    ratio = chosen.goodput_rps / runner_up.goodput_rps if runner_up.goodput_rps else float("inf")
+    return (
+        f"highest simulated P90 goodput: {chosen.goodput_rps:.4g} req/s vs {runner_up.strategy} "
+        f"{runner_up.goodput_rps:.4g} req/s ({ratio:.2f}×) on the spec's workload"
+    )

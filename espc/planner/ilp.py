@@ -1,0 +1,292 @@
+"""The policy MILP: the elastic policy that sustains the highest request rate within the SLOs.
+
+A fluid model of the workload, bucketed by prompt length (equal-count buckets of a sample
+of the declared workload). Per bucket k (share p_k, mean prompt L_k, mean output O_k):
+
+    x[k,o] ∈ {0,1}, Σ_o x[k,o] = 1   one prefill option o = (dop d, batch budget b):
+                                     n = max(1, ⌊b / L_k⌋) prompts of L_k per batch take
+                                     T_o = prefill_time(n × L_k, d) seconds on d instances,
+                                     i.e. W_o = d·T_o / n instance-seconds per request.
+                                     Options with (1 + queueing margin)·T_o above the bucket's
+                                     TTFT bound are not offered.
+    c[k] ∈ {1..N}, c[k] ≥ Σ_o d_o·x[k,o]   instances the bucket's prefills may hold at once.
+    u[j] ∈ {0,1}, Σ_j u[j] = 1       decode scale-up threshold τ_j (KV tokens per instance):
+                                     an instance decodes B_j = τ_j / context requests at once,
+                                     one step takes S_j = decode_time(B_j) seconds; only
+                                     thresholds with S_j ≤ (1 − stall share)·TPOT bound are offered.
+    r ≥ 0                            the request rate, maximised.
+
+Products of the rate with a one-hot choice are linearised exactly (McCormick with a binary):
+w[k,o] = r·x[k,o] and v[j] = r·u[j], with 0 ≤ w ≤ R·x, w ≤ r, w ≥ r − R·(1 − x).
+
+    Σ_k p_k Σ_o W_o·w[k,o] + Σ_j D_j·v[j] ≤ ρ·N                 instance time (load ≤ ρ)
+    p_k Σ_o W_o·w[k,o] ≤ ρ·c[k]                                  a bucket within its instances
+    Σ_{k' fast for k} p_k' Σ_o W_o·w[k',o] ≤ ρ·(N − Σ_{k' slow for k} c[k'])
+                                     prefills of buckets that hold instances longer than half
+                                     of bucket k's TTFT bound ("slow for k") can block k, so
+                                     the others must fit beside their caps
+    Σ_j M_j·v[j] ≤ (1 − headroom)·N·C                            KV by Little's law
+    Σ_j A_j·v[j] ≤ ρ·N·slots                                     migration time (see below)
+
+D_j = Σ_k p_k·O_k·S_j / B_j is decode instance-seconds per request; M_j = Σ_k p_k·(L_k +
+O_k/2)·O_k·S_j is the KV a request holds over its life (tokens × seconds); A_j charges the
+expected scale-up fragment migrations: a request whose KV outgrows τ_j moves one fragment.
+
+Then `instance_weight` for the batching DP is the queue length an M/M/1 server at the
+solved load would see, ρ_solved / (1 − ρ_solved), and admission reserves the mean output.
+The MILP is solved per tp; compile keeps the tp with the highest rate. The simulator then
+has the last word (see `espc.planner.compiler`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cvxpy as cp
+import numpy as np
+
+from espc.frontend.spec import PolicySpec, SLOSpec
+from espc.planner.costmodel import CostModel
+from espc.planner.policy import ElasticPolicy, LengthBucket, SolverStats
+from espc.planner.workload import Request
+
+LOAD_CEILING = 0.85  # ρ: queues explode as the load approaches 1
+QUEUEING_MARGIN = 1.0  # a request may wait about one batch before its own
+DECODE_STALL_SHARE = 0.3  # of the TPOT bound, left for prefills that pause a decode group
+KV_HEADROOM = 0.1
+BATCH_BUDGETS = (2_048, 8_192, 16_384, 65_536, 262_144)
+DECODE_THRESHOLD_SHARES = (0.125, 0.25, 0.5, 0.75, 1.0)  # τ as shares of an instance's KV
+
+
+class InfeasibleSLO(ValueError):
+    """No policy meets the SLOs; the message names the binding constraint and the best value."""
+
+
+@dataclass(frozen=True)
+class Bucket:
+    low: int
+    high: int
+    share: float
+    mean_prompt: float
+    max_prompt: int
+    mean_output: float
+
+
+@dataclass(frozen=True)
+class MilpSolution:
+    tp: int
+    rate: float
+    policy: ElasticPolicy
+    solver: SolverStats
+    load: float
+
+
+def length_buckets(requests: Sequence[Request], count: int, max_context: int) -> list[Bucket]:
+    """Up to `count` equal-count buckets of the prompt lengths (fewer when lengths repeat),
+    tiling [0, max_context]."""
+    prompts = np.array([r.prompt_len for r in requests])
+    outputs = np.array([r.output_len for r in requests])
+    quantiles = np.quantile(prompts, np.linspace(0, 1, count + 1)[1:-1]) if count > 1 else []
+    edges = sorted({0, *(int(q) + 1 for q in quantiles)})
+    edges.append(max(int(prompts.max()) + 1, edges[-1] + 1))
+    buckets = []
+    for low, high in zip(edges, edges[1:]):
+        inside = (prompts >= low) & (prompts < high)
+        if not inside.any():
+            continue
+        buckets.append(
+            Bucket(low, high, float(inside.mean()), float(prompts[inside].mean()), int(prompts[inside].max()),
+                   float(outputs[inside].mean()))
+        )
+    # Buckets must tile [0, ∞): an empty bucket's range goes to its successor.
+    tiled = []
+    for index, bucket in enumerate(buckets):
+        low = 0 if index == 0 else tiled[-1].high
+        high = max(max_context + 1, bucket.high) if index == len(buckets) - 1 else buckets[index + 1].low
+        tiled.append(Bucket(low, high, bucket.share, bucket.mean_prompt, bucket.max_prompt, bucket.mean_output))
+    return tiled
+
+
+def solve(
+    cost: CostModel,
+    tp: int,
+    requests: Sequence[Request],
+    slo: SLOSpec,
+    policy_spec: PolicySpec,
+    prefill_s,
+) -> MilpSolution:
+    """The MILP of the module docstring for one tp; InfeasibleSLO names what cannot be met."""
+    instances = len(cost.cluster.instances(tp))
+    capacity = cost.kv_capacity_tokens(tp)
+    max_dop = min(instances, policy_spec.max_dop or instances)
+    buckets = length_buckets(requests, policy_spec.length_buckets, cost.model.max_context)
+    tpot_s = slo.tpot.target()
+
+    # --- prefill options per bucket
+    options: list[list[tuple[int, int, float, float]]] = []  # (dop, budget, seconds, work per request)
+    slow_seconds = []
+    for bucket in buckets:
+        length = max(1, round(bucket.mean_prompt))
+        needed = -(-bucket.max_prompt // max(capacity, 1))
+        bound = slo.ttft.target(prefill_s(length))
+        offered, fastest = [], (math.inf, 0)
+        for dop in _dop_choices(max(1, needed), max_dop):
+            for budget in BATCH_BUDGETS:
+                batch = max(1, budget // length)
+                seconds = cost.prefill_time([length] * batch, dop, tp)
+                fastest = min(fastest, (cost.prefill_time([length], dop, tp), dop))
+                if (1 + QUEUEING_MARGIN) * seconds <= bound:
+                    offered.append((dop, budget, seconds, dop * seconds / batch))
+        if needed > max_dop:
+            raise InfeasibleSLO(
+                f"{bucket.max_prompt:,}-token prompts need {needed} instances of {capacity:,} KV slots at tp({tp}); "
+                f"at most {max_dop} may form a group"
+            )
+        if not offered:
+            raise InfeasibleSLO(
+                f"TTFT {slo.ttft.shorthand()} is infeasible for {length:,}-token prompts: best is "
+                f"{fastest[0]:.3g} s at DoP {fastest[1]} on {instances} instances of tp({tp}) "
+                f"(the bound is {bound:.3g} s, with a queueing margin of {QUEUEING_MARGIN:g} batch)"
+            )
+        options.append(offered)
+        slow_seconds.append(min(seconds for _, _, seconds, _ in offered))
+
+    # --- decode thresholds
+    mean_context = sum(b.share * (b.mean_prompt + b.mean_output / 2) for b in buckets)
+    mean_output = sum(b.share * b.mean_output for b in buckets)
+    thresholds = []
+    fastest_step = math.inf
+    for share in DECODE_THRESHOLD_SHARES:
+        tau = max(1, int(capacity * share))
+        batch = max(1, int(tau / max(mean_context, 1)))
+        step = cost.decode_time([round(mean_context)] * batch, 1, tp)
+        fastest_step = min(fastest_step, cost.decode_time([round(mean_context)], 1, tp))
+        if step <= (1 - DECODE_STALL_SHARE) * tpot_s:
+            thresholds.append((tau, batch, step))
+    if not thresholds:
+        # Even one request per instance is too slow at every threshold tried: decode alone.
+        step = cost.decode_time([round(mean_context)], 1, tp)
+        if step > tpot_s:
+            raise InfeasibleSLO(
+                f"TPOT {slo.tpot.shorthand()} is infeasible: one decode step over a {round(mean_context):,}-token "
+                f"context takes {step * 1e3:.3g} ms at tp({tp})"
+            )
+        thresholds.append((max(1, int(capacity * DECODE_THRESHOLD_SHARES[0])), 1, step))
+
+    # --- the model
+    started = time.perf_counter()
+    least_work = sum(b.share * min(work for *_, work in opts) for b, opts in zip(buckets, options))
+    rate_bound = 2 * instances / max(least_work, 1e-9)
+    rate = cp.Variable(nonneg=True, name="rate")
+    constraints = [rate <= rate_bound]
+    choice, product = [], []
+    for k, opts in enumerate(options):
+        x = cp.Variable(len(opts), boolean=True, name=f"prefill_option_{k}")
+        w = cp.Variable(len(opts), nonneg=True, name=f"rate_option_{k}")
+        constraints += [cp.sum(x) == 1, w <= rate_bound * x, w <= rate, w >= rate - rate_bound * (1 - x)]
+        choice.append(x)
+        product.append(w)
+    caps = cp.Variable(len(buckets), integer=True, name="max_instances")
+    u = cp.Variable(len(thresholds), boolean=True, name="decode_threshold")
+    v = cp.Variable(len(thresholds), nonneg=True, name="rate_threshold")
+    constraints += [cp.sum(u) == 1, v <= rate_bound * u, v <= rate, v >= rate - rate_bound * (1 - u)]
+    constraints += [caps >= 1, caps <= instances]
+
+    def bucket_work(k: int):
+        return buckets[k].share * (np.array([work for *_, work in options[k]]) @ product[k])
+
+    decode_work = np.array([mean_output * step / batch for _, batch, step in thresholds])
+    kv_seconds = np.array([
+        sum(b.share * (b.mean_prompt + b.mean_output / 2) * b.mean_output * step for b in buckets)
+        for _, _, step in thresholds
+    ])
+    migration_work = np.array([
+        sum(b.share * cost.migration_time(min(tau, round(b.mean_prompt)), bandwidth=_fabric_bandwidth(cost))
+            for b in buckets if b.mean_prompt + b.mean_output > tau)
+        for tau, _, _ in thresholds
+    ])
+    total_prefill = sum(bucket_work(k) for k in range(len(buckets)))
+    constraints.append(total_prefill + decode_work @ v + migration_work @ v <= LOAD_CEILING * instances)
+    constraints.append(kv_seconds @ v <= (1 - KV_HEADROOM) * instances * capacity)
+    for k, opts in enumerate(options):
+        constraints.append(caps[k] >= np.array([dop for dop, *_ in opts]) @ choice[k])
+        constraints.append(bucket_work(k) <= LOAD_CEILING * caps[k])
+        bound = slo.ttft.target(prefill_s(max(1, round(buckets[k].mean_prompt))))
+        slow = [j for j in range(len(buckets)) if j != k and slow_seconds[j] > bound / 2]
+        if slow:
+            fast = [j for j in range(len(buckets)) if j not in slow]
+            constraints.append(
+                sum(bucket_work(j) for j in fast) <= LOAD_CEILING * (instances - cp.sum(caps[slow]))
+            )
+    problem = cp.Problem(cp.Maximize(rate), constraints)
+    solver_options = {"time_limit": float(policy_spec.solver_time_limit)} if policy_spec.solver == "HIGHS" else {}
+    try:
+        problem.solve(solver=getattr(cp, policy_spec.solver), **solver_options)
+    except cp.error.SolverError as error:
+        raise InfeasibleSLO(f"solver {policy_spec.solver} failed: {error}") from None
+    if problem.status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE, cp.USER_LIMIT) or rate.value is None:
+        raise InfeasibleSLO(
+            f"no rate meets the KV and load constraints at tp({tp}) (solver status {problem.status})"
+        )
+    seconds = time.perf_counter() - started
+
+    solved_rate = float(rate.value)
+    chosen = [opts[int(np.argmax(x.value))] for opts, x in zip(options, choice)]
+    threshold = thresholds[int(np.argmax(u.value))]
+    load = (
+        sum(b.share * work for b, (*_, work) in zip(buckets, chosen)) * solved_rate
+        + mean_output * threshold[2] / threshold[1] * solved_rate
+    ) / instances
+    load = min(load, 0.95)
+    elastic = ElasticPolicy(
+        tp=tp,
+        buckets=tuple(
+            LengthBucket(b.low, b.high, b.share, dop, budget, int(round(cap)))
+            for b, (dop, budget, _, _), cap in zip(buckets, chosen, caps.value)
+        ),
+        instance_weight=round(load / (1 - load), 3),
+        decode_instance_tokens=threshold[0],
+        reserve_output_tokens=max(1, round(mean_output)),
+        scale_up=policy_spec.scale_up,
+        migration=policy_spec.migration,
+        cooldown_iterations=policy_spec.cooldown_iterations,
+        migration_max_stall_s=tpot_s,
+        starvation_bound_s=policy_spec.starvation_bound,
+    )
+    elastic.verify(instances)
+    stats = SolverStats(
+        solver=policy_spec.solver,
+        status=problem.status,
+        objective=float(problem.value),
+        gap=_mip_gap(problem),
+        seconds=seconds,
+        variables=sum(variable.size for variable in problem.variables()),
+        constraints=len(problem.constraints),
+    )
+    return MilpSolution(tp, solved_rate, elastic, stats, load)
+
+
+def _dop_choices(low: int, high: int) -> list[int]:
+    """DoPs the MILP offers: all up to 8, then about 1.5× apart (large clusters stay small)."""
+    choices, dop = set(), low
+    while dop <= high:
+        choices.add(dop)
+        dop = dop + 1 if dop < 8 else math.ceil(dop * 1.5)
+    if high >= low:
+        choices.add(high)
+    return sorted(choices)
+
+
+def _fabric_bandwidth(cost: CostModel) -> float:
+    """Bytes/s a migration gets inside a node (the common case the MILP charges)."""
+    return cost.device.link_bandwidth * cost.parameters.link_efficiency
+
+
+def _mip_gap(problem: cp.Problem) -> float | None:
+    """HiGHS reports its MIP gap in `HighsInfo`; other solvers give none through cvxpy."""
+    info = problem.solver_stats.extra_stats if problem.solver_stats else None
+    gap = getattr(info, "mip_gap", None)
+    return None if gap is None or not math.isfinite(gap) else float(gap)

@@ -1,0 +1,210 @@
+"""Policy IR: what `espc compile` decides, in plain JSON-serialisable dataclasses.
+
+A Policy names the strategy compile chose (and why, with every strategy's predicted
+goodput), the cost-model parameters it was compiled with and, for the elastic strategy,
+the `ElasticPolicy` the per-iteration scheduler follows:
+
+- per prompt-length bucket: the most instances one prefill batch may span (its DoP cap),
+  the token budget of a batch whose longest prompt falls in the bucket, and the most
+  instances that the bucket's prefills may hold at once (so long prompts cannot take every
+  instance away from short ones — the elastic form of best-static's length routing);
+- `instance_weight`: what holding an instance costs the batching DP, in requests' worth
+  of waiting (the busier the cluster is expected to be, the more an instance is worth);
+- decode scale-up: an instance takes new decode tokens until it holds
+  `decode_instance_tokens`; then a request's next tokens go to another instance
+  (multi-master decoding; no KV moves);
+- admission: each admitted request reserves `reserve_output_tokens` of future KV;
+- migration hysteresis: a request is migrated at most once per `cooldown_iterations`, and
+  only when the move takes less than `migration_max_stall_s` (it pauses the request);
+- the fairness bound: a request queued longer than `starvation_bound_s` is not bypassed.
+
+Serialisation is JSON only (`to_json` / `from_json`); the artifact directory around it
+(manifest, lock file, report) is `espc.planner.artifact`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+POLICY_SCHEMA_VERSION = 1
+
+
+class PolicyError(ValueError):
+    """A policy that is inconsistent, or JSON that is not a policy of this schema."""
+
+
+@dataclass(frozen=True)
+class LengthBucket:
+    """Prompts of [low, high) tokens: `share` of the workload's requests."""
+
+    low: int
+    high: int
+    share: float
+    prefill_dop: int
+    batch_tokens: int
+    max_instances: int
+
+    def __str__(self) -> str:
+        return (
+            f"[{self.low:,}, {self.high:,}) share {self.share:.1%}: dop ≤ {self.prefill_dop}, "
+            f"batch ≤ {self.batch_tokens:,} tokens, ≤ {self.max_instances} instances at once"
+        )
+
+
+@dataclass(frozen=True)
+class ElasticPolicy:
+    tp: int
+    buckets: tuple[LengthBucket, ...]
+    instance_weight: float
+    decode_instance_tokens: int
+    reserve_output_tokens: int
+    scale_up: bool
+    migration: bool
+    cooldown_iterations: int
+    migration_max_stall_s: float
+    starvation_bound_s: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "buckets", tuple(self.buckets))
+        object.__setattr__(self, "_lows", [bucket.low for bucket in self.buckets])
+
+    def bucket(self, prompt_len: int) -> LengthBucket:
+        """The bucket of a prompt length (the last one for longer prompts)."""
+        index = bisect.bisect_right(self._lows, prompt_len) - 1
+        return self.buckets[max(index, 0)]
+
+    def verify(self, instances: int | None = None) -> None:
+        problems = []
+        if not self.buckets:
+            problems.append("no length buckets")
+        if self.buckets and self.buckets[0].low != 0:
+            problems.append(f"the first bucket starts at {self.buckets[0].low}, not 0")
+        for before, after in zip(self.buckets, self.buckets[1:]):
+            if before.high != after.low:
+                problems.append(f"buckets [{before.low}, {before.high}) and [{after.low}, {after.high}) do not meet")
+        for bucket in self.buckets:
+            if bucket.prefill_dop < 1 or (instances is not None and bucket.prefill_dop > instances):
+                problems.append(f"bucket [{bucket.low}, {bucket.high}): dop {bucket.prefill_dop} outside 1..{instances}")
+            if bucket.max_instances < bucket.prefill_dop:
+                problems.append(f"bucket [{bucket.low}, {bucket.high}): max_instances {bucket.max_instances} < dop {bucket.prefill_dop}")
+            if bucket.batch_tokens < 1:
+                problems.append(f"bucket [{bucket.low}, {bucket.high}): batch_tokens {bucket.batch_tokens} < 1")
+        if self.tp < 1 or self.instance_weight < 0 or self.decode_instance_tokens < 1 or self.reserve_output_tokens < 0:
+            problems.append("tp, instance_weight, decode_instance_tokens or reserve_output_tokens out of range")
+        if problems:
+            raise PolicyError("invalid elastic policy: " + "; ".join(problems))
+
+    def __str__(self) -> str:
+        lines = [f"elastic policy (tp={self.tp})"]
+        lines += [f"  bucket {bucket}" for bucket in self.buckets]
+        lines.append(f"  instance weight {self.instance_weight:g} requests")
+        lines.append(
+            f"  decode: scale-up {'on' if self.scale_up else 'off'} past {self.decode_instance_tokens:,} tokens per instance"
+        )
+        lines.append(f"  admission: reserve {self.reserve_output_tokens:,} output tokens per request")
+        lines.append(
+            f"  migration {'on' if self.migration else 'off'}: cooldown {self.cooldown_iterations} iterations, "
+            f"stall ≤ {self.migration_max_stall_s * 1e3:g} ms"
+        )
+        lines.append(f"  starvation bound {self.starvation_bound_s:g} s")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class SolverStats:
+    solver: str
+    status: str
+    objective: float | None
+    gap: float | None
+    seconds: float
+    variables: int
+    constraints: int
+
+
+@dataclass(frozen=True)
+class StrategyPrediction:
+    """A strategy's simulated P90 goodput (req/s) on the spec's workload, best configuration."""
+
+    strategy: str
+    configuration: str
+    goodput_rps: float
+    configurations_searched: int
+
+
+@dataclass(frozen=True)
+class Policy:
+    schema_version: int
+    espc_version: str
+    spec_hash: str
+    strategy: str
+    configuration: str
+    reason: str
+    cost_parameters: Mapping[str, Any]
+    elastic: ElasticPolicy | None
+    solver: SolverStats | None
+    predictions: tuple[StrategyPrediction, ...]
+    milp_predicted_rps: float | None
+    compile_seconds: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "predictions", tuple(self.predictions))
+
+    def verify(self, instances: int | None = None) -> None:
+        if self.schema_version != POLICY_SCHEMA_VERSION:
+            raise PolicyError(f"policy schema version {self.schema_version}; this espc reads version {POLICY_SCHEMA_VERSION}")
+        if self.strategy == "elastic" and self.elastic is None:
+            raise PolicyError("strategy is elastic but the policy has no elastic section")
+        if self.elastic is not None:
+            self.elastic.verify(instances)
+
+    def prediction(self, strategy: str) -> StrategyPrediction | None:
+        return next((p for p in self.predictions if p.strategy == strategy), None)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Policy:
+        """The inverse of to_json; PolicyError names what is missing or malformed."""
+        if not isinstance(data, Mapping):
+            raise PolicyError("policy.json does not hold a JSON object")
+        version = data.get("schema_version")
+        if version != POLICY_SCHEMA_VERSION:
+            raise PolicyError(
+                f"policy.json has schema version {version!r}; this espc reads version {POLICY_SCHEMA_VERSION} — recompile the spec"
+            )
+        try:
+            elastic = data["elastic"]
+            solver = data["solver"]
+            policy = cls(
+                **{
+                    **data,
+                    "elastic": None if elastic is None else ElasticPolicy(
+                        **{**elastic, "buckets": tuple(LengthBucket(**b) for b in elastic["buckets"])}
+                    ),
+                    "solver": None if solver is None else SolverStats(**solver),
+                    "predictions": tuple(StrategyPrediction(**p) for p in data["predictions"]),
+                }
+            )
+        except (KeyError, TypeError) as error:
+            raise PolicyError(f"policy.json is malformed: {error}") from None
+        policy.verify()
+        return policy
+
+    def __str__(self) -> str:
+        lines = [
+            f"policy (schema {self.schema_version}, espc {self.espc_version}, spec {self.spec_hash[:12]})",
+            f"strategy {self.strategy} ({self.configuration}): {self.reason}",
+        ]
+        for prediction in sorted(self.predictions, key=lambda p: -p.goodput_rps):
+            lines.append(f"  {prediction.strategy:14s} {prediction.goodput_rps:10.4g} req/s  {prediction.configuration}")
+        if self.elastic is not None:
+            lines.append(str(self.elastic))
+        if self.solver is not None:
+            s = self.solver
+            lines.append(f"solver {s.solver}: {s.status}, objective {s.objective}, gap {s.gap}, {s.seconds:.2f} s")
+        return "\n".join(lines)

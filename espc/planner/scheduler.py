@@ -1,0 +1,508 @@
+"""The elastic sequence-parallelism scheduler: one IterationPlan whenever instances are idle.
+
+It follows LoongServe's four steps, driven by a compiled `ElasticPolicy`, and adds what
+LoongServe lacks (SLO input, hysteresis, staging memory, a fairness bound):
+
+1. Dispatching. Queued requests are served earliest TTFT deadline first (arrival + the SLO's
+   TTFT bound for that prompt), except that a request queued longer than the starvation
+   bound goes first and is never bypassed. A request is admitted only when the cluster
+   can hold its prompt plus the output it is expected to generate on top of what every
+   running request is still expected to add (memory admission counting future KV).
+2. Elastic instance allocation. Prefills get the idle instances that hold no decoding KV.
+   Instances of a decode group are lent to a prefill only when every request decoding on
+   them is far enough ahead of its TPOT pace to absorb the prefill (SLO-aware), and only
+   when the free instances cannot take the next request themselves.
+3. Batching. The chosen prompts are split into batches, each with its own degree of
+   parallelism, by the exact DP in `espc.planner.batching` (DoP caps and token budgets
+   per length bucket from the policy).
+4. Scaling. Proactive scale-down: after a prefill, each request's KV is retained on as few
+   ring instances as hold it, preferring instances already decoding (so others stay free
+   for prefills) — zero extra bytes, the ring carried every block past them. Scale-up:
+   a decode token goes to the request's least-loaded instance; past the policy's
+   `decode_instance_tokens` (or when full) it goes to a free instance instead, which joins
+   the decode group (multi-master decoding, no KV moves). Explicit migration: when
+   requests wait and no instance is free, a small KV fragment that pins an instance to a
+   decode group moves to another instance of the group, if the move pauses its request
+   for less than `migration_max_stall_s` and the request was not moved within
+   `cooldown_iterations` (hysteresis: alternating traffic cannot make it thrash).
+   Migration staging space is reserved on the destination (IterationPlan.verify checks it).
+
+A decode group is a connected set of instances sharing decoding requests' KV; a decode
+batch runs on the whole group (every shard holder computes its partial attention).
+When a group has no slot for its next tokens, the latest-arrived request is preempted
+(vLLM's recompute), so the scheduler never over-commits memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from espc.frontend.spec import SLOSpec
+from espc.planner.batching import Batching, BatchingProblem, optimal_batches
+from espc.planner.cluster_state import ClusterState, RequestState
+from espc.planner.plan import (
+    Batch,
+    DecodeBatch,
+    DecodeItem,
+    IterationPlan,
+    Migration,
+    PrefillBatch,
+    PrefillItem,
+    Retention,
+    TokenRange,
+)
+from espc.planner.policy import ElasticPolicy, LengthBucket
+from espc.planner.strategies import Deployment, Scheduler
+
+# A decode group is lent to a prefill only if its tightest request keeps this much of its
+# slack after the predicted prefill time (the cost model's error margin).
+LEND_SAFETY = 1.5
+
+
+def _longest_prefix(count: int, acceptable: Callable[[int], bool]) -> int:
+    """The largest k ≤ count with acceptable(k), for a predicate that holds for every k up to
+    some point and for none after it (acceptable(0) is assumed)."""
+    low, high = 0, count
+    while low < high:
+        middle = (low + high + 1) // 2
+        if acceptable(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+@dataclass
+class _DecodeGroup:
+    instances: set[int]
+    requests: list[RequestState] = field(default_factory=list)
+
+    def ready(self, idle: set[int]) -> bool:
+        return self.instances <= idle and any(not r.busy for r in self.requests)
+
+
+class _Room:
+    """Free KV slots per instance for this plan, less what running requests are expected to
+    add (their reserve), updated as the plan takes slots."""
+
+    def __init__(self, state: ClusterState, reserve: dict[int, int]):
+        self.free = {i: state.free(i) for i in range(state.num_instances)}
+        self.reserve = reserve
+
+    def room(self, instance: int, use_reserve: bool = True) -> int:
+        return self.free[instance] - (self.reserve.get(instance, 0) if use_reserve else 0)
+
+    def take(self, instance: int, tokens: int) -> None:
+        self.free[instance] -= tokens
+
+
+class ElasticScheduler(Scheduler):
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        deployment: Deployment,
+        policy: ElasticPolicy,
+        slo: SLOSpec,
+        prefill_s: Callable[[int], float],
+        name: str | None = None,
+    ):
+        super().__init__(deployment)
+        if policy.tp != deployment.tp:
+            raise ValueError(f"the policy is for tp({policy.tp}) but the deployment has tp({deployment.tp})")
+        policy.verify(deployment.num_instances)
+        self.policy = policy
+        self.slo = slo
+        self.prefill_s = prefill_s
+        self.tpot_s = slo.tpot.target()
+        self.last_migrated: dict[int, int] = {}  # request id -> iteration of its last migration
+        # Ring instances of the prefills this scheduler started -> their length bucket. Plans
+        # are started as returned, and a ring instance is idle again exactly when its batch
+        # finished, so idle entries are stale.
+        self.prefilling_on: dict[int, LengthBucket] = {}
+        self.name = name or f"elastic(tp={policy.tp})"
+
+    # ------------------------------------------------------------------------ interface
+
+    def schedule(self, state: ClusterState) -> IterationPlan | None:
+        if not state.idle:
+            return None
+        groups = self._decode_groups(state)
+        held = {instance for group in groups for instance in group.instances}
+        free_instances = [i for i in sorted(state.idle) if i not in held]
+        room = _Room(state, self._reserve(state))
+
+        queue = self._queue(state)
+        lent: list[_DecodeGroup] = []
+        stall_budget_s = math.inf
+        if queue:
+            lent, stall_budget_s = self._groups_to_lend(state, queue[0], free_instances, groups, room)
+        lent_instances = {i for group in lent for i in group.instances}
+        prefill_pool = free_instances + sorted(lent_instances)
+        prefill_batches = []
+        if queue and prefill_pool:
+            prefill_batches = self._prefills(state, queue, prefill_pool, room, lent_instances, stall_budget_s)
+
+        used = {i for batch in prefill_batches for i in batch.instances}
+        migrations = self._migrations(state, groups, queue, free_instances, room) if self.policy.migration else []
+        migrating = {migration.request_id for migration in migrations}
+        spare = [i for i in free_instances if i not in used]
+        decode_batches, frees = [], []
+        for group in groups:
+            # A lent group the prefills left untouched decodes as usual.
+            if group.instances & used or not group.ready(state.idle):
+                continue
+            batch, victims = self._decode(state, group, spare, room, migrating)
+            frees += victims
+            if batch is not None:
+                decode_batches.append(batch)
+
+        batches: list[Batch] = [*prefill_batches, *decode_batches]
+        if not batches and not migrations and not frees:
+            return None
+        return IterationPlan(state.iteration, tuple(batches), tuple(migrations), tuple(frees))
+
+    # ------------------------------------------------------------------------- state views
+
+    @staticmethod
+    def _decode_groups(state: ClusterState) -> list[_DecodeGroup]:
+        """Connected components of instances linked by decoding requests' KV."""
+        parent: dict[int, int] = {}
+
+        def find(x: int) -> int:
+            while parent.setdefault(x, x) != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        decoding = [r for r in state.running.values() if r.decoding and r.kv_tokens]
+        for request in decoding:
+            first, *rest = request.kv_tokens
+            for other in rest:
+                parent[find(other)] = find(first)
+            find(first)
+        groups: dict[int, _DecodeGroup] = {}
+        for instance in list(parent):
+            groups.setdefault(find(instance), _DecodeGroup(set())).instances.add(instance)
+        for request in decoding:
+            groups[find(next(iter(request.kv_tokens)))].requests.append(request)
+        return sorted(groups.values(), key=lambda group: min(group.instances))
+
+    def _reserve(self, state: ClusterState) -> dict[int, int]:
+        """Expected future KV of every running request, on the instance of its newest token."""
+        reserve: dict[int, int] = {}
+        for request in state.running.values():
+            if not request.kv:
+                continue
+            newest = max(request.kv, key=lambda instance: request.kv[instance][-1][1])
+            reserve[newest] = reserve.get(newest, 0) + self._future_tokens(request)
+        return reserve
+
+    def _future_tokens(self, request: RequestState) -> int:
+        return max(self.policy.reserve_output_tokens - request.generated, 1)
+
+    def _deadline(self, request: RequestState) -> float:
+        arrival = request.request.arrival_s
+        return arrival + self.slo.ttft.target(self.prefill_s(request.request.prompt_len))
+
+    def _queue(self, state: ClusterState) -> list[RequestState]:
+        """Waiting requests by priority: starved ones first (FCFS), then earliest deadline;
+        requests already past their TTFT deadline last, in arrival order (they can no
+        longer meet their SLO, so they yield to those that can — but are still served)."""
+        bound = self.policy.starvation_bound_s
+
+        def priority(request: RequestState) -> tuple:
+            arrival = request.request.arrival_s
+            deadline = self._deadline(request)
+            if state.now > deadline:
+                return (2, arrival, request.id)
+            starved = state.now - arrival >= bound
+            return (0, arrival, request.id) if starved else (1, deadline, request.id)
+
+        return sorted(state.waiting.values(), key=priority)
+
+    def _starved(self, state: ClusterState, request: RequestState) -> bool:
+        arrival = request.request.arrival_s
+        return state.now - arrival >= self.policy.starvation_bound_s and state.now <= self._deadline(request)
+
+    def _slack(self, state: ClusterState, request: RequestState, step_s: float) -> float:
+        """How long the request can pause and still meet its TPOT bound, if it generates the
+        expected number of tokens at `step_s` per token from now on (TPOT is a mean over
+        the output, so a pause early on is paid back by the steps that follow)."""
+        if request.first_token_s is None:
+            return 0.0
+        expected = max(self.policy.reserve_output_tokens, request.generated + 1)
+        deadline = request.first_token_s + self.tpot_s * (expected - 1)
+        return deadline - state.now - (expected - request.generated) * step_s
+
+    def _group_slack(self, state: ClusterState, group: _DecodeGroup) -> float:
+        step_s = self.deployment.cost.decode_time(
+            [r.kv_len for r in group.requests], len(group.instances), self.deployment.tp
+        )
+        return min(self._slack(state, r, step_s) for r in group.requests)
+
+    # ---------------------------------------------------------------- instance allocation
+
+    def _groups_to_lend(
+        self, state: ClusterState, head: RequestState, free_instances: list[int], groups: list[_DecodeGroup], room: _Room
+    ) -> tuple[list[_DecodeGroup], float]:
+        """Decode groups whose requests can absorb the head request's prefill, when the free
+        instances cannot hold that prompt themselves; and the longest prefill batch their
+        requests can absorb (seconds: the tightest slack over LEND_SAFETY)."""
+        need = head.prefill_target
+        if sum(max(room.room(i), 0) for i in free_instances) >= need:
+            return [], math.inf
+        cost, tp = self.deployment.cost, self.deployment.tp
+        slack = {id(g): self._group_slack(state, g) for g in groups if g.ready(state.idle)}
+        candidates = sorted((g for g in groups if id(g) in slack), key=lambda g: -slack[id(g)])
+        lent: list[_DecodeGroup] = []
+        pool = list(free_instances)
+        for group in candidates:
+            pool += sorted(group.instances)
+            dop = min(len(pool), self.policy.bucket(need).prefill_dop)
+            predicted = cost.prefill_time([need], dop, tp)
+            if slack[id(group)] < LEND_SAFETY * predicted:
+                break  # later groups have less slack
+            lent.append(group)
+            if sum(max(room.room(i), 0) for i in pool) >= need:
+                break
+        stall_budget_s = min((slack[id(group)] / LEND_SAFETY for group in lent), default=math.inf)
+        return lent, stall_budget_s
+
+    # ------------------------------------------------------------------- prefill batches
+
+    def _admitted(self, state: ClusterState, queue: Sequence[RequestState], pool: list[int], room: _Room) -> list[RequestState]:
+        """Dispatching: queue order, while the cluster holds their future KV and the pool
+        their prompts; a starved request that does not fit stops everyone behind it."""
+        cluster_room = sum(state.free(i) for i in range(state.num_instances)) - sum(room.reserve.values())
+        pool_room = sum(max(room.room(i), 0) for i in pool)
+        max_budget = max(bucket.batch_tokens for bucket in self.policy.buckets)
+        batch_room = len(pool) * max_budget
+        chosen: list[RequestState] = []
+        for request in queue:
+            prompt = request.prefill_target
+            future = prompt + self._future_tokens(request)
+            fits = future <= cluster_room and prompt <= pool_room and (not chosen or prompt <= batch_room)
+            if fits:
+                chosen.append(request)
+                cluster_room -= future
+                pool_room -= prompt
+                batch_room -= max(prompt, 1)
+            elif self._starved(state, request):
+                break  # the fairness bound: nobody bypasses a starved request
+            if pool_room <= 0:
+                break
+        return chosen
+
+    def _prefills(
+        self, state: ClusterState, queue: list[RequestState], pool: list[int], room: _Room, lent: set[int],
+        stall_budget_s: float,
+    ) -> list[PrefillBatch]:
+        """Admit, batch by the DP, place the batches on rings and plan their retention. A
+        batch on lent instances must finish within `stall_budget_s` (the decodes it pauses)."""
+        for instance in [i for i in self.prefilling_on if i in state.idle]:
+            del self.prefilling_on[instance]
+        in_use = {bucket: 0 for bucket in self.policy.buckets}
+        for bucket in self.prefilling_on.values():
+            in_use[bucket] += 1
+        capacity = max(self.deployment.capacity)
+
+        def dop_limits(request: RequestState) -> tuple[int, int]:
+            """(instances the prompt needs at least, most it may take now): the policy's
+            caps never stop a prompt that needs more instances than they allow."""
+            bucket = self.policy.bucket(request.prefill_target)
+            needed = -(-request.prefill_target // capacity)
+            allowed = max(bucket.max_instances, needed) - in_use[bucket]
+            return needed, min(max(bucket.prefill_dop, needed), allowed, len(pool))
+
+        eligible = [r for r in queue if dop_limits(r)[0] <= dop_limits(r)[1]]
+        chosen = self._admitted(state, eligible, pool, room)
+        cost, tp = self.deployment.cost, self.deployment.tp
+        if lent and chosen:
+            # The decodes on lent instances pause for the whole batch: admit no more prompts
+            # than the pool prefills within the stall budget (prefix of the priority order).
+            def absorbable(count: int) -> bool:
+                return cost.prefill_time([r.prefill_target for r in chosen[:count]], len(pool), tp) <= stall_budget_s
+
+            chosen = chosen[:_longest_prefix(len(chosen), absorbable)]
+
+        def batching(count: int) -> tuple[list[RequestState], BatchingProblem, Batching | None]:
+            ordered = sorted(chosen[:count], key=lambda r: (r.prefill_target, r.id))
+            problem = BatchingProblem(
+                tuple(r.prefill_target for r in ordered),
+                tuple(dop_limits(r)[1] for r in ordered),
+                tuple(self.policy.bucket(r.prefill_target).batch_tokens for r in ordered),
+                len(pool),
+                self.policy.instance_weight,
+            )
+            return ordered, problem, optimal_batches(problem, lambda lengths, dop: cost.prefill_segment_times(lengths, dop, tp))
+
+        # Fewer prompts never make batching infeasible, so the lowest-priority requests that
+        # do not fit (too many batches for the pool) wait, found by bisection.
+        count = _longest_prefix(len(chosen), lambda count: batching(count)[2] is not None)
+        if count == 0:
+            return []
+        ordered, problem, found = batching(count)
+        buckets = [self.policy.bucket(r.prefill_target) for r in ordered]
+
+        batches = []
+        available = list(pool)
+        # The largest batches pick their instances first, the roomiest ones.
+        for first, end, dop in sorted(found.batches, key=lambda b: -sum(problem.lengths[b[0]:b[1]])):
+            requests = ordered[first:end]
+            bucket = buckets[end - 1]
+            if dop_limits(ordered[end - 1])[1] < dop:
+                continue  # the bucket's other batches took its instances: these requests wait
+            # Free instances before lent ones (those pause decodes), then the roomiest.
+            ring = sorted(sorted(available, key=lambda i: (i in lent, -room.room(i), i))[:dop])
+            if lent.intersection(ring) and cost.prefill_time([r.prefill_target for r in requests], dop, tp) > stall_budget_s:
+                continue  # it would stall the lent decodes past their slack: these requests wait
+            retention = self._retention(state, requests, ring, room)
+            if retention is None:
+                continue  # fragmented: these requests wait
+            in_use[bucket] += dop
+            for instance in ring:
+                available.remove(instance)
+                self.prefilling_on[instance] = bucket
+            items = tuple(
+                PrefillItem(request.id, 0, request.prefill_target, kept) for request, kept in zip(requests, retention)
+            )
+            batches.append(PrefillBatch(tuple(ring), items))
+        return batches
+
+    def _retention(
+        self, state: ClusterState, requests: Sequence[RequestState], ring: list[int], room: _Room
+    ) -> list[tuple[Retention, ...]] | None:
+        """Proactive scale-down: each request's KV on as few ring instances as hold it,
+        instances already decoding first; None if the ring cannot hold them (then nothing
+        is taken from `room`)."""
+        decoding = {i for r in state.running.values() if r.decoding for i in r.kv_tokens}
+        for use_reserve in (True, False):
+            taken: dict[int, int] = {}
+
+            def left(instance: int) -> int:
+                return room.room(instance, use_reserve) - taken.get(instance, 0)
+
+            plan: list[tuple[Retention, ...]] = []
+            for request in sorted(requests, key=lambda r: -r.prefill_target):
+                length = request.prefill_target
+                order = sorted(ring, key=lambda i: (i not in decoding, -left(i), i))
+                whole = [i for i in order if left(i) >= length]
+                pieces: list[Retention] = []
+                if whole:
+                    pieces.append(Retention(whole[0], TokenRange(0, length)))
+                    taken[whole[0]] = taken.get(whole[0], 0) + length
+                else:
+                    start = 0
+                    for instance in sorted(ring, key=lambda i: (-left(i), i)):
+                        size = min(left(instance), length - start)
+                        if size <= 0:
+                            continue
+                        pieces.append(Retention(instance, TokenRange(start, start + size)))
+                        taken[instance] = taken.get(instance, 0) + size
+                        start += size
+                        if start == length:
+                            break
+                    if start < length:
+                        break
+                plan.append(tuple(pieces))
+            else:
+                for instance, tokens in taken.items():
+                    room.take(instance, tokens)
+                by_id = {request.id: kept for request, kept in zip(sorted(requests, key=lambda r: -r.prefill_target), plan)}
+                return [by_id[request.id] for request in requests]
+        return None
+
+    # --------------------------------------------------------------------- decode batches
+
+    def _decode(
+        self, state: ClusterState, group: _DecodeGroup, spare: list[int], room: _Room, migrating: set[int]
+    ) -> tuple[DecodeBatch | None, list[int]]:
+        """One decode step of the group's requests that are not in flight or migrating;
+        scale-up takes instances from `spare`."""
+        instances = set(group.instances)
+        ready = sorted(
+            (r for r in group.requests if not r.busy and r.id not in migrating), key=lambda r: (r.request.arrival_s, r.id)
+        )
+        threshold = self.policy.decode_instance_tokens
+        items: list[DecodeItem] = []
+        victims: list[int] = []
+        for request in ready:
+            master = self._master(state, request, room, threshold)
+            if master is None and self.policy.scale_up and spare:
+                master = max(spare, key=lambda i: (room.room(i, False), -i))
+                if room.room(master, False) < 1:
+                    master = None
+                else:
+                    spare.remove(master)
+                    instances.add(master)
+            if master is None:
+                master = self._master(state, request, room, None)  # past the threshold, if room is left
+            if master is None:
+                continue
+            room.take(master, 1)
+            items.append(DecodeItem(request.id, master, request.shards()))
+        if not items and ready:
+            # Not one slot for the group's next tokens: preempt the latest arrival (recompute).
+            victims.append(ready[-1].id)
+        if not items:
+            return None, victims
+        return DecodeBatch(tuple(sorted(instances)), tuple(items)), victims
+
+    @staticmethod
+    def _master(state: ClusterState, request: RequestState, room: _Room, threshold: int | None) -> int | None:
+        """The request's instance with the most free slots (under `threshold` tokens in use)."""
+        best = None
+        for instance in request.kv_tokens:
+            if room.room(instance, False) < 1:
+                continue
+            if threshold is not None and state.used[instance] >= threshold:
+                continue
+            if best is None or room.room(instance, False) > room.room(best, False):
+                best = instance
+        return best
+
+    # ------------------------------------------------------------------------ migrations
+
+    def _migrations(
+        self, state: ClusterState, groups: list[_DecodeGroup], queue: list[RequestState], free_instances: list[int],
+        room: _Room,
+    ) -> list[Migration]:
+        """Free an instance for the queue by moving the small KV fragment pinning it to its
+        decode group (see the module docstring)."""
+        if not queue or free_instances:
+            return []
+        cost, tp, policy = self.deployment.cost, self.deployment.tp, self.policy
+        for group in groups:
+            if len(group.instances) < 2 or not group.instances <= state.idle:
+                continue
+            for instance in sorted(group.instances, key=lambda i: (state.used[i], i)):
+                residents = [r for r in group.requests if instance in r.kv_tokens]
+                if any(r.busy or state.iteration - self.last_migrated.get(r.id, -10**9) < policy.cooldown_iterations for r in residents):
+                    continue
+                moves = []
+                for request in residents:
+                    destinations = [i for i in request.kv_tokens if i != instance and room.room(i, False) >= request.tokens_on(instance) + 1]
+                    if not destinations:
+                        break
+                    destination = max(destinations, key=lambda i: (room.room(i, False), -i))
+                    for start, end in request.kv[instance]:
+                        seconds = cost.migration_time(end - start, src=instance, dst=destination, tp=tp)
+                        if seconds > policy.migration_max_stall_s:
+                            break
+                        moves.append(Migration(request.id, instance, destination, TokenRange(start, end)))
+                        room.take(destination, end - start)
+                    else:
+                        continue
+                    break
+                else:
+                    if moves:
+                        for move in moves:
+                            self.last_migrated[move.request_id] = state.iteration
+                        return moves
+                for move in moves:  # give back the staging room of an abandoned set of moves
+                    room.take(move.dst, -len(move.range))
+                break  # one attempt per group: its lightest instance
+        return []
