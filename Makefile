@@ -17,11 +17,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# The main job on the tiny CPU default. Until `espc compile` and `espc run` land it
-# validates the spec, prints it normalised, and simulates the baseline strategies on it.
+# The main job on the tiny CPU default: validate the spec, compile it into an artifact
+# directory (build/tiny: policy.json, spec.lock.json, report.md, plots, manifest.json), show
+# the compiled policy, and simulate it side by side with every baseline strategy.
+TINY_ARTIFACT := build/tiny
+
 run: venv
 	$(BIN)/espc check $(TINY_SPEC)
-	$(BIN)/espc compare $(TINY_SPEC)
+	$(BIN)/espc compile $(TINY_SPEC) -o $(TINY_ARTIFACT) --search-seconds 5
+	$(BIN)/espc inspect $(TINY_ARTIFACT)
+	$(BIN)/espc compare $(TINY_ARTIFACT)
 
 test: venv
 	$(BIN)/python -m pytest -q

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, NoReturn, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 import espc
 from espc.frontend import units
@@ -17,8 +24,14 @@ from espc.frontend.errors import SpecError
 from espc.frontend.loader import load_spec
 from espc.frontend.spec import Spec
 from espc.frontend.writer import to_dsl, to_toml
+from espc.planner.artifact import (
+    MANIFEST_FILE, POLICY_FILE, Artifact, ArtifactError, open_artifact, plot_policy, render_ir, spec_hash, write_artifact,
+)
+from espc.planner.compiler import TRIAL_REQUESTS, CompileOptions, compile_spec
 from espc.planner.evaluation import DEFAULT_WINDOW_S, Evaluator, compare_strategies, override_workload
-from espc.planner.report import plot_results, render_comparison
+from espc.planner.ilp import InfeasibleSLO
+from espc.planner.policy import Policy, PolicyError
+from espc.planner.report import plot_results, render_comparison, render_policy
 from espc.planner.strategies import BASELINES
 from espc.planner.workload import TraceError
 
@@ -125,7 +138,6 @@ def schema(
         output.write_text(text, encoding="utf-8")
 
 
-_PLANNER = "the MILP policy compiler (planner)"
 _RUNTIME = "the multi-process runtime"
 _SERVER = "the OpenAI-compatible server"
 
@@ -134,23 +146,136 @@ _SERVER = "the OpenAI-compatible server"
 def compile_(
     spec_file: SpecFile,
     output: Annotated[Path, typer.Option("-o", "--output", help="artifact directory to write")],
+    search_seconds: Annotated[
+        float, typer.Option(help="time budget of the local search around the MILP policy (0: none)")
+    ] = CompileOptions.search_seconds,
+    requests: Annotated[int, typer.Option(help="requests per simulated trial (at least)")] = TRIAL_REQUESTS,
+    seed: Annotated[Optional[int], typer.Option(help="workload seed of the trials (default: the spec's)")] = None,
     calibration: Annotated[Optional[Path], typer.Option(help="cost-model calibration from `espc profile`")] = None,
-    dump_ir: Annotated[bool, typer.Option("--dump-ir", help="print every intermediate stage")] = False,
+    dump_ir: Annotated[bool, typer.Option("--dump-ir", help="print every stage's output: MILP solutions, trials, the policy")] = False,
 ) -> None:
-    """Solve the MILP for an elastic scaling policy and write an artifact directory."""
-    _load(spec_file)
-    _not_implemented("compile", _PLANNER)
+    """Solve the MILP for an elastic scaling policy, verify it in simulation and write an artifact directory."""
+    spec = _load(spec_file)
+    if calibration is not None:
+        _fail(f"espc compile --calibration: calibration files arrive with {_RUNTIME} (`espc profile`); compile without it")
+    if search_seconds < 0 or requests < 1:
+        _fail("--search-seconds must be at least 0 and --requests at least 1")
+    if output.exists() and not output.is_dir():
+        _fail(f"{output}: exists and is not a directory")
+    options = CompileOptions(search_seconds, requests, seed)
+    progress = _StageProgress()
+    try:
+        with _native_stdout_to_stderr():
+            result = compile_spec(spec, spec_hash(spec), spec_file.parent, options, on_progress=progress)
+        progress("write", f"writing {output}")
+        written = write_artifact(output, spec, result, spec_file, options=options)
+    except InfeasibleSLO as error:
+        progress.close()
+        _fail(f"{spec_file}: the SLOs cannot be met: {error}")
+    except SpecError as error:
+        progress.close()
+        _fail(str(error))
+    except (TraceError, ArtifactError, PolicyError, OSError, ValueError) as error:
+        progress.close()
+        _fail(f"{spec_file}: {error}")
+    progress.close()
+    if dump_ir:
+        typer.echo(render_ir(result))
+    typer.echo(str(result.policy))
+    typer.echo(f"wrote {output}/: {', '.join(path.name for path in written)}")
+    typer.echo(f"next: espc inspect {output}; espc compare {output}")
+
+
+@contextmanager
+def _native_stdout_to_stderr() -> Iterator[None]:
+    """Native code (the HiGHS solver prints a banner) writes to file descriptor 1, around
+    sys.stdout; while it runs, descriptor 1 points at stderr so that stdout holds only the
+    command's output (tables, JSON, --dump-ir)."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):
+        yield
+        return
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        try:
+            ctypes.CDLL(None).fflush(None)  # C stdio buffers still hold text meant for stderr
+        except (OSError, AttributeError, TypeError):  # no C library to ask (Windows)
+            pass
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+class _StageProgress:
+    """Compile progress on stderr: on a terminal a spinner with the current step and one
+    line per finished stage with its time; otherwise one plain line per stage."""
+
+    def __init__(self) -> None:
+        self.console = Console(stderr=True, highlight=False)
+        self.live = self.console.is_terminal
+        self.status = self.console.status("")
+        self.stage: str | None = None
+        self.part: str | None = None
+        self.stage_started = self.started = time.perf_counter()
+        self.steps = 0
+        if self.live:
+            self.status.start()
+
+    def __call__(self, stage: str, message: str) -> None:
+        if stage != self.stage:
+            self._finish()
+            self.stage, self.stage_started, self.steps, self.part = stage, time.perf_counter(), 0, None
+        # a plain line per stage, and per baseline in "strategies" (their messages start "name: ")
+        part = message.split(":", 1)[0] if stage == "strategies" else ""
+        if not self.live and part != self.part:
+            self.console.print(f"espc compile: {stage}: {message}", markup=False)
+        self.part = part
+        self.steps += 1
+        if self.live:
+            self.status.update(f"[bold]{stage}[/bold] {escape(message)}")
+
+    def _finish(self) -> None:
+        if self.stage is not None and self.live:
+            elapsed = time.perf_counter() - self.stage_started
+            steps = f" ({self.steps} steps)" if self.steps > 1 else ""
+            self.console.print(f"[green]✓[/green] {self.stage:<10} {elapsed:7.1f} s{escape(steps)}")
+
+    def close(self) -> None:
+        self._finish()
+        self.stage = None
+        if self.live:
+            self.status.stop()
+            self.console.print(f"  {'total':<10} {time.perf_counter() - self.started:7.1f} s")
 
 
 @app.command()
 def inspect(
     artifact: ArtifactDir,
-    plot: Annotated[bool, typer.Option("--plot", help="also draw the policy tables")] = False,
+    plot: Annotated[bool, typer.Option("--plot", help="write the policy plots (PNG) into DIR and print their paths")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print policy.json")] = False,
 ) -> None:
     """Show a compiled policy: DoP per length bucket, budgets, thresholds, predicted goodput."""
-    _not_implemented("inspect", _PLANNER)
+    loaded = _open_artifact(artifact)
+    if as_json:
+        typer.echo((artifact / POLICY_FILE).read_text(encoding="utf-8"), nl=False)
+    else:
+        render_policy(loaded, Console(width=None if sys.stdout.isatty() else 160))
+    if plot:
+        paths = loaded.plots()
+        if len(paths) < (2 if loaded.policy.elastic else 1):
+            # compiled without plots: draw them (they are not in the manifest, so not verified)
+            paths = plot_policy(loaded.policy, artifact)
+        for path in paths:
+            typer.echo(f"plot {path}", err=True)
+        if sys.stdout.isatty() and (sys.platform in ("darwin", "win32") or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+            for path in paths:
+                typer.launch(str(path))
 
 
+_STRATEGIES = ("elastic", *BASELINES)
 _SIMULATE_HELP = {
     "rate": typer.Option(help="arrival rate (req/s) instead of the workload's own"),
     "goodput": typer.Option("--goodput", help="find P90 goodput by bisection over the rate instead"),
@@ -168,7 +293,9 @@ _SIMULATE_HELP = {
 @app.command()
 def simulate(
     target: ArtifactOrSpec,
-    strategy: Annotated[Optional[str], typer.Option(help=f"one of {', '.join(BASELINES)} (default: the spec's)")] = None,
+    strategy: Annotated[
+        Optional[str], typer.Option(help=f"one of {', '.join(_STRATEGIES)} (default: the compiled or the spec's)")
+    ] = None,
     rate: Annotated[Optional[float], _SIMULATE_HELP["rate"]] = None,
     goodput: Annotated[bool, _SIMULATE_HELP["goodput"]] = False,
     requests: Annotated[Optional[int], _SIMULATE_HELP["requests"]] = None,
@@ -180,16 +307,22 @@ def simulate(
     plot: Annotated[Optional[Path], _SIMULATE_HELP["plot"]] = None,
     window: Annotated[float, _SIMULATE_HELP["window"]] = DEFAULT_WINDOW_S,
 ) -> None:
-    """Replay the workload in the discrete-event simulator: latencies, SLO attainment, goodput."""
-    spec = _load_spec_target(target)
-    chosen = strategy or spec.policy.strategy
-    _compare(target, spec, [chosen], rate, goodput, requests, seed, seeds, workload, trace, as_json, plot, window)
+    """Replay the workload in the discrete-event simulator: latencies, SLO attainment, goodput.
+
+    On an artifact directory the compiled spec and policy are used (strategy elastic: the
+    compiled elastic policy); on a spec file, strategy elastic solves the policy MILP first."""
+    loaded = _load_target(target)
+    chosen = strategy or (loaded.policy.strategy if loaded.policy else loaded.spec.policy.strategy)
+    _compare(loaded, [chosen], rate, goodput, requests, seed, seeds, workload, trace, as_json, plot, window)
 
 
 @app.command()
 def compare(
     target: ArtifactOrSpec,
-    strategies: Annotated[str, typer.Option(help="comma-separated strategies")] = ",".join(BASELINES),
+    strategies: Annotated[
+        Optional[str],
+        typer.Option(help=f"comma-separated strategies (default: {','.join(BASELINES)}; on an artifact elastic too)"),
+    ] = None,
     rate: Annotated[Optional[float], _SIMULATE_HELP["rate"]] = None,
     goodput: Annotated[bool, _SIMULATE_HELP["goodput"]] = False,
     requests: Annotated[Optional[int], _SIMULATE_HELP["requests"]] = None,
@@ -202,42 +335,83 @@ def compare(
     window: Annotated[float, _SIMULATE_HELP["window"]] = DEFAULT_WINDOW_S,
 ) -> None:
     """Simulate several strategies on the same workload and print them side by side."""
-    spec = _load_spec_target(target)
-    names = [name.strip() for name in strategies.split(",") if name.strip()]
-    _compare(target, spec, names, rate, goodput, requests, seed, seeds, workload, trace, as_json, plot, window)
+    loaded = _load_target(target)
+    if strategies is None:
+        names = list(_STRATEGIES if loaded.policy is not None and loaded.policy.elastic is not None else BASELINES)
+    else:
+        names = [name.strip() for name in strategies.split(",") if name.strip()]
+    _compare(loaded, names, rate, goodput, requests, seed, seeds, workload, trace, as_json, plot, window)
+
+
+@dataclass(frozen=True)
+class _Target:
+    """What simulate, compare and graph run on: a spec file or a verified artifact."""
+
+    path: Path
+    spec: Spec
+    base_dir: Path  # relative paths in the spec (a trace) resolve here
+    policy: Policy | None  # compiled, for an artifact directory
+
+
+def _open_artifact(directory: Path) -> Artifact:
+    try:
+        return open_artifact(directory)
+    except ArtifactError as error:
+        _fail(str(error))
+
+
+def _load_target(target: Path) -> _Target:
+    if target.is_dir():
+        loaded = _open_artifact(target)
+        return _Target(target, loaded.spec, loaded.base_dir, loaded.policy)
+    if target.name == MANIFEST_FILE or target.name == POLICY_FILE:
+        _fail(f"{target}: give the artifact directory ({target.parent}), not a file inside it")
+    return _Target(target, _load(target), target.parent, None)
 
 
 def _load_spec_target(target: Path) -> Spec:
-    if target.is_dir():
-        _fail(f"{target}: compiled artifacts arrive with {_PLANNER}; give a spec file for now")
-    return _load(target)
+    return _load_target(target).spec
 
 
 def _compare(
-    path: Path, spec: Spec, strategies: list[str], rate: float | None, goodput: bool, requests: int | None,
+    target: _Target, strategies: list[str], rate: float | None, goodput: bool, requests: int | None,
     seed: int | None, seeds: int, workload: str | None, trace: Path | None, as_json: bool, plot: Path | None,
     window: float,
 ) -> None:
+    path, spec = target.path, target.spec
     for name in strategies:
-        if name in ("auto", "elastic"):
-            _fail(f"strategy {name!r}: the elastic policy arrives with {_PLANNER}; simulate one of {', '.join(BASELINES)}")
-        if name not in BASELINES:
-            _fail(f"unknown strategy {name!r}; choose from {', '.join(BASELINES)}")
+        if name == "auto":
+            _fail(
+                f"strategy 'auto' is decided by `espc compile`: compile the spec (espc compile SPEC -o DIR) and "
+                f"simulate DIR, or choose one of {', '.join(_STRATEGIES)}"
+            )
+        if name not in _STRATEGIES:
+            _fail(f"unknown strategy {name!r}; choose from {', '.join(_STRATEGIES)}")
     if rate is not None and goodput:
         _fail("give --rate or --goodput, not both")
     if seeds < 1 or (requests is not None and requests < 1) or (rate is not None and rate <= 0) or window <= 0:
         _fail("--seeds and --requests must be at least 1, --rate and --window positive")
+    printer = _progress_printer()
     try:
         spec = override_workload(spec, workload, trace)
-        evaluator = Evaluator(spec, base_dir=path.parent, requests=requests, window_s=window)
-        first_seed = spec.workload.seed if seed is None else seed
-        report = compare_strategies(
-            evaluator, strategies, range(first_seed, first_seed + seeds), rate, goodput, timeline=plot is not None,
-            on_progress=_progress_printer(),
+        evaluator = Evaluator(
+            spec, base_dir=target.base_dir, requests=requests, window_s=window,
+            elastic=target.policy.elastic if target.policy is not None else None,
         )
+        first_seed = spec.workload.seed if seed is None else seed
+        with _native_stdout_to_stderr():  # strategy elastic on a spec file solves the MILP
+            report = compare_strategies(
+                evaluator, strategies, range(first_seed, first_seed + seeds), rate, goodput, timeline=plot is not None,
+                on_progress=printer,
+            )
     except SpecError as error:
+        printer(None)
         _fail(str(error))
+    except InfeasibleSLO as error:
+        printer(None)
+        _fail(f"{path}: strategy elastic: the SLOs cannot be met: {error}")
     except (TraceError, ValueError) as error:
+        printer(None)
         _fail(f"{path}: {error}")
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=2))

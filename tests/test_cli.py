@@ -62,8 +62,6 @@ def test_schema_is_json_schema_of_the_spec():
 
 
 PLACEHOLDERS = [
-    ["compile", str(TINY), "-o", "out"],
-    ["inspect", "out"],
     ["run", "out"],
     ["profile", str(TINY)],
     ["serve", "out"],
@@ -80,7 +78,7 @@ def test_unimplemented_verbs_say_so(args):
 
 def test_every_verb_has_help():
     listing = runner.invoke(app, ["--help"]).output
-    for verb in ["check", "fmt", "schema"] + [args[0] for args in PLACEHOLDERS]:
+    for verb in ["check", "fmt", "schema", "compile", "inspect", "simulate", "compare"] + [args[0] for args in PLACEHOLDERS]:
         assert verb in listing
         assert runner.invoke(app, [verb, "--help"]).exit_code == 0
 
@@ -127,14 +125,14 @@ def test_compare_json_goodput_and_plots(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["simulate", str(TINY)], "the elastic policy arrives with"),  # the spec's strategy is auto
+        (["simulate", str(TINY)], "strategy 'auto' is decided by `espc compile`"),  # the spec's strategy is auto
         (["simulate", str(TINY), "--strategy", "vllm"], "unknown strategy 'vllm'"),
         (["compare", str(TINY), "--rate", "1", "--goodput"], "give --rate or --goodput, not both"),
         (["simulate", str(TINY), "--strategy", "chunked", "--workload", "zipf(1.0, 8, 1M)"],
          "command line:1:1: workload.lengths: zipf(alpha=1.0, min=8, max=1M) reaches 1,000,000 tokens"),
         (["simulate", str(TINY), "--strategy", "chunked", "--trace", "missing.csv"], "missing.csv: cannot open"),
     ],
-    ids=["elastic", "unknown", "rate-and-goodput", "workload-too-long", "missing-trace"],
+    ids=["auto", "unknown", "rate-and-goodput", "workload-too-long", "missing-trace"],
 )
 def test_simulate_errors(args, message):
     result = runner.invoke(app, args)

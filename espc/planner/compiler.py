@@ -7,8 +7,10 @@
     search     local search around the best: per-bucket instance caps and DoP caps ± 1,
                the batching DP's instance weight × ½ / × 2 — kept when the simulated
                goodput improves by more than the bisection tolerance, within a time budget
-    strategies with strategy = "auto", every baseline's goodput on the same workload and
-               seed (each family searched as in `espc compare`)
+    strategies with strategy = "auto", every baseline's goodput on the same workload, seed
+               and trial shape (each family screened as in `espc compare`, but only
+               its best screened configuration measured; `espc compare` and the
+               benchmarks measure at full length and tolerance)
     choose     the strategy with the highest goodput, and the reason, with the numbers
 
 Every stage reports progress through `on_progress(stage, message)`.
@@ -33,7 +35,8 @@ from espc.planner.strategies import BASELINES
 VERIFY_TOLERANCE = 0.08  # relative width of the goodput bisection while compiling
 TRIAL_REQUESTS = 300  # requests per simulated trial (at least; high rates simulate a window)
 TRIAL_WINDOW_S = 20.0  # seconds of arrivals a trial covers at high rates ...
-MAX_TRIAL_REQUESTS = 3_000  # ... up to this many requests
+MAX_TRIAL_REQUESTS = 1_000  # ... up to this many requests
+BASELINE_FINALISTS = 1  # configurations of a baseline family measured after screening
 
 Progress = Callable[[str, str], None]
 
@@ -81,7 +84,7 @@ def compile_spec(
     seed = spec.workload.seed if options.seed is None else options.seed
     evaluator = Evaluator(
         spec, base_dir, requests=options.trial_requests, cost=cost, window_s=TRIAL_WINDOW_S,
-        max_trial_requests=MAX_TRIAL_REQUESTS,
+        max_trial_requests=MAX_TRIAL_REQUESTS, tolerance=VERIFY_TOLERANCE,
     )
     trials: list[Trial] = []
     predictions: list[StrategyPrediction] = []
@@ -104,7 +107,10 @@ def compile_spec(
 
     baselines = BASELINES if strategy == "auto" else () if strategy == "elastic" else (strategy,)
     for baseline in baselines:
-        found = evaluator.strategy_goodput(baseline, seed, on_progress=lambda message, b=baseline: progress("strategies", f"{b}: {message}"))
+        found = evaluator.strategy_goodput(
+            baseline, seed, on_progress=lambda message, b=baseline: progress("strategies", f"{b}: {message}"),
+            finalists=BASELINE_FINALISTS,
+        )
         predictions.append(StrategyPrediction(baseline, found.configuration, found.goodput.rate, found.configurations_searched))
 
     progress("choose", "choosing the strategy")
@@ -130,7 +136,7 @@ def compile_spec(
 
 def _goodput(evaluator: Evaluator, policy: ElasticPolicy, seed: int, start_rate: float | None = None) -> float:
     candidate = evaluator.elastic_candidate(policy)
-    return evaluator.goodput(candidate, seed, tolerance=VERIFY_TOLERANCE, start_rate=start_rate or None).rate
+    return evaluator.goodput(candidate, seed, start_rate=start_rate or None).rate
 
 
 def _neighbours(policy: ElasticPolicy, instances: int) -> Iterator[tuple[str, ElasticPolicy]]:

@@ -36,6 +36,7 @@ SCREEN_REQUESTS = 200
 SCREEN_TOLERANCE = 0.15
 SCREEN_WINDOW_S = 20.0
 FINALISTS = 3
+GOODPUT_TOLERANCE = 0.03  # relative width of the bisection that measures a goodput
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class Evaluator:
     def __init__(
         self, spec: Spec, base_dir: Path | None = None, requests: int | None = None, cost: CostModel | None = None,
         window_s: float = DEFAULT_WINDOW_S, elastic: ElasticPolicy | None = None, max_trial_requests: int | None = None,
+        tolerance: float = GOODPUT_TOLERANCE,
     ):
         self.spec = spec
         self.base_dir = base_dir
@@ -87,6 +89,9 @@ class Evaluator:
         self.cost = cost or CostModel.from_spec(spec)
         self.prefill_s = isolated_prefill(self.cost)
         self.elastic = elastic
+        self.tolerance = tolerance
+        # Goodputs found so far, by what was measured (see `goodput`).
+        self._goodputs: dict[tuple, Goodput] = {}
 
     def elastic_candidate(self, policy: ElasticPolicy, label: str | None = None) -> Candidate:
         deployment = Deployment.build(self.cost, policy.tp)
@@ -138,19 +143,31 @@ class Evaluator:
         return result, summarize(result, self.spec.slo, self.prefill_s)
 
     def goodput(
-        self, candidate: Candidate, seed: int | None = None, requests: int | None = None, tolerance: float = 0.03,
-        start_rate: float | None = None, window_s: float | None = None,
+        self, candidate: Candidate, seed: int | None = None, requests: int | None = None, tolerance: float | None = None,
+        start_rate: float | None = None, window_s: float | None = None, max_requests: int | None = None,
     ) -> Goodput:
+        """P90 goodput by bisection (metrics.find_goodput) from `start_rate` (the workload's
+        rate by default). Each trial simulates `requests` or `window_s` seconds of arrivals,
+        whichever is more, but at most `max_requests`. Remembered per candidate identity
+        and trial shape: static-sp, static-tp and best-static share configurations, and the
+        same search from another start rate lands within the tolerance of the first."""
         base = requests if requests is not None else self.requests or self.spec.workload.requests
         window = self.window_s if window_s is None else window_s
+        cap = max_requests if max_requests is not None else self.max_trial_requests
+        tolerance = self.tolerance if tolerance is None else tolerance
+        key = (candidate.identity(), seed, base, window, cap, tolerance)
+        if key in self._goodputs:
+            return self._goodputs[key]
 
         def attainment_at(rate: float) -> float:
             count = max(base, math.ceil(rate * window))
-            if self.max_trial_requests is not None:
-                count = min(count, max(base, self.max_trial_requests))
+            if cap is not None:
+                count = min(count, max(base, cap))
             return self.run(candidate, self.workload(rate, seed, count))[1].attainment
 
-        return find_goodput(attainment_at, self.spec.slo.attainment, start_rate or self.nominal_rate(), tolerance)
+        found = find_goodput(attainment_at, self.spec.slo.attainment, start_rate or self.nominal_rate(), tolerance)
+        self._goodputs[key] = found
+        return found
 
     def simulate_strategy(
         self, strategy: str, rate: float | None = None, seed: int | None = None, *, timeline: bool = False,
@@ -176,24 +193,30 @@ class Evaluator:
         return StrategyRun(strategy, best[1].label, searched, best[2], best[3])
 
     def strategy_goodput(
-        self, strategy: str, seed: int | None = None, on_progress: Callable[[str], None] | None = None
+        self, strategy: str, seed: int | None = None, on_progress: Callable[[str], None] | None = None,
+        finalists: int = FINALISTS,
     ) -> StrategyGoodput:
         """The best configuration of `strategy` and its goodput (see the module docstring)."""
         family = self.candidates(strategy)
         if len(family) > 1:
-            screened = []
+            screened: list[tuple[float, Candidate]] = []
             for candidate in family:
                 if on_progress:
                     on_progress(f"screening {candidate.label}")
                 requests = min(SCREEN_REQUESTS, self.requests or SCREEN_REQUESTS)
-                found = self.goodput(candidate, seed, requests, SCREEN_TOLERANCE, window_s=min(self.window_s, SCREEN_WINDOW_S))
+                # The family's configurations have goodputs of one magnitude: start from the best.
+                start = max((rate for rate, _ in screened), default=None) or None
+                found = self.goodput(
+                    candidate, seed, requests, SCREEN_TOLERANCE, start_rate=start,
+                    window_s=min(self.window_s, SCREEN_WINDOW_S),
+                )
                 screened.append((found.rate, candidate))
             screened.sort(key=lambda pair: -pair[0])
-            finalists = [(candidate, rate) for rate, candidate in screened[:FINALISTS]]
+            measured_candidates = [(candidate, rate) for rate, candidate in screened[:finalists]]
         else:
-            finalists = [(family[0], None)]
+            measured_candidates = [(family[0], None)]
         best: tuple[Goodput, Candidate] | None = None
-        for candidate, screened_rate in finalists:
+        for candidate, screened_rate in measured_candidates:
             if on_progress:
                 on_progress(f"measuring {candidate.label}")
             measured = self.goodput(candidate, seed, start_rate=screened_rate or None)

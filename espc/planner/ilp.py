@@ -15,16 +15,27 @@ of the declared workload). Per bucket k (share p_k, mean prompt L_k, mean output
                                      one step takes S_j = decode_time(B_j) seconds; only
                                      thresholds with S_j ≤ (1 − stall share)·TPOT bound are offered.
     r ≥ 0                            the request rate, maximised.
+    s[k] ∈ {0,1}                     bucket k is served within the SLOs; Σ_k p_k·(1 − s[k]) ≤
+                                     80% of (1 − attainment). A best-effort bucket (s = 0)
+                                     need not be sustainable but is assumed to keep its cap
+                                     c[k] of instances busy (P90 goodput allows it, and
+                                     serving the longest prompts in full can cost everyone
+                                     else their SLOs; with equal-count buckets this needs
+                                     `policy.length_buckets` > 1 / (1 − attainment)).
+                                     Buckets whose typical request cannot decode within the
+                                     TPOT bound even spread over every instance are best
+                                     effort by force (InfeasibleSLO past the slack).
 
 Products of the rate with a one-hot choice are linearised exactly (McCormick with a binary):
 w[k,o] = r·x[k,o] and v[j] = r·u[j], with 0 ≤ w ≤ R·x, w ≤ r, w ≥ r − R·(1 − x).
 
-    Σ_k p_k Σ_o W_o·w[k,o] + Σ_j D_j·v[j] ≤ ρ·N                 instance time (load ≤ ρ)
-    p_k Σ_o W_o·w[k,o] ≤ ρ·c[k]                                  a bucket within its instances
-    Σ_{k' fast for k} p_k' Σ_o W_o·w[k',o] ≤ ρ·(N − Σ_{k' slow for k} c[k'])
+    Σ_{k served} p_k Σ_o W_o·w[k,o] + Σ_j D_j·v[j] ≤ ρ·(N − Σ_{k best effort} c[k])
+                                                                 instance time (load ≤ ρ)
+    p_k Σ_o W_o·w[k,o] ≤ ρ·c[k]  (k served)                      a bucket within its instances
+    Σ_{k' fast for k} p_k' Σ_o W_o·w[k',o] ≤ ρ·(N − max_{k' slow for k} c[k'])
                                      prefills of buckets that hold instances longer than half
                                      of bucket k's TTFT bound ("slow for k") can block k, so
-                                     the others must fit beside their caps
+                                     the others must fit beside the largest of their caps
     Σ_j M_j·v[j] ≤ (1 − headroom)·N·C                            KV by Little's law
     Σ_j A_j·v[j] ≤ ρ·N·slots                                     migration time (see below)
 
@@ -57,6 +68,7 @@ LOAD_CEILING = 0.85  # ρ: queues explode as the load approaches 1
 QUEUEING_MARGIN = 1.0  # a request may wait about one batch before its own
 DECODE_STALL_SHARE = 0.3  # of the TPOT bound, left for prefills that pause a decode group
 KV_HEADROOM = 0.1
+BEST_EFFORT_SHARE = 0.8  # of the attainment's slack (1 − attainment) that may be given up
 BATCH_BUDGETS = (2_048, 8_192, 16_384, 65_536, 262_144)
 DECODE_THRESHOLD_SHARES = (0.125, 0.25, 0.5, 0.75, 1.0)  # τ as shares of an instance's KV
 
@@ -122,6 +134,7 @@ def solve(
     instances = len(cost.cluster.instances(tp))
     capacity = cost.kv_capacity_tokens(tp)
     max_dop = min(instances, policy_spec.max_dop or instances)
+    slo_slack = 1 - slo.attainment
     buckets = length_buckets(requests, policy_spec.length_buckets, cost.model.max_context)
     tpot_s = slo.tpot.target()
 
@@ -198,6 +211,35 @@ def solve(
     def bucket_work(k: int):
         return buckets[k].share * (np.array([work for *_, work in options[k]]) @ product[k])
 
+    # Best effort: buckets whose requests may miss their SLOs, within the attainment's slack.
+    # Their work need not be sustainable, but they are assumed to hold all the instances
+    # their cap allows (a backlog keeps them busy); a served bucket's work counts in full.
+    shares = np.array([b.share for b in buckets])
+    served = cp.Variable(len(buckets), boolean=True, name="served")
+    # A bucket whose typical request cannot decode within the TPOT bound even alone, with
+    # its KV spread over every instance (multi-master), is best effort whatever the policy.
+    hopeless = [
+        k for k, b in enumerate(buckets)
+        if min(cost.decode_time([round(b.mean_prompt + b.mean_output / 2)], d, tp) for d in range(1, max_dop + 1)) > tpot_s
+    ]
+    hopeless_share = float(shares[hopeless].sum()) if hopeless else 0.0
+    if hopeless_share > slo_slack:
+        first = buckets[hopeless[0]]
+        raise InfeasibleSLO(
+            f"TPOT {slo.tpot.shorthand()} is infeasible for prompts of {first.low:,}+ tokens at tp({tp}) "
+            f"({hopeless_share:.1%} of the workload; attainment {slo.attainment:.0%} leaves {slo_slack:.1%})"
+        )
+    constraints += [served[k] == 0 for k in hopeless]
+    served_work = cp.Variable(len(buckets), nonneg=True, name="served_work")
+    held = cp.Variable(len(buckets), nonneg=True, name="held_by_best_effort")
+    constraints.append(shares @ (1 - served) <= max(BEST_EFFORT_SHARE * slo_slack, hopeless_share))
+    for k, opts in enumerate(options):
+        most_work = buckets[k].share * max(work for *_, work in opts) * rate_bound
+        constraints += [
+            served_work[k] >= bucket_work(k) - most_work * (1 - served[k]),
+            held[k] >= caps[k] - instances * served[k],
+        ]
+
     decode_work = np.array([mean_output * step / batch for _, batch, step in thresholds])
     kv_seconds = np.array([
         sum(b.share * (b.mean_prompt + b.mean_output / 2) * b.mean_output * step for b in buckets)
@@ -208,18 +250,25 @@ def solve(
             for b in buckets if b.mean_prompt + b.mean_output > tau)
         for tau, _, _ in thresholds
     ])
-    total_prefill = sum(bucket_work(k) for k in range(len(buckets)))
-    constraints.append(total_prefill + decode_work @ v + migration_work @ v <= LOAD_CEILING * instances)
+    total_prefill = cp.sum(served_work)
+    constraints.append(
+        total_prefill + decode_work @ v + migration_work @ v <= LOAD_CEILING * (instances - cp.sum(held))
+    )
     constraints.append(kv_seconds @ v <= (1 - KV_HEADROOM) * instances * capacity)
     for k, opts in enumerate(options):
         constraints.append(caps[k] >= np.array([dop for dop, *_ in opts]) @ choice[k])
-        constraints.append(bucket_work(k) <= LOAD_CEILING * caps[k])
+        constraints.append(served_work[k] <= LOAD_CEILING * caps[k])
         bound = slo.ttft.target(prefill_s(max(1, round(buckets[k].mean_prompt))))
         slow = [j for j in range(len(buckets)) if j != k and slow_seconds[j] > bound / 2]
         if slow:
+            # Slow buckets rarely all hold their caps at once; requiring the fast ones to fit
+            # beside the largest of them keeps a short prompt from waiting behind a long one
+            # without reserving instances that sit idle.
             fast = [j for j in range(len(buckets)) if j not in slow]
+            largest_slow_cap = cp.Variable(nonneg=True, name=f"largest_slow_cap_{k}")
+            constraints += [largest_slow_cap >= caps[j] for j in slow]
             constraints.append(
-                sum(bucket_work(j) for j in fast) <= LOAD_CEILING * (instances - cp.sum(caps[slow]))
+                sum(served_work[j] for j in fast) <= LOAD_CEILING * (instances - largest_slow_cap)
             )
     problem = cp.Problem(cp.Maximize(rate), constraints)
     solver_options = {"time_limit": float(policy_spec.solver_time_limit)} if policy_spec.solver == "HIGHS" else {}
@@ -234,6 +283,11 @@ def solve(
     seconds = time.perf_counter() - started
 
     solved_rate = float(rate.value)
+    if solved_rate <= 1e-9:
+        raise InfeasibleSLO(
+            f"no positive rate meets the TTFT bounds at tp({tp}): the longest prompts' prefills would hold "
+            f"every one of the {instances} instances that shorter prompts need"
+        )
     chosen = [opts[int(np.argmax(x.value))] for opts, x in zip(options, choice)]
     threshold = thresholds[int(np.argmax(u.value))]
     load = (
@@ -244,8 +298,8 @@ def solve(
     elastic = ElasticPolicy(
         tp=tp,
         buckets=tuple(
-            LengthBucket(b.low, b.high, b.share, dop, budget, int(round(cap)))
-            for b, (dop, budget, _, _), cap in zip(buckets, chosen, caps.value)
+            LengthBucket(b.low, b.high, b.share, dop, budget, int(round(cap)), bool(round(is_served)))
+            for b, (dop, budget, _, _), cap, is_served in zip(buckets, chosen, caps.value, served.value)
         ),
         instance_weight=round(load / (1 - load), 3),
         decode_instance_tokens=threshold[0],

@@ -47,11 +47,15 @@ class LengthBucket:
     prefill_dop: int
     batch_tokens: int
     max_instances: int
+    # False: best effort — the compiler expects these requests to miss their SLOs (they fit
+    # in the attainment's slack) and caps them so that they cannot crowd the others out.
+    within_slo: bool = True
 
     def __str__(self) -> str:
         return (
             f"[{self.low:,}, {self.high:,}) share {self.share:.1%}: dop ≤ {self.prefill_dop}, "
             f"batch ≤ {self.batch_tokens:,} tokens, ≤ {self.max_instances} instances at once"
+            + ("" if self.within_slo else ", best effort")
         )
 
 

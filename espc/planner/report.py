@@ -1,4 +1,5 @@
-"""Tables and plots of simulation results, for `espc simulate` and `espc compare`."""
+"""Tables and plots of simulation results (`espc simulate`, `espc compare`) and of compiled
+policies (`espc inspect`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from espc.planner.artifact import BUCKET_COLUMNS, Artifact, bucket_rows, solver_rows, threshold_rows
 from espc.planner.evaluation import Comparison
 from espc.planner.metrics import LatencyStats, Summary
 from espc.planner.simulator import SimulationResult
@@ -163,3 +165,49 @@ def render_comparison(comparison: Comparison, console: Console) -> None:
     for run in first:
         if run.configurations_searched > 1:
             console.print(f"{run.strategy}: best of {run.configurations_searched} configurations: {run.configuration}")
+
+
+def render_policy(artifact: Artifact, console: Console) -> None:
+    """`espc inspect`: the chosen strategy and why, predicted goodput per strategy, the
+    elastic policy per length bucket, its thresholds, solver statistics."""
+    policy = artifact.policy
+    source = f" from {artifact.source}" if artifact.source is not None else ""
+    console.print(
+        f"{artifact.directory}: policy schema {policy.schema_version}, espc {policy.espc_version}, "
+        f"spec {policy.spec_hash[:12]}{source}",
+        highlight=False, markup=False,
+    )
+    console.print(f"strategy {policy.strategy} ({policy.configuration}): {policy.reason}", highlight=False, markup=False)
+
+    table = Table(title="predicted P90 goodput per strategy", title_justify="left")
+    for column in ("strategy", "best configuration", "goodput (req/s)", "vs chosen", "configurations searched"):
+        table.add_column(column, justify="left" if column in ("strategy", "best configuration") else "right")
+    chosen = policy.prediction(policy.strategy)
+    for p in sorted(policy.predictions, key=lambda p: -p.goodput_rps):
+        relative = f"{p.goodput_rps / chosen.goodput_rps:.2f}×" if chosen and chosen.goodput_rps else "-"
+        name = f"{p.strategy} (chosen)" if p.strategy == policy.strategy else p.strategy
+        table.add_row(name, p.configuration, f"{p.goodput_rps:.4g}", relative, str(p.configurations_searched))
+    console.print(table)
+
+    if policy.elastic is not None:
+        table = Table(title=f"elastic policy (tp={policy.elastic.tp}): per prompt-length bucket", title_justify="left")
+        for column in BUCKET_COLUMNS:
+            table.add_column(column, justify="left" if column == "within SLO" else "right")
+        for row in bucket_rows(policy):
+            table.add_row(*row)
+        console.print(table)
+        table = Table(title="thresholds", title_justify="left")
+        table.add_column("threshold")
+        table.add_column("value")
+        for row in threshold_rows(policy):
+            table.add_row(*row)
+        console.print(table)
+    else:
+        console.print(f"no elastic policy: the spec asks for {policy.strategy}", highlight=False, markup=False)
+    title = "solver and prediction vs simulation" if policy.solver is not None else "compile"
+    table = Table(title=title, title_justify="left")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    for row in solver_rows(policy):
+        table.add_row(*row)
+    console.print(table)

@@ -59,6 +59,7 @@ from espc.planner.strategies import Deployment, Scheduler
 # A decode group is lent to a prefill only if its tightest request keeps this much of its
 # slack after the predicted prefill time (the cost model's error margin).
 LEND_SAFETY = 1.5
+DECODE_STALL_SHARE = 0.3  # of the TPOT bound, left for prefills that pause a decode (as the MILP)
 
 
 def _longest_prefix(count: int, acceptable: Callable[[int], bool]) -> int:
@@ -228,14 +229,14 @@ class ElasticScheduler(Scheduler):
         return state.now - arrival >= self.policy.starvation_bound_s and state.now <= self._deadline(request)
 
     def _slack(self, state: ClusterState, request: RequestState, step_s: float) -> float:
-        """How long the request can pause and still meet its TPOT bound, if it generates the
-        expected number of tokens at `step_s` per token from now on (TPOT is a mean over
-        the output, so a pause early on is paid back by the steps that follow)."""
+        """How long the request can pause and still meet its TPOT bound even if its next
+        token is its last (the output length is unknown: a request expected to generate
+        many tokens could pay a pause back over them, but one that stops early cannot).
+        TPOT is the mean over the output, so the time banked by fast steps so far counts."""
         if request.first_token_s is None:
             return 0.0
-        expected = max(self.policy.reserve_output_tokens, request.generated + 1)
-        deadline = request.first_token_s + self.tpot_s * (expected - 1)
-        return deadline - state.now - (expected - request.generated) * step_s
+        deadline = request.first_token_s + self.tpot_s * request.generated
+        return deadline - state.now - step_s
 
     def _group_slack(self, state: ClusterState, group: _DecodeGroup) -> float:
         step_s = self.deployment.cost.decode_time(
@@ -391,7 +392,15 @@ class ElasticScheduler(Scheduler):
                 order = sorted(ring, key=lambda i: (i not in decoding, -left(i), i))
                 whole = [i for i in order if left(i) >= length]
                 pieces: list[Retention] = []
-                if whole:
+                spread = self._decode_spread(length, len(ring))
+                roomiest = sorted(ring, key=lambda i: (-left(i), i))[:spread]
+                if spread > 1 and all(left(i) >= -(-length // spread) for i in roomiest):
+                    # A long request keeps its KV on enough instances to decode within TPOT.
+                    bounds = [length * part // spread for part in range(spread + 1)]
+                    for instance, start, end in zip(sorted(roomiest), bounds, bounds[1:]):
+                        pieces.append(Retention(instance, TokenRange(start, end)))
+                        taken[instance] = taken.get(instance, 0) + end - start
+                elif whole:
                     pieces.append(Retention(whole[0], TokenRange(0, length)))
                     taken[whole[0]] = taken.get(whole[0], 0) + length
                 else:
@@ -414,6 +423,16 @@ class ElasticScheduler(Scheduler):
                 by_id = {request.id: kept for request, kept in zip(sorted(requests, key=lambda r: -r.prefill_target), plan)}
                 return [by_id[request.id] for request in requests]
         return None
+
+    def _decode_spread(self, context: int, most: int) -> int:
+        """The fewest instances (≤ most) over which a request with `context` cached tokens
+        decodes alone within the TPOT bound, less the share prefills may stall it."""
+        step_budget = (1 - DECODE_STALL_SHARE) * self.tpot_s
+        cost, tp = self.deployment.cost, self.deployment.tp
+        for spread in range(1, most + 1):
+            if cost.decode_time([context + self.policy.reserve_output_tokens], spread, tp) <= step_budget:
+                return spread
+        return most
 
     # --------------------------------------------------------------------- decode batches
 

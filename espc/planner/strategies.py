@@ -432,6 +432,12 @@ class Candidate:
     strategy: str
     label: str
     make: Callable[[], Scheduler]
+    # What the scheduler is, across strategies: static-sp, static-tp and best-static share
+    # deployments, and an evaluation of one stands for the others.
+    key: str = ""
+
+    def identity(self) -> str:
+        return self.key or f"{self.strategy}: {self.label}"
 
 
 def _divisors(number: int) -> list[int]:
@@ -458,7 +464,10 @@ def candidates(
     if strategy == "static-tp":
         deployment = Deployment.build(cost, node_tp)
         groups = (1,) * deployment.num_instances
-        return [Candidate(strategy, f"tp={node_tp}", lambda: StaticScheduler(deployment, groups, name=f"static-tp(tp={node_tp})"))]
+        return [Candidate(
+            strategy, f"tp={node_tp}", lambda: StaticScheduler(deployment, groups, name=f"static-tp(tp={node_tp})"),
+            key=_static_key(deployment, groups),
+        )]
     if strategy == "chunked":
         deployment = Deployment.build(cost, node_tp)
         chunk = policy.chunk_tokens
@@ -498,4 +507,11 @@ def _static_candidate(strategy: str, deployment: Deployment, groups: tuple[int, 
     label = f"tp={deployment.tp}, groups={'+'.join(map(str, groups))}"
     if threshold is not None:
         label += f", long ≥ {threshold:,}"
-    return Candidate(strategy, label, lambda: StaticScheduler(deployment, groups, threshold, name=f"{strategy}({label})"))
+    return Candidate(
+        strategy, label, lambda: StaticScheduler(deployment, groups, threshold, name=f"{strategy}({label})"),
+        key=_static_key(deployment, groups, threshold),
+    )
+
+
+def _static_key(deployment: Deployment, groups: tuple[int, ...], threshold: int | None = None) -> str:
+    return f"static: tp={deployment.tp}, groups={'+'.join(map(str, groups))}, long ≥ {threshold}"

@@ -1,0 +1,190 @@
+"""`espc compile` and `espc inspect`, and simulate / compare on an artifact directory.
+
+One compile of a small elastic-only spec (no baselines, no search) is shared by the module;
+the tiny CPU device is slowed down so that goodput trials stay at a few dozen requests."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from espc.cli import app
+from espc.planner.artifact import load_artifact
+
+SPECS = Path(__file__).resolve().parent.parent / "specs"
+TINY = SPECS / "tiny-cpu.toml"
+SLOW_CPU = 'device = { name = "cpu", peak_flops = "1GFLOP/s", memory_bandwidth = "200MB/s" }'
+ELASTIC = '\n[policy]\nstrategy = "elastic"\nlength_buckets = 3\n'
+FAST = ["--search-seconds", "0", "--requests", "60"]
+runner = CliRunner()
+
+
+def write_spec(directory: Path, name: str, replace: tuple[str, str] | None = None) -> Path:
+    text = TINY.read_text().replace('device = "cpu"', SLOW_CPU) + ELASTIC
+    if replace:
+        assert replace[0] in text
+        text = text.replace(*replace)
+    path = directory / name
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """(spec file, artifact directory, the compile's CliRunner result)."""
+    root = tmp_path_factory.mktemp("compile")
+    spec = write_spec(root, "elastic.toml")
+    out = root / "build" / "elastic"
+    result = runner.invoke(app, ["compile", str(spec), "-o", str(out), *FAST, "--dump-ir"])
+    assert result.exit_code == 0, result.output
+    return spec, out, result
+
+
+def dump_of(stdout: str) -> str:
+    start = stdout.index("== stage milp")
+    return stdout[start:stdout.index("\npolicy (schema", start)]
+
+
+def test_compile_writes_the_artifact_and_prints_the_policy(compiled):
+    spec, out, result = compiled
+    assert sorted(p.name for p in out.iterdir()) == [
+        "buckets.png", "goodput.png", "manifest.json", "policy.json", "report.md", "spec.lock.json"
+    ]
+    policy, loaded = load_artifact(out)
+    assert policy.strategy == "elastic" and policy.elastic is not None
+    assert [p.strategy for p in policy.predictions] == ["elastic"]  # an elastic spec skips the baselines
+    assert policy.elastic.buckets[0].low == 0 and len(policy.elastic.buckets) <= 3
+    lock = json.loads((out / "spec.lock.json").read_text())
+    assert lock["compile_options"] == {"search_seconds": 0.0, "trial_requests": 60, "seed": None}
+    assert lock["source"] == str(spec)
+    report = (out / "report.md").read_text()
+    assert "- compile options: search 0 s, ≥ 60 requests per trial, workload seed 0" in report
+    assert "| 0 | verify | milp tp=1 |" in report
+    assert f"wrote {out}/: policy.json, spec.lock.json" in result.stdout
+    assert "strategy elastic (tp=1): the spec asks for elastic" in result.stdout
+    assert "elastic policy (tp=1)" in result.stdout
+    # progress goes to stderr, one line per stage when not a terminal
+    for stage in ("milp", "verify", "choose", "write"):
+        assert f"espc compile: {stage}:" in result.stderr
+    assert "espc compile:" not in result.stdout
+
+
+def test_dump_ir_prints_every_stage_deterministically(compiled, tmp_path):
+    spec, out, first = compiled
+    dump = dump_of(first.stdout)
+    stages = ["== stage milp: tp=1 ==", "== stage verify: 1 trial(s) ==", "== stage search: 0 trial(s) ==",
+              "== stage strategies: predicted P90 goodput ==", "== stage choose: policy.json"]
+    positions = [dump.index(stage) for stage in stages]
+    assert positions == sorted(positions)
+    assert "compile_seconds" not in dump and '"seconds"' not in dump  # no wall-clock in the dump
+    # A separate process: the solver's native banner must not land in stdout either.
+    again = subprocess.run(
+        [sys.executable, "-m", "espc", "compile", str(spec), "-o", str(tmp_path / "again"), *FAST, "--dump-ir"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("== stage milp: tp=1 ==\n")
+    assert dump_of(again.stdout) == dump
+
+
+def test_inspect_tables(compiled):
+    _, out, _ = compiled
+    policy, _ = load_artifact(out)
+    result = runner.invoke(app, ["inspect", str(out)])
+    assert result.exit_code == 0, result.output
+    for title in ("predicted P90 goodput per strategy", "elastic policy (tp=1): per prompt-length bucket",
+                  "thresholds", "solver and prediction vs simulation", "MILP predicted rate", "DoP cap"):
+        assert title in result.stdout, title
+    lines = result.stdout.splitlines()
+    for index, bucket in enumerate(policy.elastic.buckets):
+        row = next(line for line in lines if f"[{bucket.low:,}, {bucket.high:,})" in line)
+        cells = [cell.strip() for cell in row.strip("│ ").split("│")]
+        assert cells == [str(index), f"[{bucket.low:,}, {bucket.high:,})", f"{bucket.share:.1%}", str(bucket.prefill_dop),
+                         f"{bucket.batch_tokens:,}", str(bucket.max_instances),
+                         "yes" if bucket.within_slo else "best effort"]
+    assert f"instance weight (batching DP) │ {policy.elastic.instance_weight:g} requests" in result.stdout
+
+
+def test_inspect_json_and_plot(compiled):
+    _, out, _ = compiled
+    policy, _ = load_artifact(out)
+    result = runner.invoke(app, ["inspect", str(out), "--json", "--plot"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == json.loads(json.dumps(policy.to_json()))
+    assert result.stdout == (out / "policy.json").read_text()
+    assert f"plot {out / 'goodput.png'}" in result.stderr and f"plot {out / 'buckets.png'}" in result.stderr
+    assert runner.invoke(app, ["inspect", str(out)]).exit_code == 0  # the plots still match the manifest
+
+
+def test_simulate_and_compare_an_artifact(compiled):
+    _, out, _ = compiled
+    result = runner.invoke(app, ["simulate", str(out), "--requests", "30"])  # the compiled strategy: elastic
+    assert result.exit_code == 0, result.output
+    assert "elastic(tp=1)" in result.stdout and "SLO attainment (both)" in result.stdout
+    result = runner.invoke(app, ["compare", str(out), "--strategies", "elastic,static-tp", "--requests", "30", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert set(data["strategies"]) == {"elastic", "static-tp"}
+    assert data["strategies"]["elastic"]["runs"][0]["configuration"] == "tp=1"
+    assert "elastic" in runner.invoke(app, ["compare", "--help"]).stdout
+
+
+def test_simulate_elastic_on_a_spec_file_solves_the_milp(tmp_path):
+    spec = write_spec(tmp_path, "elastic.toml")
+    result = runner.invoke(app, ["simulate", str(spec), "--requests", "20"])
+    assert result.exit_code == 0, result.output
+    assert "elastic(tp=1)" in result.stdout
+
+
+def test_a_baseline_only_compile(tmp_path):
+    spec = write_spec(tmp_path, "static.toml", ('strategy = "elastic"', 'strategy = "static-tp"'))
+    out = tmp_path / "static"
+    result = runner.invoke(app, ["compile", str(spec), "-o", str(out), *FAST, "--dump-ir"])
+    assert result.exit_code == 0, result.output
+    assert "== stage milp: skipped" in result.stdout
+    assert "espc compile: strategies: static-tp: measuring tp=4" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["goodput.png", "manifest.json", "policy.json", "report.md", "spec.lock.json"]
+    shown = runner.invoke(app, ["inspect", str(out)])
+    assert shown.exit_code == 0, shown.output
+    assert "no elastic policy: the spec asks for static-tp" in shown.stdout and "DoP cap" not in shown.stdout
+    simulated = runner.invoke(app, ["simulate", str(out), "--requests", "20"])
+    assert simulated.exit_code == 0, simulated.output
+    assert "static-tp(tp=4)" in simulated.stdout
+
+
+def test_an_edited_artifact_is_refused(compiled, tmp_path):
+    _, out, _ = compiled
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in out.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    (copy / "policy.json").write_text((copy / "policy.json").read_text().replace('"migration": true', '"migration": false'))
+    for args in (["inspect", str(copy)], ["simulate", str(copy)], ["compare", str(copy)]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, args
+        assert f"{copy / 'policy.json'}: sha256 mismatch with manifest.json (file edited after compile?)" in result.stderr
+        assert "Traceback" not in result.output
+    missing = runner.invoke(app, ["inspect", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "no such artifact directory" in missing.stderr
+
+
+def test_infeasible_slo_exits_2_with_the_reason(tmp_path):
+    spec = write_spec(tmp_path, "strict.toml", ('tpot = "200ms at p90"', 'tpot = "1ms at p90"'))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["compile", str(spec), "-o", str(out), *FAST])
+    assert result.exit_code == 2
+    assert f"{spec}: the SLOs cannot be met: TPOT 1ms at p90 is infeasible" in result.stderr
+    assert "Traceback" not in result.output
+    assert not (out / "manifest.json").exists()
+
+
+def test_compile_option_errors(tmp_path):
+    spec = write_spec(tmp_path, "elastic.toml")
+    (tmp_path / "file").write_text("")
+    result = runner.invoke(app, ["compile", str(spec), "-o", str(tmp_path / "file")])
+    assert result.exit_code == 2 and "exists and is not a directory" in result.stderr
+    result = runner.invoke(app, ["compile", str(spec), "-o", str(tmp_path / "x"), "--requests", "0"])
+    assert result.exit_code == 2 and "--requests at least 1" in result.stderr
