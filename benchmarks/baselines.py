@@ -21,6 +21,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from espc import load_spec
+from espc.frontend.spec import Spec
 from espc.planner.evaluation import Evaluator, override_workload
 from espc.planner.strategies import BASELINES
 
@@ -35,12 +36,27 @@ TRACE_FILES = {
 }
 
 
-def _cell(workload: str, strategy: str, seed: int, requests: int) -> dict:
+def workload_spec(workload: str) -> Spec:
+    """The benchmark spec with its workload replaced by a length distribution or a trace."""
     spec = load_spec(SPEC)
     if workload in TRACE_FILES:
-        spec = override_workload(spec, trace=TRACES / TRACE_FILES[workload])
-    else:
-        spec = override_workload(spec, lengths=workload)
+        return override_workload(spec, trace=TRACES / TRACE_FILES[workload])
+    return override_workload(spec, lengths=workload)
+
+
+def available_workloads(names: list[str]) -> list[str]:
+    """The workloads whose trace files exist (a note for each skipped one)."""
+    workloads = []
+    for workload in names:
+        if workload in TRACE_FILES and not (TRACES / TRACE_FILES[workload]).exists():
+            print(f"skipping {workload}: {TRACES / TRACE_FILES[workload]} not found (set ESPC_TRACES)")
+            continue
+        workloads.append(workload)
+    return workloads
+
+
+def _cell(workload: str, strategy: str, seed: int, requests: int) -> dict:
+    spec = workload_spec(workload)
     started = time.perf_counter()
     found = Evaluator(spec, base_dir=SPEC.parent, requests=requests).strategy_goodput(strategy, seed)
     return {
@@ -65,12 +81,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write every cell to this file")
     arguments = parser.parse_args()
 
-    workloads = []
-    for workload in arguments.workloads.split(","):
-        if workload in TRACE_FILES and not (TRACES / TRACE_FILES[workload]).exists():
-            print(f"skipping {workload}: {TRACES / TRACE_FILES[workload]} not found (set ESPC_TRACES)")
-            continue
-        workloads.append(workload)
+    workloads = available_workloads(arguments.workloads.split(","))
     strategies = arguments.strategies.split(",")
     cells = [(w, s, seed, arguments.requests) for w in workloads for s in strategies for seed in range(arguments.seeds)]
     results = []

@@ -14,9 +14,9 @@ compiler sets the weight from the expected load; 0 means pure latency).
 
 Search space, as in LoongServe: a batch is a run of consecutive prompts in length order
 (mixing a short prompt into a long prompt's batch makes it wait for the long one), its dop
-is at most the cap of its longest prompt's length bucket, and its prompt tokens fit the
-token budget of that bucket (a batch of one prompt always fits). The batches together use
-at most `instances` instances.
+is at most the cap of its longest prompt's length bucket, its prompt tokens fit the
+token budget of that bucket (a batch of one prompt always fits) and the KV slots of its
+instances. The batches together use at most `instances` instances.
 
 The DP is exact over that space: dp[i][j] is the best cost of batching the i shortest
 prompts on at most j instances, and every (last batch start, dop) pair is considered — no
@@ -52,6 +52,9 @@ class BatchingProblem:
     token_budget: tuple[int, ...]
     instances: int
     instance_weight: float = 0.0
+    # ring_slots[d - 1]: the most KV slots d instances can give a batch's prompts (the
+    # d roomiest instances' free slots; None: unlimited).
+    ring_slots: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.lengths)
@@ -63,10 +66,16 @@ class BatchingProblem:
             raise ValueError(f"instances({self.instances}) and instance_weight({self.instance_weight}) must be ≥ 0")
         if any(cap < 1 for cap in self.max_dop):
             raise ValueError("every max_dop must be ≥ 1")
+        if self.ring_slots is not None and len(self.ring_slots) < min(self.instances, max(self.max_dop, default=0)):
+            raise ValueError(f"ring_slots has {len(self.ring_slots)} entries for up to {self.instances} instances")
 
     def fits(self, first: int, end: int) -> bool:
         """Whether prompts [first, end) may form one batch (the token budget)."""
         return end - first == 1 or sum(self.lengths[first:end]) <= self.token_budget[end - 1]
+
+    def holds(self, first: int, end: int, dop: int) -> bool:
+        """Whether `dop` instances have the KV slots for prompts [first, end)."""
+        return self.ring_slots is None or sum(self.lengths[first:end]) <= self.ring_slots[dop - 1]
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,8 @@ def optimal_batches(problem: BatchingProblem, segment_costs: SegmentCosts) -> Ba
     for dop in range(1, top_dop + 1):
         seconds = segment_costs(problem.lengths, dop)
         usable = allowed & (caps >= dop)
+        if problem.ring_slots is not None:
+            usable &= tokens <= problem.ring_slots[dop - 1]
         cost[dop - 1] = np.where(usable, seconds * (size + problem.instance_weight * dop), np.inf)
 
     # best[i, j]: optimum for the i shortest prompts on at most j instances. shifted[k, j, d - 1]
@@ -158,6 +169,8 @@ def brute_force_batches(problem: BatchingProblem, prefill_cost: PrefillCost) -> 
         ranges = [range(1, min(problem.max_dop[end - 1], problem.instances) + 1) for _, end in runs]
         for dops in itertools.product(*ranges):
             if sum(dops) > problem.instances:
+                continue
+            if not all(problem.holds(first, end, dop) for (first, end), dop in zip(runs, dops)):
                 continue
             total = sum(
                 prefill_cost(problem.lengths[first:end], dop) * (end - first + problem.instance_weight * dop)

@@ -35,7 +35,9 @@ from espc.planner.strategies import BASELINES
 VERIFY_TOLERANCE = 0.08  # relative width of the goodput bisection while compiling
 TRIAL_REQUESTS = 300  # requests per simulated trial (at least; high rates simulate a window)
 TRIAL_WINDOW_S = 20.0  # seconds of arrivals a trial covers at high rates ...
-MAX_TRIAL_REQUESTS = 1_000  # ... up to this many requests
+# ... up to this many requests. Lower caps make trials bursts that any strategy absorbs
+# within a loose TTFT bound (the tiny CPU spec's goodputs then grow without bound).
+MAX_TRIAL_REQUESTS = 3_000
 BASELINE_FINALISTS = 1  # configurations of a baseline family measured after screening
 
 Progress = Callable[[str, str], None]
@@ -109,7 +111,7 @@ def compile_spec(
     for baseline in baselines:
         found = evaluator.strategy_goodput(
             baseline, seed, on_progress=lambda message, b=baseline: progress("strategies", f"{b}: {message}"),
-            finalists=BASELINE_FINALISTS,
+            finalists=BASELINE_FINALISTS, start_rate=best_elastic[0] if best_elastic else None,
         )
         predictions.append(StrategyPrediction(baseline, found.configuration, found.goodput.rate, found.configurations_searched))
 

@@ -144,16 +144,17 @@ class Evaluator:
 
     def goodput(
         self, candidate: Candidate, seed: int | None = None, requests: int | None = None, tolerance: float | None = None,
-        start_rate: float | None = None, window_s: float | None = None, max_requests: int | None = None,
+        start_rate: float | None = None, window_s: float | None = None,
     ) -> Goodput:
         """P90 goodput by bisection (metrics.find_goodput) from `start_rate` (the workload's
         rate by default). Each trial simulates `requests` or `window_s` seconds of arrivals,
-        whichever is more, but at most `max_requests`. Remembered per candidate identity
-        and trial shape: static-sp, static-tp and best-static share configurations, and the
-        same search from another start rate lands within the tolerance of the first."""
+        whichever is more, but at most the evaluator's `max_trial_requests`. Remembered per
+        candidate identity and trial shape: static-sp, static-tp and best-static share
+        configurations, and the same search from another start rate lands within the
+        tolerance of the first."""
         base = requests if requests is not None else self.requests or self.spec.workload.requests
         window = self.window_s if window_s is None else window_s
-        cap = max_requests if max_requests is not None else self.max_trial_requests
+        cap = self.max_trial_requests
         tolerance = self.tolerance if tolerance is None else tolerance
         key = (candidate.identity(), seed, base, window, cap, tolerance)
         if key in self._goodputs:
@@ -194,9 +195,10 @@ class Evaluator:
 
     def strategy_goodput(
         self, strategy: str, seed: int | None = None, on_progress: Callable[[str], None] | None = None,
-        finalists: int = FINALISTS,
+        finalists: int = FINALISTS, start_rate: float | None = None,
     ) -> StrategyGoodput:
-        """The best configuration of `strategy` and its goodput (see the module docstring)."""
+        """The best configuration of `strategy` and its goodput (see the module docstring);
+        the bisections start from `start_rate` (the workload's rate by default)."""
         family = self.candidates(strategy)
         if len(family) > 1:
             screened: list[tuple[float, Candidate]] = []
@@ -205,7 +207,7 @@ class Evaluator:
                     on_progress(f"screening {candidate.label}")
                 requests = min(SCREEN_REQUESTS, self.requests or SCREEN_REQUESTS)
                 # The family's configurations have goodputs of one magnitude: start from the best.
-                start = max((rate for rate, _ in screened), default=None) or None
+                start = max((rate for rate, _ in screened), default=None) or start_rate
                 found = self.goodput(
                     candidate, seed, requests, SCREEN_TOLERANCE, start_rate=start,
                     window_s=min(self.window_s, SCREEN_WINDOW_S),
@@ -214,7 +216,7 @@ class Evaluator:
             screened.sort(key=lambda pair: -pair[0])
             measured_candidates = [(candidate, rate) for rate, candidate in screened[:finalists]]
         else:
-            measured_candidates = [(family[0], None)]
+            measured_candidates = [(family[0], start_rate)]
         best: tuple[Goodput, Candidate] | None = None
         for candidate, screened_rate in measured_candidates:
             if on_progress:

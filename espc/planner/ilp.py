@@ -69,7 +69,7 @@ QUEUEING_MARGIN = 1.0  # a request may wait about one batch before its own
 DECODE_STALL_SHARE = 0.3  # of the TPOT bound, left for prefills that pause a decode group
 KV_HEADROOM = 0.1
 BEST_EFFORT_SHARE = 0.8  # of the attainment's slack (1 − attainment) that may be given up
-BATCH_BUDGETS = (2_048, 8_192, 16_384, 65_536, 262_144)
+BATCH_BUDGETS = (1, 2_048, 8_192, 16_384, 65_536, 262_144)  # 1: one prompt per batch
 DECODE_THRESHOLD_SHARES = (0.125, 0.25, 0.5, 0.75, 1.0)  # τ as shares of an instance's KV
 
 

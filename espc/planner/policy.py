@@ -54,7 +54,8 @@ class LengthBucket:
     def __str__(self) -> str:
         return (
             f"[{self.low:,}, {self.high:,}) share {self.share:.1%}: dop ≤ {self.prefill_dop}, "
-            f"batch ≤ {self.batch_tokens:,} tokens, ≤ {self.max_instances} instances at once"
+            + ("one prompt per batch" if self.batch_tokens == 1 else f"batch ≤ {self.batch_tokens:,} tokens")
+            + f", ≤ {self.max_instances} instances at once"
             + ("" if self.within_slo else ", best effort")
         )
 

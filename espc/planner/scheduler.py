@@ -35,8 +35,9 @@ When a group has no slot for its next tokens, the latest-arrived request is pree
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from espc.frontend.spec import SLOSpec
@@ -211,22 +212,21 @@ class ElasticScheduler(Scheduler):
     def _queue(self, state: ClusterState) -> list[RequestState]:
         """Waiting requests by priority: starved ones first (FCFS), then earliest deadline;
         requests already past their TTFT deadline last, in arrival order (they can no
-        longer meet their SLO, so they yield to those that can — but are still served)."""
+        longer meet their SLO, so they yield to those that can — until the starvation
+        bound makes them first)."""
         bound = self.policy.starvation_bound_s
 
         def priority(request: RequestState) -> tuple:
             arrival = request.request.arrival_s
+            if state.now - arrival >= bound:
+                return (0, arrival, request.id)  # starved, whether or not past its deadline
             deadline = self._deadline(request)
-            if state.now > deadline:
-                return (2, arrival, request.id)
-            starved = state.now - arrival >= bound
-            return (0, arrival, request.id) if starved else (1, deadline, request.id)
+            return (2, arrival, request.id) if state.now > deadline else (1, deadline, request.id)
 
         return sorted(state.waiting.values(), key=priority)
 
     def _starved(self, state: ClusterState, request: RequestState) -> bool:
-        arrival = request.request.arrival_s
-        return state.now - arrival >= self.policy.starvation_bound_s and state.now <= self._deadline(request)
+        return state.now - request.request.arrival_s >= self.policy.starvation_bound_s
 
     def _slack(self, state: ClusterState, request: RequestState, step_s: float) -> float:
         """How long the request can pause and still meet its TPOT bound even if its next
@@ -274,7 +274,7 @@ class ElasticScheduler(Scheduler):
 
     # ------------------------------------------------------------------- prefill batches
 
-    def _admitted(self, state: ClusterState, queue: Sequence[RequestState], pool: list[int], room: _Room) -> list[RequestState]:
+    def _admitted(self, state: ClusterState, queue: Iterable[RequestState], pool: list[int], room: _Room) -> list[RequestState]:
         """Dispatching: queue order, while the cluster holds their future KV and the pool
         their prompts; a starved request that does not fit stops everyone behind it."""
         cluster_room = sum(state.free(i) for i in range(state.num_instances)) - sum(room.reserve.values())
@@ -318,8 +318,25 @@ class ElasticScheduler(Scheduler):
             allowed = max(bucket.max_instances, needed) - in_use[bucket]
             return needed, min(max(bucket.prefill_dop, needed), allowed, len(pool))
 
-        eligible = [r for r in queue if dop_limits(r)[0] <= dop_limits(r)[1]]
-        chosen = self._admitted(state, eligible, pool, room)
+        limits_by_length: dict[int, tuple[int, int]] = {}  # before any batch is placed
+
+        def eligible(request: RequestState) -> bool:
+            length = request.prefill_target
+            if length not in limits_by_length:
+                limits_by_length[length] = dop_limits(request)
+            needed, most = limits_by_length[length]
+            return needed <= most
+
+        def admissible() -> Iterator[RequestState]:
+            """The queue without the requests whose bucket has no instances left for them;
+            lazily, as admission usually stops long before the end of the queue."""
+            for request in queue:
+                if eligible(request):
+                    yield request
+                elif self._starved(state, request):
+                    return  # the fairness bound: nobody bypasses a starved request
+
+        chosen = self._admitted(state, admissible(), pool, room)
         cost, tp = self.deployment.cost, self.deployment.tp
         if lent and chosen:
             # The decodes on lent instances pause for the whole batch: admit no more prompts
@@ -329,6 +346,11 @@ class ElasticScheduler(Scheduler):
 
             chosen = chosen[:_longest_prefix(len(chosen), absorbable)]
 
+        # A batch at dop d may take the room of the d roomiest instances: the most urgent
+        # batch, placed first on them, always fits; a later one may have to wait.
+        rooms = sorted((max(room.room(i), 0) for i in pool), reverse=True)
+        ring_slots = tuple(itertools.accumulate(rooms))
+
         def batching(count: int) -> tuple[list[RequestState], BatchingProblem, Batching | None]:
             ordered = sorted(chosen[:count], key=lambda r: (r.prefill_target, r.id))
             problem = BatchingProblem(
@@ -337,21 +359,28 @@ class ElasticScheduler(Scheduler):
                 tuple(self.policy.bucket(r.prefill_target).batch_tokens for r in ordered),
                 len(pool),
                 self.policy.instance_weight,
+                ring_slots,
             )
             return ordered, problem, optimal_batches(problem, lambda lengths, dop: cost.prefill_segment_times(lengths, dop, tp))
 
         # Fewer prompts never make batching infeasible, so the lowest-priority requests that
-        # do not fit (too many batches for the pool) wait, found by bisection.
-        count = _longest_prefix(len(chosen), lambda count: batching(count)[2] is not None)
-        if count == 0:
-            return []
-        ordered, problem, found = batching(count)
+        # do not fit (too many batches for the pool) wait, found by bisection — after the
+        # common case, where all of them fit.
+        ordered, problem, found = batching(len(chosen))
+        if found is None:
+            count = _longest_prefix(len(chosen) - 1, lambda count: batching(count)[2] is not None)
+            if count == 0:
+                return []
+            ordered, problem, found = batching(count)
         buckets = [self.policy.bucket(r.prefill_target) for r in ordered]
+        position = {request.id: index for index, request in enumerate(chosen)}
 
         batches = []
         available = list(pool)
-        # The largest batches pick their instances first, the roomiest ones.
-        for first, end, dop in sorted(found.batches, key=lambda b: -sum(problem.lengths[b[0]:b[1]])):
+        # Batches are placed in priority order (of their most urgent request), each on the
+        # roomiest instances left, so a bucket's cap or a full pool makes the least urgent wait.
+        by_priority = sorted(found.batches, key=lambda b: min(position[r.id] for r in ordered[b[0]:b[1]]))
+        for first, end, dop in by_priority:
             requests = ordered[first:end]
             bucket = buckets[end - 1]
             if dop_limits(ordered[end - 1])[1] < dop:
