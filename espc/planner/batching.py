@@ -115,26 +115,28 @@ def optimal_batches(problem: BatchingProblem, segment_costs: SegmentCosts) -> Ba
             usable &= tokens <= problem.ring_slots[dop - 1]
         cost[dop - 1] = np.where(usable, seconds * (size + problem.instance_weight * dop), np.inf)
 
-    # best[i, j]: optimum for the i shortest prompts on at most j instances. shifted[k, j, d - 1]
-    # holds best[k, j - d] so that each step is one array operation over (k, j, d).
+    # best[i, j]: optimum for the i shortest prompts on at most j instances. shifted[j, k, d - 1]
+    # holds best[k, j - d] so that each step is one array operation over (j, k, d).
     best = np.full((n + 1, m + 1), np.inf)
     best[0, :] = 0.0
-    shifted = np.full((n + 1, m + 1, top_dop), np.inf)
+    shifted = np.full((m + 1, n + 1, top_dop), np.inf)
     choice = np.zeros((n + 1, m + 1, 2), dtype=np.int64)  # (k, d) of the last batch
     dops = np.arange(1, top_dop + 1)
     js = np.arange(m + 1)
+    source = js[:, None] - dops[None, :]  # (j, d): the instances left before the batch
+    reachable = source >= 0
+    source = np.clip(source, 0, m)
+    by_end = np.ascontiguousarray(cost.transpose(2, 1, 0))  # [i, k, d - 1]
 
     def fill_shifted(k: int) -> None:
-        source = js[:, None] - dops[None, :]
-        shifted[k] = np.where(source >= 0, best[k][np.clip(source, 0, m)], np.inf)
+        shifted[:, k, :] = np.where(reachable, best[k][source], np.inf)
 
     fill_shifted(0)
+    # Only starts whose batch fits the budget can be finite; a binary search bounds them.
+    firsts = np.searchsorted(prefix, prefix[1:] - np.asarray(problem.token_budget, dtype=float), side="left")
     for i in range(1, n + 1):
-        # Only starts whose batch fits the budget can be finite; a binary search bounds them.
-        first = int(np.searchsorted(prefix, prefix[i] - problem.token_budget[i - 1], side="left"))
-        first = min(first, i - 1)
-        candidates = shifted[first:i] + cost[:, first:i, i].T[:, None, :]  # (k, j, d)
-        flat = candidates.transpose(1, 0, 2).reshape(m + 1, -1)
+        first = min(int(firsts[i - 1]), i - 1)
+        flat = (shifted[:, first:i, :] + by_end[i, first:i][None, :, :]).reshape(m + 1, -1)  # (j, k·d)
         position = np.argmin(flat, axis=1)
         best[i] = flat[js, position]
         choice[i, :, 0] = first + position // top_dop

@@ -29,7 +29,7 @@ of the declared workload). Per bucket k (share p_k, mean prompt L_k, mean output
 Products of the rate with a one-hot choice are linearised exactly (McCormick with a binary):
 w[k,o] = r·x[k,o] and v[j] = r·u[j], with 0 ≤ w ≤ R·x, w ≤ r, w ≥ r − R·(1 − x).
 
-    Σ_{k served} p_k Σ_o W_o·w[k,o] + Σ_j D_j·v[j] ≤ ρ·(N − Σ_{k best effort} c[k])
+    Σ_{k served} p_k Σ_o W_o·w[k,o] + Σ_j (D_j + A_j)·v[j] ≤ ρ·(N − Σ_{k best effort} c[k])
                                                                  instance time (load ≤ ρ)
     p_k Σ_o W_o·w[k,o] ≤ ρ·c[k]  (k served)                      a bucket within its instances
     Σ_{k' fast for k} p_k' Σ_o W_o·w[k',o] ≤ ρ·(N − max_{k' slow for k} c[k'])
@@ -37,11 +37,11 @@ w[k,o] = r·x[k,o] and v[j] = r·u[j], with 0 ≤ w ≤ R·x, w ≤ r, w ≥ r �
                                      of bucket k's TTFT bound ("slow for k") can block k, so
                                      the others must fit beside the largest of their caps
     Σ_j M_j·v[j] ≤ (1 − headroom)·N·C                            KV by Little's law
-    Σ_j A_j·v[j] ≤ ρ·N·slots                                     migration time (see below)
 
 D_j = Σ_k p_k·O_k·S_j / B_j is decode instance-seconds per request; M_j = Σ_k p_k·(L_k +
 O_k/2)·O_k·S_j is the KV a request holds over its life (tokens × seconds); A_j charges the
-expected scale-up fragment migrations: a request whose KV outgrows τ_j moves one fragment.
+instance time of the expected scale-up fragment migrations: a request whose KV outgrows τ_j
+moves one fragment.
 
 Then `instance_weight` for the batching DP is the queue length an M/M/1 server at the
 solved load would see, ρ_solved / (1 − ρ_solved), and admission reserves the mean output.

@@ -35,6 +35,7 @@ When a group has no slot for its next tokens, the latest-arrived request is pree
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -125,6 +126,7 @@ class ElasticScheduler(Scheduler):
         # finished, so idle entries are stale.
         self.prefilling_on: dict[int, LengthBucket] = {}
         self.name = name or f"elastic(tp={policy.tp})"
+        self._decode_spread = functools.lru_cache(maxsize=None)(self._decode_spread_uncached)
 
     # ------------------------------------------------------------------------ interface
 
@@ -453,7 +455,7 @@ class ElasticScheduler(Scheduler):
                 return [by_id[request.id] for request in requests]
         return None
 
-    def _decode_spread(self, context: int, most: int) -> int:
+    def _decode_spread_uncached(self, context: int, most: int) -> int:
         """The fewest instances (≤ most) over which a request with `context` cached tokens
         decodes alone within the TPOT bound, less the share prefills may stall it."""
         step_budget = (1 - DECODE_STALL_SHARE) * self.tpot_s
