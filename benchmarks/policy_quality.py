@@ -1,7 +1,8 @@
 """P90 goodput of the compiled elastic policy against every baseline, per workload.
 
     python benchmarks/policy_quality.py [--seeds 5] [--requests 300] [--jobs 2] [--search-seconds 20]
-        [--workloads sharegpt,leval,...] [--json benchmarks/results/policy_quality.json]
+        [--workloads "mixed;leval;..."] [--adversarial] [--max-trial-requests N]
+        [--json benchmarks/results/policy_quality.json]
 
 For specs/lwm7b-a800x8.toml (LWM-Text-1M on 8 × A800, LoongServe's SLO), per workload and
 seed: `espc compile` with strategy elastic on that workload (tp left to the compiler, as
@@ -37,7 +38,7 @@ from espc.planner.compiler import CompileOptions, compile_spec
 from espc.planner.evaluation import Evaluator, override_workload
 from espc.planner.strategies import BASELINES
 
-WORKLOADS = ("sharegpt", "leval", "lveval", "mixed", "zipf(1.0, 10, 200K)", "zipf(1.2, 10, 200K)", "zipf(1.4, 10, 200K)")
+WORKLOADS = ("mixed", "zipf(1.0, 10, 200K)", "zipf(1.2, 10, 200K)", "zipf(1.4, 10, 200K)", "leval", "lveval", "sharegpt")
 PUBLISHED = {("mixed", "chunked"): 3.85, ("leval", "disaggregated"): 5.81}  # LoongServe, anchors/README.md
 ADVERSARIAL = "adversarial"
 
@@ -71,7 +72,7 @@ def _spec_for(workload: str, seed: int, requests: int, scratch: Path) -> Spec:
     return workload_spec(workload)
 
 
-def _cell(workload: str, strategy: str, seed: int, requests: int, search_seconds: float) -> dict:
+def _cell(workload: str, strategy: str, seed: int, requests: int, search_seconds: float, max_trial: int | None) -> dict:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         spec = _spec_for(workload, seed, requests, Path(scratch))
@@ -81,11 +82,13 @@ def _cell(workload: str, strategy: str, seed: int, requests: int, search_seconds
             compiled = compile_spec(
                 spec, spec_hash(spec), SPEC.parent, CompileOptions(search_seconds=search_seconds, trial_requests=requests, seed=seed)
             ).policy
-            evaluator = Evaluator(spec, base_dir=SPEC.parent, requests=requests, elastic=compiled.elastic)
+            evaluator = Evaluator(
+                spec, base_dir=SPEC.parent, requests=requests, elastic=compiled.elastic, max_trial_requests=max_trial
+            )
             extra["milp_predicted_rps"] = compiled.milp_predicted_rps
             extra["compile_seconds"] = compiled.compile_seconds
         else:
-            evaluator = Evaluator(spec, base_dir=SPEC.parent, requests=requests)
+            evaluator = Evaluator(spec, base_dir=SPEC.parent, requests=requests, max_trial_requests=max_trial)
         found = evaluator.strategy_goodput(strategy, seed)
         if workload == ADVERSARIAL and strategy == "elastic" and found.goodput.rate:
             run = evaluator.simulate_strategy(strategy, found.goodput.rate, seed)
@@ -97,6 +100,10 @@ def _cell(workload: str, strategy: str, seed: int, requests: int, search_seconds
         "configuration": found.configuration, "configurations_searched": found.configurations_searched,
         "simulations": len(found.goodput.trials), "seconds": time.perf_counter() - started, **extra,
     }
+
+
+def _order(cell: dict) -> tuple:
+    return cell["workload"], cell["strategy"], cell["seed"]
 
 
 def _format(rates: list[float]) -> str:
@@ -120,6 +127,10 @@ def main() -> None:
     parser.add_argument("--workloads", default=";".join(WORKLOADS + tuple(TRACE_FILES)), help="';'-separated")
     parser.add_argument("--strategies", default=",".join(BASELINES))
     parser.add_argument("--adversarial", action="store_true", help="add the alternating short/long trace")
+    parser.add_argument(
+        "--max-trial-requests", type=int, default=None,
+        help="cap a goodput trial's requests (every strategy alike; default: a full 60 s window of arrivals)",
+    )
     parser.add_argument("--json", type=Path, help="also write every cell to this file")
     arguments = parser.parse_args()
 
@@ -128,7 +139,7 @@ def main() -> None:
         workloads.append(ADVERSARIAL)
     strategies = ["elastic", *arguments.strategies.split(",")]
     cells = [
-        (w, s, seed, arguments.requests, arguments.search_seconds)
+        (w, s, seed, arguments.requests, arguments.search_seconds, arguments.max_trial_requests)
         for w in workloads for s in strategies for seed in range(arguments.seeds)
         if w != ADVERSARIAL or s in ("elastic", "best-static")
     ]
@@ -139,6 +150,9 @@ def main() -> None:
         for done, future in enumerate(as_completed(futures), 1):
             cell = future.result()
             results.append(cell)
+            if arguments.json:  # after every cell, so that an interrupted run keeps what it measured
+                arguments.json.parent.mkdir(parents=True, exist_ok=True)
+                arguments.json.write_text(json.dumps(sorted(results, key=_order), indent=2))
             print(
                 f"[{done}/{len(cells)} {time.perf_counter() - started:6.0f}s] {cell['workload']:20s} {cell['strategy']:13s} "
                 f"seed {cell['seed']}: {cell['goodput']:.3f} req/s ({cell['configuration']}, {cell['seconds']:.0f} s)",
@@ -175,9 +189,6 @@ def main() -> None:
                 f"  {cell['workload']}: {cell['configuration']}, MILP predicted {cell['milp_predicted_rps']:.3f} req/s, "
                 f"compiled in {cell['compile_seconds']:.0f} s"
             )
-    if arguments.json:
-        arguments.json.parent.mkdir(parents=True, exist_ok=True)
-        arguments.json.write_text(json.dumps(sorted(results, key=lambda c: (c["workload"], c["strategy"], c["seed"])), indent=2))
 
 
 if __name__ == "__main__":

@@ -3,12 +3,48 @@
     import espc
     spec = espc.load_spec("specs/tiny-cpu.toml")   # or a .esp DSL file
     print(spec.model.kv_bytes_per_token, spec.cluster.num_devices)
+    policy = espc.compile("specs/tiny-cpu.toml", "build/tiny")   # also writes the artifact
+    print(policy)                                                 # strategy, reason, policy tables
 """
 
-from espc.frontend.errors import SpecError
-from espc.frontend.loader import load_spec, parse_spec
-from espc.frontend.spec import Spec
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import os
 
-__all__ = ["Spec", "SpecError", "__version__", "load_spec", "parse_spec"]
+__version__ = "0.1.0"  # before the imports below: the planner records it in every policy
+
+from espc.frontend.errors import SpecError  # noqa: E402
+from espc.frontend.loader import load_spec, parse_spec  # noqa: E402
+from espc.frontend.spec import Spec  # noqa: E402
+from espc.planner.policy import Policy  # noqa: E402
+
+
+def compile(  # noqa: A001 — `espc.compile` is the public name (see DESIGN.md)
+    spec: Spec | str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    *,
+    search_seconds: float = 20.0,
+    requests: int = 300,
+    seed: int | None = None,
+) -> Policy:
+    """`espc compile` as a function: the Policy for a Spec (or a spec file), and with
+    `output` the verified artifact directory too. Raises SpecError for a bad spec file and
+    espc.planner.ilp.InfeasibleSLO when the SLOs cannot be met."""
+    # The planner pulls in cvxpy and numpy: imported here so that `import espc` stays light.
+    from pathlib import Path
+
+    from espc.planner.artifact import spec_hash, write_artifact
+    from espc.planner.compiler import CompileOptions, compile_spec
+
+    spec_path = None
+    if not isinstance(spec, Spec):
+        spec_path = Path(spec)
+        spec = load_spec(spec_path)
+    options = CompileOptions(search_seconds=search_seconds, trial_requests=requests, seed=seed)
+    result = compile_spec(spec, spec_hash(spec), spec_path.parent if spec_path else None, options)
+    if output is not None:
+        write_artifact(output, spec, result, spec_path, options=options)
+    return result.policy
+
+
+__all__ = ["Policy", "Spec", "SpecError", "__version__", "compile", "load_spec", "parse_spec"]

@@ -188,3 +188,15 @@ def test_compile_option_errors(tmp_path):
     assert result.exit_code == 2 and "exists and is not a directory" in result.stderr
     result = runner.invoke(app, ["compile", str(spec), "-o", str(tmp_path / "x"), "--requests", "0"])
     assert result.exit_code == 2 and "--requests at least 1" in result.stderr
+
+
+def test_the_library_compile_matches_the_command(compiled, tmp_path):
+    """`espc.compile` is `espc compile` as a function: the same policy, the same artifact."""
+    import espc
+
+    spec, out, _ = compiled
+    policy = espc.compile(spec, tmp_path / "lib", search_seconds=0, requests=60)
+    loaded, _ = load_artifact(tmp_path / "lib")
+    assert loaded == policy
+    from_command, _ = load_artifact(out)
+    assert policy.elastic == from_command.elastic and policy.spec_hash == from_command.spec_hash

@@ -61,12 +61,11 @@ import numpy as np
 
 from espc.frontend.spec import PolicySpec, SLOSpec
 from espc.planner.costmodel import CostModel
-from espc.planner.policy import ElasticPolicy, LengthBucket, SolverStats
+from espc.planner.policy import DECODE_STALL_SHARE, ElasticPolicy, LengthBucket, SolverStats
 from espc.planner.workload import Request
 
 LOAD_CEILING = 0.85  # ρ: queues explode as the load approaches 1
 QUEUEING_MARGIN = 1.0  # a request may wait about one batch before its own
-DECODE_STALL_SHARE = 0.3  # of the TPOT bound, left for prefills that pause a decode group
 KV_HEADROOM = 0.1
 BEST_EFFORT_SHARE = 0.8  # of the attainment's slack (1 − attainment) that may be given up
 BATCH_BUDGETS = (1, 2_048, 8_192, 16_384, 65_536, 262_144)  # 1: one prompt per batch

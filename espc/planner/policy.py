@@ -31,6 +31,9 @@ from dataclasses import dataclass
 from typing import Any
 
 POLICY_SCHEMA_VERSION = 1
+# The share of the TPOT bound a decode step leaves for prefills that pause it: the MILP
+# picks decode thresholds and the scheduler spreads long requests' KV by it.
+DECODE_STALL_SHARE = 0.3
 
 
 class PolicyError(ValueError):

@@ -17,7 +17,8 @@ LoongServe lacks (SLO input, hysteresis, staging memory, a fairness bound):
    per length bucket from the policy).
 4. Scaling. Proactive scale-down: after a prefill, each request's KV is retained on as few
    ring instances as hold it, preferring instances already decoding (so others stay free
-   for prefills) — zero extra bytes, the ring carried every block past them. Scale-up:
+   for prefills) — zero extra bytes, the ring carried every block past them — but on
+   enough of them for a long request to decode within its TPOT bound. Scale-up:
    a decode token goes to the request's least-loaded instance; past the policy's
    `decode_instance_tokens` (or when full) it goes to a free instance instead, which joins
    the decode group (multi-master decoding, no KV moves). Explicit migration: when
@@ -55,13 +56,12 @@ from espc.planner.plan import (
     Retention,
     TokenRange,
 )
-from espc.planner.policy import ElasticPolicy, LengthBucket
+from espc.planner.policy import DECODE_STALL_SHARE, ElasticPolicy, LengthBucket
 from espc.planner.strategies import Deployment, Scheduler
 
 # A decode group is lent to a prefill only if its tightest request keeps this much of its
 # slack after the predicted prefill time (the cost model's error margin).
 LEND_SAFETY = 1.5
-DECODE_STALL_SHARE = 0.3  # of the TPOT bound, left for prefills that pause a decode (as the MILP)
 
 
 def _longest_prefix(count: int, acceptable: Callable[[int], bool]) -> int:
