@@ -21,6 +21,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from espc import load_spec
+from espc.frontend.loader import validate_spec
 from espc.frontend.spec import Spec
 from espc.planner.evaluation import Evaluator, override_workload
 from espc.planner.strategies import BASELINES
@@ -36,9 +37,19 @@ TRACE_FILES = {
 }
 
 
+# The chunk sizes LoongServe ran its chunked baseline with, per dataset (anchors/README.md);
+# other workloads keep the spec's.
+CHUNK_TOKENS = {"sharegpt": 256, "leval": 2048, "lveval": 16384, "mixed": 2048}
+
+
 def workload_spec(workload: str) -> Spec:
-    """The benchmark spec with its workload replaced by a length distribution or a trace."""
+    """The benchmark spec with its workload replaced by a length distribution or a trace,
+    and the chunked baseline's chunk size as LoongServe ran it on that dataset."""
     spec = load_spec(SPEC)
+    if workload in CHUNK_TOKENS:
+        data = spec.model_dump(mode="json")
+        data["policy"]["chunk_tokens"] = CHUNK_TOKENS[workload]
+        spec = validate_spec(data, {}, "benchmark")
     if workload in TRACE_FILES:
         return override_workload(spec, trace=TRACES / TRACE_FILES[workload])
     return override_workload(spec, lengths=workload)

@@ -20,10 +20,12 @@ migrations per 100 iterations at its goodput, and its goodput against best-stati
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
 import tempfile
+import textwrap
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -36,7 +38,7 @@ from espc.frontend.spec import Spec
 from espc.planner.artifact import spec_hash
 from espc.planner.compiler import CompileOptions, compile_spec
 from espc.planner.evaluation import Evaluator, override_workload
-from espc.planner.strategies import BASELINES
+from espc.planner.strategies import BASELINES, candidates
 
 WORKLOADS = ("mixed", "zipf(1.0, 10, 200K)", "zipf(1.2, 10, 200K)", "zipf(1.4, 10, 200K)", "leval", "lveval", "sharegpt")
 PUBLISHED = {("mixed", "chunked"): 3.85, ("leval", "disaggregated"): 5.81}  # LoongServe, anchors/README.md
@@ -182,6 +184,8 @@ def main() -> None:
                 f"\nadversarial trace, seed {cell['seed']}: {cell['migrated_requests_per_100_iterations']:.2f} migrated "
                 f"requests per 100 iterations, {cell['migrated_bytes'] / 1e9:.2f} GB moved at elastic's goodput"
             )
+    print("\nhow the baselines are tuned (espc.planner.strategies.candidates):")
+    print(textwrap.indent(inspect.getdoc(candidates), "  "))
     print("\ncompiled elastic policies (seed 0):")
     for cell in sorted(results, key=lambda c: c["workload"]):
         if cell["strategy"] == "elastic" and cell["seed"] == 0:

@@ -130,12 +130,15 @@ def reference_optimum(c: Case, fixed: dict | None = None) -> tuple[float, dict |
         needed = -(-bucket.max_prompt // capacity)
         bound = slo.ttft.target(prefill_s(length))
         offered = []
-        for dop in range(max(1, needed), max_dop + 1):  # every DoP ≤ 8: _dop_choices offers all
-            for budget in ilp.BATCH_BUDGETS:
-                batch = max(1, budget // length)
-                seconds = cost.prefill_time([length] * batch, dop, tp)
-                if (1 + ilp.QUEUEING_MARGIN) * seconds <= bound:
-                    offered.append((dop, budget, seconds, dop * seconds / batch))
+        for budgets in (ilp.BATCH_BUDGETS, (ilp.ONE_PROMPT,)):  # one prompt only when no budget fits
+            for dop in range(max(1, needed), max_dop + 1):  # every DoP ≤ 8: _dop_choices offers all
+                for budget in budgets:
+                    batch = max(1, budget // length)
+                    seconds = cost.prefill_time([length] * batch, dop, tp)
+                    if (1 + ilp.QUEUEING_MARGIN) * seconds <= bound:
+                        offered.append((dop, budget, seconds, dop * seconds / batch))
+            if offered:
+                break
         assert offered, "the reference cases are feasible"
         options.append(offered)
         slow_seconds.append(min(o[2] for o in offered))
@@ -239,7 +242,7 @@ def check_policy(c: Case, solution: ilp.MilpSolution) -> None:
     for bucket in buckets:
         assert 1 <= bucket.prefill_dop <= max_dop, bucket
         assert bucket.prefill_dop <= bucket.max_instances <= n, bucket
-        assert bucket.batch_tokens in ilp.BATCH_BUDGETS
+        assert bucket.batch_tokens in (*ilp.BATCH_BUDGETS, ilp.ONE_PROMPT)
     # Each bucket's choice meets its TTFT bound with the queueing margin, in the fluid model.
     prefill_s = isolated_prefill(c.cost)
     fluid_buckets = ilp.length_buckets(c.requests, c.spec.policy.length_buckets, c.cost.model.max_context)

@@ -68,7 +68,8 @@ LOAD_CEILING = 0.85  # ρ: queues explode as the load approaches 1
 QUEUEING_MARGIN = 1.0  # a request may wait about one batch before its own
 KV_HEADROOM = 0.1
 BEST_EFFORT_SHARE = 0.8  # of the attainment's slack (1 − attainment) that may be given up
-BATCH_BUDGETS = (1, 2_048, 8_192, 16_384, 65_536, 262_144)  # 1: one prompt per batch
+BATCH_BUDGETS = (2_048, 8_192, 16_384, 65_536, 262_144)
+ONE_PROMPT = 1  # the budget of a batch of one prompt (any prompt fits alone)
 DECODE_THRESHOLD_SHARES = (0.125, 0.25, 0.5, 0.75, 1.0)  # τ as shares of an instance's KV
 
 
@@ -145,13 +146,19 @@ def solve(
         needed = -(-bucket.max_prompt // max(capacity, 1))
         bound = slo.ttft.target(prefill_s(length))
         offered, fastest = [], (math.inf, 0)
-        for dop in _dop_choices(max(1, needed), max_dop):
-            for budget in BATCH_BUDGETS:
-                batch = max(1, budget // length)
-                seconds = cost.prefill_time([length] * batch, dop, tp)
-                fastest = min(fastest, (cost.prefill_time([length], dop, tp), dop))
-                if (1 + QUEUEING_MARGIN) * seconds <= bound:
-                    offered.append((dop, budget, seconds, dop * seconds / batch))
+        # One prompt per batch only when no batch budget meets the bound: otherwise the
+        # MILP, indifferent between options of a bucket whose load does not bind, could
+        # pick it and give up batching for nothing.
+        for budgets in (BATCH_BUDGETS, (ONE_PROMPT,)):
+            for dop in _dop_choices(max(1, needed), max_dop):
+                for budget in budgets:
+                    batch = max(1, budget // length)
+                    seconds = cost.prefill_time([length] * batch, dop, tp)
+                    fastest = min(fastest, (cost.prefill_time([length], dop, tp), dop))
+                    if (1 + QUEUEING_MARGIN) * seconds <= bound:
+                        offered.append((dop, budget, seconds, dop * seconds / batch))
+            if offered:
+                break
         if needed > max_dop:
             raise InfeasibleSLO(
                 f"{bucket.max_prompt:,}-token prompts need {needed} instances of {capacity:,} KV slots at tp({tp}); "

@@ -220,15 +220,17 @@ class ElasticScheduler(Scheduler):
 
         def priority(request: RequestState) -> tuple:
             arrival = request.request.arrival_s
-            if state.now - arrival >= bound:
-                return (0, arrival, request.id)  # starved, whether or not past its deadline
             deadline = self._deadline(request)
-            return (2, arrival, request.id) if state.now > deadline else (1, deadline, request.id)
+            if state.now > deadline:
+                return (2, arrival, request.id)
+            starved = state.now - arrival >= bound
+            return (0, arrival, request.id) if starved else (1, deadline, request.id)
 
         return sorted(state.waiting.values(), key=priority)
 
     def _starved(self, state: ClusterState, request: RequestState) -> bool:
-        return state.now - request.request.arrival_s >= self.policy.starvation_bound_s
+        arrival = request.request.arrival_s
+        return state.now - arrival >= self.policy.starvation_bound_s and state.now <= self._deadline(request)
 
     def _slack(self, state: ClusterState, request: RequestState, step_s: float) -> float:
         """How long the request can pause and still meet its TPOT bound even if its next
@@ -330,13 +332,23 @@ class ElasticScheduler(Scheduler):
             return needed <= most
 
         def admissible() -> Iterator[RequestState]:
-            """The queue without the requests whose bucket has no instances left for them;
-            lazily, as admission usually stops long before the end of the queue."""
+            """The queue without the requests that cannot start now: too few instances in
+            the pool, or none left under their bucket's cap; lazily, as admission usually
+            stops long before the end of the queue. The fairness bound: a starved request
+            that needs more instances than the pool has is bypassed by nobody (the pool
+            must grow for it); one waiting for its bucket's cap, by no request of its bucket
+            (other buckets' requests do not delay it)."""
+            blocked: set[LengthBucket] = set()
             for request in queue:
+                bucket = self.policy.bucket(request.prefill_target)
+                if bucket in blocked:
+                    continue
                 if eligible(request):
                     yield request
                 elif self._starved(state, request):
-                    return  # the fairness bound: nobody bypasses a starved request
+                    if limits_by_length[request.prefill_target][0] > len(pool):
+                        return
+                    blocked.add(bucket)
 
         chosen = self._admitted(state, admissible(), pool, room)
         cost, tp = self.deployment.cost, self.deployment.tp
