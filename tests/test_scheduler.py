@@ -98,6 +98,10 @@ class Observed(ElasticScheduler):
                 "now": state.now,
                 "queue": [r.id for r in queue],
                 "starved": [r.id for r in queue if self._starved(state, r)],
+                # A starved request is protected from every other bucket's requests only once
+                # it is urgent (see ElasticScheduler._prefills).
+                "urgent": [r.id for r in queue if self._urgent(state, r)],
+                "bucket": {r.id: self.policy.bucket(r.prefill_target) for r in queue},
                 "started": [item.request_id for batch in prefills for item in batch.items if item.request_id in state.waiting],
             })
         return plan
@@ -152,8 +156,9 @@ def cases(draw):
 
 def assert_starved_requests_are_bypassed_at_most_once(decisions: list[dict]) -> None:
     """The fairness bound, read off the decisions: a request behind a starved one (queued
-    ≥ starvation_bound_s, within its TTFT deadline) may start first at one decision at
-    most (the starved one then waits one prefill longer than its turn), never again."""
+    ≥ starvation_bound_s, within its TTFT deadline) of the same length bucket — of any
+    bucket once the starved one is urgent — may start first at one decision at most (the
+    starved one then waits one prefill longer than its turn), never again."""
     bypassed: dict[int, list[tuple[float, list[int]]]] = {}
     for decision in decisions:
         started = set(decision["started"])
@@ -161,6 +166,8 @@ def assert_starved_requests_are_bypassed_at_most_once(decisions: list[dict]) -> 
             if starved in started:
                 continue
             behind = decision["queue"][decision["queue"].index(starved) + 1:]
+            if starved not in decision["urgent"]:
+                behind = [r for r in behind if decision["bucket"][r] == decision["bucket"][starved]]
             bypassing = sorted(started.intersection(behind))
             if bypassing:
                 bypassed.setdefault(starved, []).append((decision["now"], bypassing))
@@ -224,9 +231,8 @@ def test_spec_workloads_with_the_compiled_policy(seed, rate, capacity):
 @PROPERTY
 @given(case=cases())
 def test_every_request_that_fits_the_cluster_completes(case):
-    """Liveness: nothing that the cluster can hold ends the run queued. Fails today: see
-    the two regression cases below (the batching DP knows neither a prompt's minimum
-    DoP nor the ring's KV room, and a batch whose retention fails is dropped for good)."""
+    """Liveness: nothing that the cluster can hold ends the run queued (regression cases
+    below: a prompt's minimum DoP and the ring's KV room, which the batching DP knows)."""
     requests, capacity, policy = case
     assert_everything_that_fits_completes(requests, capacity, policy or milp_policy())
 
@@ -245,7 +251,7 @@ FCFS_CAP_CASE = (
 @given(case=cases())
 def test_starved_requests_are_bypassed_at_most_once(case):
     """The fairness bound, as the scheduler defines "starved" (queued ≥ the bound, still
-    within the TTFT deadline). Fails today on FCFS_CAP_CASE (see also
+    within the TTFT deadline), pinned on FCFS_CAP_CASE (see also
     test_fcfs_with_a_bucket_cap_serves_the_head); requests past their deadline are
     outside this definition (test_a_request_past_its_deadline_...)."""
     requests, capacity, policy = case

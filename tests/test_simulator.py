@@ -1,12 +1,15 @@
 """The simulator and the baseline schedulers: hand-computed timelines and invariants."""
 
+import dataclasses
 import random
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from espc.frontend.loader import parse_spec
+from espc.frontend.loader import load_spec, parse_spec
+from espc.planner.evaluation import Evaluator
 from espc.planner.costmodel import CostModel, LinearFit
 from espc.planner.metrics import find_goodput, summarize
 from espc.planner.simulator import simulate
@@ -160,3 +163,16 @@ def test_chunked_prefill_chunks_stop_at_free_slots():
     capacity, requests = _searched_case(3, (130, 500), 0.2)
     scheduler = ChunkedScheduler(Deployment(1, (capacity,) * 4, cost), chunk_tokens=64)
     assert all(record.completed for record in simulate(scheduler, requests, check=True).records)
+
+
+def test_goodputs_are_remembered_per_policy_not_per_label():
+    """Two elastic policies of one tp share a label; the evaluator's goodput memo must still
+    tell them apart (a compile's local search measures neighbours of one tp)."""
+    spec = load_spec(Path(__file__).resolve().parent.parent / "specs" / "tiny-cpu.toml")
+    evaluator = Evaluator(spec, requests=40, window_s=0.0)
+    policy = evaluator.milp_policies()[0].policy
+    narrow = dataclasses.replace(policy, buckets=tuple(dataclasses.replace(b, max_instances=1) for b in policy.buckets))
+    first, second = evaluator.elastic_candidate(policy), evaluator.elastic_candidate(narrow)
+    assert first.label == second.label and first.identity() != second.identity()
+    assert evaluator.goodput(first, 0) is evaluator.goodput(first, 0)
+    assert evaluator.goodput(second, 0) is not evaluator.goodput(first, 0)

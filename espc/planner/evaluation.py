@@ -98,6 +98,7 @@ class Evaluator:
         return Candidate(
             "elastic", label or f"tp={policy.tp}",
             lambda: ElasticScheduler(deployment, policy, self.spec.slo, self.prefill_s),
+            key=f"elastic: {policy!r}",  # every field: policies of one tp share a label
         )
 
     def milp_policies(self) -> list[ilp.MilpSolution]:

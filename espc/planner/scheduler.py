@@ -62,6 +62,9 @@ from espc.planner.strategies import Deployment, Scheduler
 # A decode group is lent to a prefill only if its tightest request keeps this much of its
 # slack after the predicted prefill time (the cost model's error margin).
 LEND_SAFETY = 1.5
+# A starved request that needs more instances than are free holds back everyone else only
+# when its TTFT deadline is this many isolated prefills away.
+URGENT_PREFILLS = 2.0
 
 
 def _longest_prefix(count: int, acceptable: Callable[[int], bool]) -> int:
@@ -232,6 +235,12 @@ class ElasticScheduler(Scheduler):
         arrival = request.request.arrival_s
         return state.now - arrival >= self.policy.starvation_bound_s and state.now <= self._deadline(request)
 
+    def _urgent(self, state: ClusterState, request: RequestState) -> bool:
+        """Whether the request must start within URGENT_PREFILLS of its isolated prefill
+        time to meet its TTFT deadline."""
+        prefill_s = self.prefill_s(request.request.prompt_len)
+        return self._deadline(request) - state.now <= URGENT_PREFILLS * prefill_s
+
     def _slack(self, state: ClusterState, request: RequestState, step_s: float) -> float:
         """How long the request can pause and still meet its TPOT bound even if its next
         token is its last (the output length is unknown: a request expected to generate
@@ -335,9 +344,10 @@ class ElasticScheduler(Scheduler):
             """The queue without the requests that cannot start now: too few instances in
             the pool, or none left under their bucket's cap; lazily, as admission usually
             stops long before the end of the queue. The fairness bound: a starved request
-            that needs more instances than the pool has is bypassed by nobody (the pool
-            must grow for it); one waiting for its bucket's cap, by no request of its bucket
-            (other buckets' requests do not delay it)."""
+            waiting for its bucket's cap is bypassed by no request of its bucket (others do
+            not delay it); one that needs more instances than the pool has is bypassed by
+            nobody once it is urgent (the pool must grow for it). Holding instances idle
+            for it earlier would cost everyone else their TTFT for no gain of its own."""
             blocked: set[LengthBucket] = set()
             for request in queue:
                 bucket = self.policy.bucket(request.prefill_target)
@@ -346,7 +356,7 @@ class ElasticScheduler(Scheduler):
                 if eligible(request):
                     yield request
                 elif self._starved(state, request):
-                    if limits_by_length[request.prefill_target][0] > len(pool):
+                    if limits_by_length[request.prefill_target][0] > len(pool) and self._urgent(state, request):
                         return
                     blocked.add(bucket)
 
