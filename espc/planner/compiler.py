@@ -111,9 +111,9 @@ def compile_spec(
         searched = verified[:SEARCHED_TPS]
         for start in searched:
             deadline = time.perf_counter() + options.search_seconds / len(searched)
-            found = _local_search(evaluator, start, seed, deadline, trials, progress)
-            if best_elastic is None or found[0] > best_elastic[0]:
-                best_elastic = found
+            improved = _local_search(evaluator, start, seed, deadline, trials, progress)
+            if best_elastic is None or improved[0] > best_elastic[0]:
+                best_elastic = improved
         assert best_elastic is not None
         predictions.append(StrategyPrediction("elastic", f"tp={best_elastic[1].tp}", best_elastic[0], len(trials)))
 
