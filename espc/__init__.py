@@ -5,6 +5,8 @@
     print(spec.model.kv_bytes_per_token, spec.cluster.num_devices)
     policy = espc.compile("specs/tiny-cpu.toml", "build/tiny")   # also writes the artifact
     print(policy)                                                 # strategy, reason, policy tables
+    with espc.Engine.from_artifact("build/tiny") as engine:       # worker processes serve it
+        print(engine.generate("Hello", espc.SamplingParams(max_new_tokens=8))[0].text)
 """
 
 from __future__ import annotations
@@ -26,25 +28,47 @@ def compile(  # noqa: A001 — `espc.compile` is the public name (see DESIGN.md)
     search_seconds: float = 20.0,
     requests: int = 300,
     seed: int | None = None,
+    calibration: str | os.PathLike | None = None,
 ) -> Policy:
     """`espc compile` as a function: the Policy for a Spec (or a spec file), and with
-    `output` the verified artifact directory too. Raises SpecError for a bad spec file and
-    espc.planner.ilp.InfeasibleSLO when the SLOs cannot be met."""
+    `output` the verified artifact directory too. `calibration`: a file `espc profile` wrote
+    for this spec's model and cluster; the cost model uses its fits. Raises SpecError for a
+    bad spec file, espc.planner.calibration.CalibrationError for a bad or mismatched
+    calibration file and espc.planner.ilp.InfeasibleSLO when the SLOs cannot be met."""
     # The planner pulls in cvxpy and numpy: imported here so that `import espc` stays light.
     from pathlib import Path
 
     from espc.planner.artifact import spec_hash, write_artifact
+    from espc.planner.calibration import load_calibration
     from espc.planner.compiler import CompileOptions, compile_spec
 
     spec_path = None
     if not isinstance(spec, Spec):
         spec_path = Path(spec)
         spec = load_spec(spec_path)
+    calibrated = load_calibration(calibration, spec) if calibration is not None else None
     options = CompileOptions(search_seconds=search_seconds, trial_requests=requests, seed=seed)
-    result = compile_spec(spec, spec_hash(spec), spec_path.parent if spec_path else None, options)
+    result = compile_spec(
+        spec, spec_hash(spec), spec_path.parent if spec_path else None, options, cost=calibrated.cost if calibrated else None
+    )
     if output is not None:
-        write_artifact(output, spec, result, spec_path, options=options)
+        write_artifact(output, spec, result, spec_path, options=options, calibration=calibrated)
     return result.policy
 
 
-__all__ = ["Policy", "Spec", "SpecError", "__version__", "compile", "load_spec", "parse_spec"]
+def __getattr__(name: str):
+    # The runtime imports torch: loaded on first use, so `import espc` stays light.
+    if name == "Engine":
+        from espc.runtime.engine import Engine
+
+        return Engine
+    if name == "SamplingParams":
+        from espc.runtime.sampling import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(f"module 'espc' has no attribute {name!r}")
+
+
+__all__ = [
+    "Engine", "Policy", "SamplingParams", "Spec", "SpecError", "__version__", "compile", "load_spec", "parse_spec",
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import os
 import sys
@@ -28,6 +29,7 @@ from espc.planner.artifact import (
     MANIFEST_FILE, POLICY_FILE, Artifact, ArtifactError, open_artifact, plot_policy, render_ir, spec_hash, write_artifact,
 )
 from espc.planner.compiler import TRIAL_REQUESTS, CompileOptions, compile_spec
+from espc.planner.costmodel import CostModel
 from espc.planner.evaluation import DEFAULT_WINDOW_S, Evaluator, compare_strategies, override_workload
 from espc.planner.ilp import InfeasibleSLO
 from espc.planner.policy import Policy, PolicyError
@@ -138,7 +140,6 @@ def schema(
         output.write_text(text, encoding="utf-8")
 
 
-_RUNTIME = "the multi-process runtime"
 _SERVER = "the OpenAI-compatible server"
 
 
@@ -156,8 +157,14 @@ def compile_(
 ) -> None:
     """Solve the MILP for an elastic scaling policy, verify it in simulation and write an artifact directory."""
     spec = _load(spec_file)
+    calibrated = None
     if calibration is not None:
-        _fail(f"espc compile --calibration: calibration files arrive with {_RUNTIME} (`espc profile`); compile without it")
+        from espc.planner.calibration import CalibrationError, load_calibration
+
+        try:
+            calibrated = load_calibration(calibration, spec)
+        except CalibrationError as error:
+            _fail(str(error))
     if search_seconds < 0 or requests < 1:
         _fail("--search-seconds must be at least 0 and --requests at least 1")
     if output.exists() and not output.is_dir():
@@ -166,9 +173,12 @@ def compile_(
     progress = _StageProgress()
     try:
         with _native_stdout_to_stderr():
-            result = compile_spec(spec, spec_hash(spec), spec_file.parent, options, on_progress=progress)
+            result = compile_spec(
+                spec, spec_hash(spec), spec_file.parent, options, cost=calibrated.cost if calibrated else None,
+                on_progress=progress,
+            )
         progress("write", f"writing {output}")
-        written = write_artifact(output, spec, result, spec_file, options=options)
+        written = write_artifact(output, spec, result, spec_file, options=options, calibration=calibrated)
     except InfeasibleSLO as error:
         progress.close()
         _fail(f"{spec_file}: the SLOs cannot be met: {error}")
@@ -397,6 +407,8 @@ def _compare(
         evaluator = Evaluator(
             spec, base_dir=target.base_dir, requests=requests, window_s=window,
             elastic=target.policy.elastic if target.policy is not None else None,
+            # The compiled cost model: a calibrated artifact is simulated with its measured times.
+            cost=CostModel.from_dict(target.policy.cost_parameters) if target.policy is not None else None,
         )
         first_seed = spec.workload.seed if seed is None else seed
         with _native_stdout_to_stderr():  # strategy elastic on a spec file solves the MILP
@@ -480,24 +492,152 @@ def run(
     artifact: ArtifactDir,
     prompt: Annotated[Optional[str], typer.Option(help="a text prompt")] = None,
     prompt_ids: Annotated[Optional[str], typer.Option(help="token ids, e.g. 1,2,3")] = None,
-    trace: Annotated[Optional[Path], typer.Option(help="replay a request trace")] = None,
-    rate: Annotated[Optional[float], typer.Option(help="rescale the trace to this rate (req/s)")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate per request")] = 32,
+    trace: Annotated[Optional[Path], typer.Option(help="replay a request trace (default: the spec's workload)")] = None,
+    rate: Annotated[Optional[float], typer.Option(help="rescale the arrivals to this rate (req/s)")] = None,
+    requests: Annotated[Optional[int], typer.Option(help="replay this many requests of the workload")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate for --prompt/--prompt-ids")] = 32,
+    temperature: Annotated[float, typer.Option(help="0: greedy")] = 0.0,
+    seed: Annotated[Optional[int], typer.Option(help="sampling seed, and the replayed workload's seed")] = None,
+    kv_capacity: Annotated[Optional[int], typer.Option(help="KV tokens per instance (default: the spec's memory)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print results as JSON")] = False,
-    plot: Annotated[bool, typer.Option("--plot", help="draw the elastic timeline")] = False,
+    plot: Annotated[Optional[Path], typer.Option(help="draw the elastic timeline into this directory")] = None,
 ) -> None:
-    """Serve requests with the compiled policy on the spec's devices."""
-    _not_implemented("run", _RUNTIME)
+    """Serve requests with the compiled policy on the spec's devices: one prompt, or a
+    workload replayed in real time with its latencies, SLO attainment and DoP decisions."""
+    if prompt is not None and prompt_ids is not None:
+        _fail("give --prompt or --prompt-ids, not both")
+    if (prompt is not None or prompt_ids is not None) and (trace is not None or rate is not None or requests is not None):
+        _fail("--trace, --rate and --requests replay a workload; they do not apply to --prompt/--prompt-ids")
+    if (rate is not None and rate <= 0) or (requests is not None and requests < 1) or max_new_tokens < 1:
+        _fail("--rate must be positive, --requests and --max-new-tokens at least 1")
+    ids = None
+    if prompt_ids is not None:
+        try:
+            ids = [int(token) for token in prompt_ids.split(",")]
+        except ValueError:
+            _fail(f"--prompt-ids {prompt_ids!r}: expected comma-separated integers, e.g. 1,2,3")
+    loaded = _open_artifact(artifact)
+    # Imported here: torch and the worker machinery load only for the verbs that need them.
+    from espc.runtime.driver import EngineError
+    from espc.runtime.engine import Engine
+    from espc.runtime.sampling import SamplingParams
+
+    overrides = {"kv_capacity": kv_capacity} if kv_capacity else {}
+    if prompt is not None or ids is not None:
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        try:
+            with Engine(loaded.spec, loaded.policy, base_dir=loaded.base_dir, **overrides) as engine:
+                [completion] = engine.generate(prompt if ids is None else ids, params)
+                engine.check_kv()
+        except (EngineError, ValueError) as error:
+            _fail(f"espc run: {error}")
+        if completion.finish_reason not in ("length", "stop"):
+            _fail(f"espc run: request {completion.finish_reason}: {completion.error}")
+        if as_json:
+            typer.echo(json.dumps(dataclasses.asdict(completion) | {"logits": None}))
+        else:
+            typer.echo(completion.text if completion.text is not None else ",".join(map(str, completion.token_ids)))
+        return
+    _replay_workload(loaded, trace, rate, requests, seed, overrides, as_json, plot)
+
+
+def _replay_workload(loaded: Artifact, trace, rate, requests, seed, overrides, as_json: bool, plot: Path | None) -> None:
+    from rich.progress import Progress
+
+    from espc.planner.metrics import isolated_prefill, summarize
+    from espc.planner.report import summary_table
+    from espc.planner.workload import generate
+    from espc.runtime.driver import EngineError
+    from espc.runtime.engine import Engine
+    from espc.runtime.replay import replay
+
+    try:
+        spec = override_workload(loaded.spec, None, trace)
+        workload = generate(spec.workload, base_dir=loaded.base_dir, rate=rate, seed=seed, requests=requests)
+    except (SpecError, TraceError, ValueError) as error:
+        _fail(f"espc run: {error}")
+    cost = CostModel.from_dict(loaded.policy.cost_parameters)
+    console = Console(stderr=True)
+    try:
+        with Engine(spec, loaded.policy, base_dir=loaded.base_dir, **overrides) as engine:
+            with Progress(console=console, transient=True, disable=as_json) as progress:
+                task = progress.add_task(f"replaying {len(workload)} requests", total=len(workload))
+                done = replay(engine, workload, seed=seed or 0, on_progress=lambda n, total: progress.update(task, completed=n))
+            engine.check_kv()
+            stats = engine.stats()
+    except (EngineError, ValueError) as error:
+        _fail(f"espc run: {error}")
+    summary = summarize(done.result, spec.slo, isolated_prefill(cost))
+    decisions = {phase: dict(sorted(counts.items())) for phase, counts in done.dop_decisions().items()}
+    runtime = {
+        "requests": len(workload), "failed": len(done.failed), "wall_s": done.wall_s,
+        "output_tokens_per_s": done.output_tokens / done.wall_s if done.wall_s else 0.0,
+        "iterations": stats["iterations"], "dop_decisions": decisions,
+        "migrated_tokens": stats["migrated_tokens"], "migrated_bytes": stats["migrated_bytes"],
+        "kv_after_run": stats["kv_used_tokens"], "graph_cache": stats["graph_cache"], "failures": stats["failures"],
+    }
+    if as_json:
+        typer.echo(json.dumps({"summary": dataclasses.asdict(summary), "runtime": runtime}, indent=2, default=str))
+    else:
+        out = Console(width=None if sys.stdout.isatty() else 160)
+        out.print(summary_table([summary], f"espc run: {loaded.policy.strategy} ({loaded.policy.configuration}), measured"))
+        dop = "; ".join(
+            f"{phase} " + ", ".join(f"dop {d}: {n}" for d, n in counts.items()) for phase, counts in decisions.items()
+        )
+        out.print(
+            f"{len(workload)} requests in {done.wall_s:.1f} s ({len(done.failed)} failed), "
+            f"{runtime['output_tokens_per_s']:.1f} output tokens/s, {stats['iterations']} iterations\n"
+            f"batches by degree of parallelism: {dop}\n"
+            f"migrations: {stats['migrated_tokens']:,} tokens, {units.describe(stats['migrated_bytes'], units.Kind.BYTES)}\n"
+            f"{stats['graph_cache']}\n"
+            f"KV pools after the run: {sum(stats['kv_used_tokens'])} tokens held (all freed)"
+        )
+        for index, error in list(done.failed.items())[:5]:
+            out.print(f"request {index} failed: {error}")
+    if plot is not None:
+        for written in plot_results([done.result], plot):
+            typer.echo(f"wrote {written}", err=True)
 
 
 @app.command()
 def profile(
     spec_file: SpecFile,
     output: Annotated[Path, typer.Option("-o", "--output", help="calibration file to write")] = Path("calibration.json"),
+    quick: Annotated[bool, typer.Option("--quick", help="a small grid that takes seconds (tests, CI); not for planning")] = False,
+    repeats: Annotated[int, typer.Option(help="timed runs per grid point after a warm-up; the median counts")] = 3,
 ) -> None:
-    """Measure prefill, decode and communication on the spec's devices and fit the cost model."""
-    _load(spec_file)
-    _not_implemented("profile", _RUNTIME)
+    """Measure prefill, decode and KV migration on the spec's devices and fit the cost model.
+
+    Prints measured vs fitted time per grid point and writes the calibration file that
+    `espc compile --calibration FILE` reads."""
+    spec = _load(spec_file)
+    if repeats < 1:
+        _fail(f"--repeats must be at least 1, got {repeats}")
+    if output.is_dir() or not output.parent.is_dir():
+        _fail(f"{output}: cannot write the calibration file there (a directory, or its directory does not exist)")
+    from rich.progress import Progress
+
+    from espc.backend.harness import HarnessError  # torch loads only for this verb
+    from espc.planner.calibration import format_calibration, write_calibration
+    from espc.runtime.profile import Grid
+    from espc.runtime.profile import profile as measure
+
+    console = Console(stderr=True)
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task("starting the workers", total=None)
+        try:
+            calibration = measure(
+                spec, grid=Grid.quick(spec) if quick else None, repeats=repeats,
+                on_progress=lambda done, total, what: bar.update(task, completed=done, total=total, description=what),
+            )
+        except (HarnessError, ValueError) as error:  # a ProfileError, or a fit the measurements cannot determine
+            _fail(f"{spec_file}: espc profile: {error}")
+    try:
+        write_calibration(output, calibration)
+    except OSError as error:
+        _fail(f"{output}: cannot write the calibration file: {error.strerror or error}")
+    typer.echo(format_calibration(calibration))
+    typer.echo(f"wrote {output}; next: espc compile {spec_file} --calibration {output} -o DIR")
 
 
 @app.command()

@@ -1,7 +1,8 @@
 """The artifact directory `espc compile` writes, and its verified loading.
 
     policy.json      the Policy (espc.planner.policy), JSON, sorted keys
-    spec.lock.json   the normalised spec it was compiled from, its hash and the espc version
+    spec.lock.json   the normalised spec it was compiled from, its hash, the espc version, the
+                     compile options and the calibration file (`espc profile`) it used, if any
     report.md        the compile report for people: chosen strategy and why, predicted goodput
                      per strategy, the elastic policy per length bucket, thresholds, solver
                      statistics, MILP prediction vs simulation, the search trials
@@ -44,6 +45,7 @@ _REQUIRED = (POLICY_FILE, LOCK_FILE)
 _RECOMPILE = "recompile with `espc compile SPEC -o DIR`"
 
 if TYPE_CHECKING:  # the compiler pulls in the solver; loading an artifact does not need it
+    from espc.planner.calibration import Calibration
     from espc.planner.compiler import CompileOptions, CompileResult
 
 
@@ -82,12 +84,13 @@ def _sha256(path: Path) -> str:
 
 def write_artifact(
     directory: str | Path, spec: Spec, result: CompileResult, spec_path: str | Path | None = None, *,
-    options: CompileOptions | None = None, plots: bool = True,
+    options: CompileOptions | None = None, plots: bool = True, calibration: Calibration | None = None,
 ) -> list[Path]:
     """Write the artifact directory (see the module docstring); returns the files written,
-    the manifest last. `options` (the compile's search budget, trial size, seed) are
-    recorded in the lock file and the report. The manifest is removed first and written last, so an interrupted
-    write leaves a directory that `load_artifact` refuses rather than a stale one."""
+    the manifest last. `options` (the compile's search budget, trial size, seed) and the
+    `calibration` the cost model came from are recorded in the lock file and the report.
+    The manifest is removed first and written last, so an interrupted write leaves a
+    directory that `load_artifact` refuses rather than a stale one."""
     directory = Path(directory)
     policy = result.policy
     computed = spec_hash(spec)
@@ -111,13 +114,14 @@ def write_artifact(
         "spec_hash": computed,
         "source": str(Path(spec_path).resolve()) if spec_path is not None else None,
         "compile_options": dataclasses.asdict(options) if options is not None else None,
+        "calibration": _calibration_record(calibration),
         "spec": canonical_spec(spec),
     }
     write(LOCK_FILE, _json_text(lock))
     if plots:
         written += plot_policy(policy, directory)
     plotted = [path.name for path in written if path.suffix == ".png"]
-    write(REPORT_FILE, render_report(spec, result, spec_path, plotted, options))
+    write(REPORT_FILE, render_report(spec, result, spec_path, plotted, options, calibration))
 
     manifest = {
         "manifest_version": MANIFEST_VERSION,
@@ -128,6 +132,13 @@ def write_artifact(
     }
     write(MANIFEST_FILE, _json_text(manifest))
     return written
+
+
+def _calibration_record(calibration: Calibration | None) -> dict[str, Any] | None:
+    """Which calibration file the cost model came from (its fits are in the policy)."""
+    if calibration is None:
+        return None
+    return {"source": calibration.source, "sha256": calibration.sha256, "conditions": dict(calibration.conditions)}
 
 
 # ------------------------------------------------------------------------------- loading
@@ -317,8 +328,26 @@ def solver_rows(policy: Policy) -> list[tuple[str, str]]:
         rows.append(("simulated P90 goodput (elastic)", f"{_rate(simulated.goodput_rps)} req/s"))
         if policy.milp_predicted_rps:
             rows.append(("simulated / MILP", f"{simulated.goodput_rps / policy.milp_predicted_rps:.2f}×"))
+    rows.append(("cost model", cost_model_summary(policy.cost_parameters)))
     rows.append(("compile time", f"{policy.compile_seconds:.1f} s"))
     return rows
+
+
+def cost_model_summary(cost_parameters: Mapping[str, Any]) -> str:
+    """Whether the cost model (CostModel.to_dict) is analytical or which (sp, tp) cases and
+    migration parameters `espc profile` calibrated."""
+    fitted = []
+    for phase in ("prefill", "decode"):
+        sps_per_tp: dict[int, list[str]] = {}
+        for fit in cost_parameters.get(f"{phase}_fits", ()):
+            sps_per_tp.setdefault(fit["tp"], []).append(str(fit["sp"]))
+        if sps_per_tp:
+            fitted.append(f"{phase} " + ", ".join(f"SP{','.join(sps)}·TP{tp}" for tp, sps in sps_per_tp.items()))
+    bandwidth = cost_parameters.get("parameters", {}).get("migration_bandwidth")
+    if bandwidth is not None:
+        latency_s = cost_parameters["parameters"]["migration_latency_s"]
+        fitted.append(f"migration {latency_s * 1e3:.3g} ms + {bandwidth / 1e9:.3g} GB/s")
+    return f"calibrated: {'; '.join(fitted)}" if fitted else "analytical (not calibrated)"
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool] | None = None) -> list[str]:
@@ -331,7 +360,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence
 
 def render_report(
     spec: Spec, result: CompileResult, spec_path: str | Path | None = None, plots: Sequence[str] = (),
-    options: CompileOptions | None = None,
+    options: CompileOptions | None = None, calibration: Calibration | None = None,
 ) -> str:
     """report.md: what compile chose and why, with the numbers behind it."""
     policy = result.policy
@@ -351,6 +380,8 @@ def render_report(
             f"- compile options: search {options.search_seconds:g} s, ≥ {options.trial_requests} requests per trial, "
             f"workload seed {seed}"
         )
+    if calibration is not None:
+        lines.append(f"- cost model calibrated by `espc profile`: `{calibration.source}` (sha256 `{calibration.sha256}`)")
     lines += [
         "",
         "## Chosen strategy",

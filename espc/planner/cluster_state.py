@@ -97,6 +97,8 @@ class ClusterState:
         self.running: dict[int, RequestState] = {}  # hold KV or are in flight
         self.iteration = 0
         self.migrated_tokens = 0
+        # Instances taken out of service (a runtime worker that died): never idle again.
+        self.retired: set[int] = set()
 
     @property
     def num_instances(self) -> int:
@@ -117,6 +119,36 @@ class ClusterState:
         state.rejected = reason
         state.finish_s = self.now
         del self.waiting[state.id]
+
+    # ------------------------------------------------- the runtime's early ends and faults
+
+    def finish(self, state: RequestState) -> None:
+        """End a request before its output length (a stop token); frees its KV."""
+        if state.busy or state.done:
+            raise StateError(f"request {state.id} cannot finish now: it is {'in flight' if state.busy else 'done'}")
+        self._finish(state)
+
+    def fail(self, state: RequestState, reason: str) -> None:
+        """End a request with an error (cancelled, or its instance failed), wherever it is:
+        its KV is freed now, and a batch or migration still in flight that carries it
+        completes without it."""
+        if state.done:
+            return
+        self._free_all(state)
+        state.rejected = reason
+        state.finish_s = self.now
+        state.busy = False
+        self.waiting.pop(state.id, None)
+        self.running.pop(state.id, None)
+
+    def retire(self, instance: int) -> None:
+        """Take an instance out of service: it is never idle again and holds nothing.
+        Fail the requests holding KV on it first."""
+        if self.used[instance]:
+            raise StateError(f"instance {instance} still holds {self.used[instance]} tokens of KV")
+        self.retired.add(instance)
+        self.idle.discard(instance)
+        self.capacity[instance] = 0
 
     # ------------------------------------------------------------------------ applying plans
 
@@ -167,9 +199,12 @@ class ClusterState:
         """Apply a finished batch: progress, first tokens, completions (their KV is freed)."""
         done = []
         for instance in batch.instances:
-            self.idle.add(instance)
+            if instance not in self.retired:
+                self.idle.add(instance)
         for item in batch.items:
             state = self.requests[item.request_id]
+            if state.done:
+                continue  # failed while the batch ran
             state.busy = False
             if isinstance(item, PrefillItem) and state.prefill_target is not None:
                 if item.end < state.prefill_target:
@@ -185,6 +220,8 @@ class ClusterState:
 
     def complete_migration(self, migration: Migration) -> None:
         state = self.requests[migration.request_id]
+        if state.done:
+            return  # failed while the migration ran; its KV is already freed
         state.busy = False
         self._release(state, migration.src, migration.range)
         state.migrated_tokens += len(migration.range)

@@ -55,7 +55,13 @@ synchronous group runs at the pace of its slowest member.
 
 Calibration: `calibrate()` fits LoongServe's form α + β·Σn + γ·Σn² per (sp, tp) from measured
 prefill iterations (and DistServe's α + β·Σctx + γ·B for decode) by relative-error least
-squares; fitted (sp, tp) cases replace the analytical formulas, all others keep them.
+squares; fitted (sp, tp) cases replace the analytical formulas, all others keep them. Both
+forms assume an attention kernel that skips other requests' keys (flash attention). A dense
+kernel that masks them instead (the torch reference kernel on CPU) computes every query-key
+pair of the batch: its quadratic term is (Σn)² for prefill and B·Σctx for decode, so
+`calibrate()` fits that "dense" form too and keeps whichever fits the measurements better.
+`espc profile` also measures KV migrations and sets `migration_latency_s` and
+`migration_bandwidth` (`migration_time` between instances).
 
 Empty batches cost 0 s: the scheduler launches no iteration for them.
 """
@@ -106,6 +112,11 @@ class CostParameters:
     """Scheduling, input preparation and sampling per iteration."""
     instance_overhead_s: float = 1.0e-3
     """Extra coordination per additional instance of the group (broadcast inputs, gather outputs)."""
+    migration_latency_s: float = 0.0
+    """Fixed cost of one KV migration between instances (measured by `espc profile`)."""
+    migration_bandwidth: float | None = None
+    """Achieved bytes/s of a KV migration (measured by `espc profile`); None: the link's
+    bandwidth × link_efficiency."""
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -113,6 +124,9 @@ class CostParameters:
             if field.name.endswith("_mfu") or field.name.endswith("_efficiency"):
                 if not 0 < value <= 1:
                     raise ValueError(f"{field.name} must be in (0, 1], got {value}")
+            elif field.name == "migration_bandwidth":
+                if value is not None and not value > 0:
+                    raise ValueError(f"migration_bandwidth must be > 0 bytes/s or None, got {value}")
             elif value < 0:
                 raise ValueError(f"{field.name} must be ≥ 0, got {value}")
 
@@ -123,6 +137,8 @@ class LinearFit:
 
     Prefill: x1 = Σ new tokens, x2 = Σ(n² + 2·n·context) (= Σlen² without a cached context).
     Decode: x1 = Σ context tokens, x2 = batch size.
+    With `dense` (a kernel computing every query-key pair of the batch) the quadratic terms
+    span the batch: prefill x2 = Σn · Σ(n + context) (= (Σlen)²), decode x1 = B · Σ context.
     """
 
     alpha_s: float
@@ -130,9 +146,18 @@ class LinearFit:
     gamma_s: float
     rows: int
     max_relative_error: float
+    dense: bool = False
 
     def __call__(self, x1: float, x2: float) -> float:
         return self.alpha_s + self.beta_s * x1 + self.gamma_s * x2
+
+    def prefill(self, tokens, cached, squares):
+        """Seconds of a prefill batch from its sums Σn, Σc and Σ(n² + 2nc) (floats or arrays)."""
+        return self(tokens, tokens * (tokens + cached) if self.dense else squares)
+
+    def decode(self, batch: int, context_tokens: int) -> float:
+        """Seconds of a decode step of `batch` requests reading `context_tokens` cached keys."""
+        return self(batch * context_tokens if self.dense else context_tokens, batch)
 
 
 class PrefillSums(NamedTuple):
@@ -226,7 +251,8 @@ class CostModel:
 
         Give either `bandwidth` (bytes/s, achieved) with bytes = tokens × kv_bytes_per_token,
         or `src` and `dst` instance indices of `ClusterSpec.instances(tp)`: then the bytes are
-        what the instance stores and the bandwidth is their link × link_efficiency.
+        what the instance stores, the bandwidth is the measured `migration_bandwidth` or else
+        their link × link_efficiency, and `migration_latency_s` is added.
         """
         if tokens < 0:
             raise ValueError(f"tokens must be ≥ 0, got {tokens}")
@@ -244,8 +270,9 @@ class CostModel:
         for name, index in (("src", src), ("dst", dst)):
             if not 0 <= index < len(instances):
                 raise ValueError(f"{name}({index}) is not an instance; tp({tp}) gives instances 0..{len(instances) - 1}")
-        link = self._instance_bandwidth(instances[src], instances[dst]) * self.parameters.link_efficiency
-        return tokens * self.instance_kv_bytes_per_token(tp) / link
+        p = self.parameters
+        link = p.migration_bandwidth or self._instance_bandwidth(instances[src], instances[dst]) * p.link_efficiency
+        return p.migration_latency_s + tokens * self.instance_kv_bytes_per_token(tp) / link
 
     # ------------------------------------------------------------------------ prefill
 
@@ -317,10 +344,10 @@ class CostModel:
 
     def _prefill_from_sums(self, dop, tp, ring_bandwidth, *, requests, tokens, cached, squares, attention_s):
         """prefill_s from a batch's sums (floats or equally shaped numpy arrays): a fitted
-        (dop, tp) case reads (Σn, Σ(n² + 2nc)), the analytical model the rest."""
+        (dop, tp) case reads (Σn, Σ(n² + 2nc)) or, dense, (Σn, Σn·Σ(n + c)), the analytical model the rest."""
         fit = self.prefill_fits.get((dop, tp))
         if fit is not None:
-            return fit(tokens, squares)
+            return fit.prefill(tokens, cached, squares)
         p, m = self.parameters, self.model
         linear_flops = 2 * m.layers * self.layer_matmul_params * tokens + 2 * self.lm_head_params * requests
         with np.errstate(divide="ignore", invalid="ignore"):  # empty segments of a table
@@ -344,7 +371,7 @@ class CostModel:
         batch = len(context_lens)
         fit = self.decode_fits.get((dop, tp))
         if fit is not None:
-            return fit(sum(context_lens), batch)
+            return fit.decode(batch, sum(context_lens))
 
         p, m = self.parameters, self.model
         devices = dop * tp
@@ -364,30 +391,38 @@ class CostModel:
 
     # -------------------------------------------------------------------- calibration
 
-    def calibrate(self, prefill: Iterable[PrefillRow] = (), decode: Iterable[DecodeRow] = ()) -> CostModel:
-        """A copy using LoongServe's/DistServe's fitted forms for the measured (sp, tp) cases.
+    def calibrate(
+        self, prefill: Iterable[PrefillRow] = (), decode: Iterable[DecodeRow] = (), parameters: CostParameters | None = None
+    ) -> CostModel:
+        """A copy using LoongServe's/DistServe's fitted forms for the measured (sp, tp) cases
+        (and `parameters` when given).
 
         Each (sp, tp) group is fitted by minimising Σ((pred − meas)/meas)², i.e. linear least
         squares on rows scaled by 1/meas, with non-negative coefficients (solved exactly by
-        trying every support of the three coefficients). Fitted cases replace earlier fits.
+        trying every support of the three coefficients), once per request and once dense
+        (see the module docstring); the smaller error wins, per request on a tie (rows of
+        single requests cannot tell them apart). Fitted cases replace earlier fits.
         """
-        prefill_groups: dict[tuple[int, int], list[tuple[float, float, float]]] = {}
+        # Rows as (per-request features, dense features, seconds); prefill rows have no context.
+        prefill_groups: dict[tuple[int, int], list[tuple[tuple[float, float], tuple[float, float], float]]] = {}
         for sp, tp, batch, seconds in prefill:
             if isinstance(batch, PrefillSums):
-                features = (float(batch.tokens), float(batch.squared_tokens))
+                tokens, squares = float(batch.tokens), float(batch.squared_tokens)
             else:
-                features = _prefill_features(batch, [0] * len(batch))
-            prefill_groups.setdefault(self._check_group(sp, tp), []).append((*features, seconds))
-        decode_groups: dict[tuple[int, int], list[tuple[float, float, float]]] = {}
+                tokens, squares = _prefill_features(batch, [0] * len(batch))
+            rows = prefill_groups.setdefault(self._check_group(sp, tp), [])
+            rows.append(((tokens, squares), (tokens, tokens * tokens), seconds))
+        decode_groups: dict[tuple[int, int], list[tuple[tuple[float, float], tuple[float, float], float]]] = {}
         for sp, tp, batch, context_tokens, seconds in decode:
-            decode_groups.setdefault(self._check_group(sp, tp), []).append((float(context_tokens), float(batch), seconds))
+            rows = decode_groups.setdefault(self._check_group(sp, tp), [])
+            rows.append(((float(context_tokens), float(batch)), (float(batch * context_tokens), float(batch)), seconds))
         return CostModel(
             self.model,
             self.cluster,
             self.memory_fraction,
-            self.parameters,
-            self.prefill_fits | {key: _fit_relative(rows, f"prefill {key}") for key, rows in prefill_groups.items()},
-            self.decode_fits | {key: _fit_relative(rows, f"decode {key}") for key, rows in decode_groups.items()},
+            parameters or self.parameters,
+            self.prefill_fits | {key: _fit_either(rows, f"prefill {key}") for key, rows in prefill_groups.items()},
+            self.decode_fits | {key: _fit_either(rows, f"decode {key}") for key, rows in decode_groups.items()},
         )
 
     # --------------------------------------------------------------- serialisation
@@ -434,15 +469,18 @@ class CostModel:
             f"link {d.link_bandwidth / 1e9:g} GB/s, memory {d.memory / 2**30:g} GiB × {self.memory_fraction:g}",
             f"  kv_bytes_per_token: {self.kv_bytes_per_token}",
         ]
-        lines += [f"  {field.name}: {getattr(self.parameters, field.name):g}" for field in dataclasses.fields(self.parameters)]
+        for field in dataclasses.fields(self.parameters):
+            value = getattr(self.parameters, field.name)
+            lines.append(f"  {field.name}: {'link × link_efficiency' if value is None else format(value, 'g')}")
         for phase, table, terms in (
-            ("prefill", self.prefill_fits, "Σlen, Σlen²"),
-            ("decode", self.decode_fits, "Σctx, batch"),
+            ("prefill", self.prefill_fits, ("Σlen, Σlen²", "Σlen, (Σlen)², dense")),
+            ("decode", self.decode_fits, ("Σctx, batch", "batch·Σctx, batch, dense")),
         ):
             for (sp, tp), fit in table.items():
                 lines.append(
                     f"  {phase} fit SP{sp}·TP{tp}: α={fit.alpha_s * 1e3:.6g} ms β={fit.beta_s * 1e3:.6g} ms "
-                    f"γ={fit.gamma_s * 1e3:.6g} ms ({terms}; {fit.rows} rows, max error {fit.max_relative_error:.2%})"
+                    f"γ={fit.gamma_s * 1e3:.6g} ms ({terms[fit.dense]}; {fit.rows} rows, "
+                    f"max error {fit.max_relative_error:.2%})"
                 )
         return "\n".join(lines)
 
@@ -556,34 +594,48 @@ def _prefill_features(lengths: Sequence[int], context: Sequence[int]) -> tuple[f
     return float(sum(lengths)), float(sum(n * n + 2 * n * c for n, c in zip(lengths, context)))
 
 
-def _fit_relative(rows: Sequence[tuple[float, float, float]], what: str) -> LinearFit:
-    """Non-negative (α, β, γ) minimising Σ((α + β·x1 + γ·x2 − t)/t)² over rows (x1, x2, t)."""
-    table = np.asarray(rows, dtype=float)
-    seconds = table[:, 2]
+def _fit_either(rows: Sequence[tuple[tuple[float, float], tuple[float, float], float]], what: str) -> LinearFit:
+    """The better of the per-request and the dense fit of rows (per-request features, dense
+    features, seconds); see `calibrate`."""
+    seconds = np.array([row[2] for row in rows], dtype=float)
     if np.any(seconds <= 0):
         raise ValueError(f"{what}: measured seconds must be > 0")
-    design = np.column_stack([np.ones(len(table)), table[:, 0], table[:, 1]])
-    if np.linalg.matrix_rank(design) < 3:
-        raise ValueError(f"{what}: {len(table)} rows do not determine α, β and γ; vary the batch sizes and lengths")
+    fits = []
+    for dense in (False, True):
+        features = np.array([row[1] if dense else row[0] for row in rows], dtype=float)
+        design = np.column_stack([np.ones(len(rows)), features])
+        if np.linalg.matrix_rank(design) < 3:  # this form's features do not vary enough
+            continue
+        coefficients, errors = fit_relative(design, seconds)
+        alpha, beta, gamma = (float(x) for x in coefficients)
+        fit = LinearFit(alpha, beta, gamma, len(rows), float(np.max(np.abs(errors))), dense)
+        fits.append((float(np.sum(errors**2)), dense, fit))
+    if not fits:
+        raise ValueError(f"{what}: {len(rows)} rows do not determine α, β and γ; vary the batch sizes and lengths")
+    return min(fits, key=lambda candidate: candidate[:2])[2]
+
+
+def fit_relative(design: np.ndarray, seconds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Non-negative coefficients c minimising Σ((design·c − t)/t)² over the rows, and each
+    row's relative error (design·c − t)/t."""
+    columns_total = design.shape[1]
     scaled = design / seconds[:, None]
-    best, best_residual = np.zeros(3), float(len(table))  # all-zero coefficients: every error is −100%
+    best, best_residual = np.zeros(columns_total), float(len(seconds))  # all-zero coefficients: every error is −100%
     # The optimum is the unconstrained solution on its own support, so trying every support
     # and keeping the best non-negative one is exact.
-    for support in itertools.product((False, True), repeat=3):
+    for support in itertools.product((False, True), repeat=columns_total):
         columns = np.flatnonzero(support)
         if not columns.size:
             continue
-        solution, *_ = np.linalg.lstsq(scaled[:, columns], np.ones(len(table)), rcond=None)
+        solution, *_ = np.linalg.lstsq(scaled[:, columns], np.ones(len(seconds)), rcond=None)
         if np.any(solution < 0):
             continue
-        coefficients = np.zeros(3)
+        coefficients = np.zeros(columns_total)
         coefficients[columns] = solution
         residual = float(np.sum((scaled @ coefficients - 1) ** 2))
         if residual < best_residual:
             best, best_residual = coefficients, residual
-    errors = (design @ best - seconds) / seconds
-    alpha, beta, gamma = (float(x) for x in best)
-    return LinearFit(alpha, beta, gamma, len(table), float(np.max(np.abs(errors))))
+    return best, (design @ best - seconds) / seconds
 
 
 def _weakest_device(cluster: ClusterSpec) -> DeviceSpec:

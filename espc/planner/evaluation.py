@@ -78,9 +78,10 @@ class Evaluator:
     def __init__(
         self, spec: Spec, base_dir: Path | None = None, requests: int | None = None, cost: CostModel | None = None,
         window_s: float = DEFAULT_WINDOW_S, elastic: ElasticPolicy | None = None, max_trial_requests: int | None = None,
-        tolerance: float = GOODPUT_TOLERANCE,
+        tolerance: float = GOODPUT_TOLERANCE, kv_capacity: int | None = None,
     ):
         self.spec = spec
+        self.kv_capacity = kv_capacity  # tokens per instance; None: what the spec's memory allows
         self.base_dir = base_dir
         self.requests = requests
         self.window_s = window_s
@@ -94,7 +95,7 @@ class Evaluator:
         self._goodputs: dict[tuple, Goodput] = {}
 
     def elastic_candidate(self, policy: ElasticPolicy, label: str | None = None) -> Candidate:
-        deployment = Deployment.build(self.cost, policy.tp)
+        deployment = Deployment.build(self.cost, policy.tp, self.kv_capacity)
         return Candidate(
             "elastic", label or f"tp={policy.tp}",
             lambda: ElasticScheduler(deployment, policy, self.spec.slo, self.prefill_s),
@@ -135,7 +136,7 @@ class Evaluator:
                 self.elastic = self.milp_policies()[0].policy
             return [self.elastic_candidate(self.elastic)]
         prompts = [request.prompt_len for request in self.workload()] if strategy == "best-static" else ()
-        return candidates(strategy, self.spec.policy, self.cost, prompts)
+        return candidates(strategy, self.spec.policy, self.cost, prompts, self.kv_capacity)
 
     def run(
         self, candidate: Candidate, requests: Sequence[Request], *, timeline: bool = False, check: bool = False

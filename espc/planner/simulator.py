@@ -94,7 +94,7 @@ class SimulationResult:
         return [busy / self.duration_s if self.duration_s else 0.0 for busy in self.instance_busy_s]
 
 
-def _record(state: RequestState) -> RequestRecord:
+def request_record(state: RequestState) -> RequestRecord:
     request = state.request
     return RequestRecord(
         request.id, request.arrival_s, request.prompt_len, request.output_len,
@@ -154,7 +154,7 @@ def simulate(
 
     for state_left in list(state.waiting.values()) + list(state.running.values()):
         state_left.rejected = state_left.rejected or "never scheduled: the run ended with the request still queued"
-    records = sorted((_record(s) for s in state.requests.values()), key=lambda record: record.id)
+    records = sorted((request_record(s) for s in state.requests.values()), key=lambda record: record.id)
     duration = max((r.finish_s for r in records if r.finish_s is not None), default=0.0) - min(
         (r.arrival_s for r in records), default=0.0
     )

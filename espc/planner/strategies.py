@@ -59,9 +59,11 @@ class Deployment:
     cost: CostModel
 
     @classmethod
-    def build(cls, cost: CostModel, tp: int) -> Deployment:
+    def build(cls, cost: CostModel, tp: int, kv_capacity: int | None = None) -> Deployment:
+        """`kv_capacity`: tokens per instance, when not what the spec's memory allows (a
+        runtime sized below the device, or a test)."""
         count = len(cost.cluster.instances(tp))
-        return cls(tp, (cost.kv_capacity_tokens(tp),) * count, cost)
+        return cls(tp, (kv_capacity or cost.kv_capacity_tokens(tp),) * count, cost)
 
     @property
     def num_instances(self) -> int:
@@ -197,17 +199,26 @@ class StaticScheduler(Scheduler):
     def admit(self, state: ClusterState, request: RequestState) -> str | None:
         reason = super().admit(state, request)
         if reason is None:
-            self.members.add(self._choose_group(state, request), request)
+            group = self._choose_group(state, request)
+            if group is None:
+                return f"no instance group in service can hold its {request.request.prompt_len + request.request.output_len:,} tokens"
+            self.members.add(group, request)
         return reason
 
-    def _choose_group(self, state: ClusterState, request: RequestState) -> int:
+    def _choose_group(self, state: ClusterState, request: RequestState) -> int | None:
         """Length class first (long prompts to the large groups), then the least loaded group
-        that can hold the request: KV in use plus prompts routed and waiting."""
+        that can hold the request: KV in use plus prompts routed and waiting. Groups with a
+        retired instance (a failed runtime worker) take no new requests."""
         long = self.long_prompt_threshold is not None and request.request.prompt_len >= self.long_prompt_threshold
         needed = request.request.prompt_len + request.request.output_len
         preferred = self.long_groups if long else self.short_groups
-        fitting = [g for g in preferred if self.group_capacity[g] >= needed]
-        fitting = fitting or [g for g in range(len(self.groups)) if self.group_capacity[g] >= needed]
+        usable = [
+            g for g in range(len(self.groups))
+            if self.group_capacity[g] >= needed and not state.retired.intersection(self.groups[g])
+        ]
+        fitting = [g for g in preferred if g in usable] or usable
+        if not fitting:
+            return None
 
         def load(g: int) -> tuple[int, int, int]:
             held = sum(state.used[i] for i in self.groups[g])
@@ -445,7 +456,7 @@ def _divisors(number: int) -> list[int]:
 
 
 def candidates(
-    strategy: str, policy: PolicySpec, cost: CostModel, prompt_lens: Sequence[int] = ()
+    strategy: str, policy: PolicySpec, cost: CostModel, prompt_lens: Sequence[int] = (), kv_capacity: int | None = None
 ) -> list[Candidate]:
     """Every configuration `strategy` may take on this cluster (one when the policy pins it).
 
@@ -455,29 +466,30 @@ def candidates(
     chunked: Sarathi-Serve / LightLLM SplitFuse on TP replicas of a node, `policy.chunk_tokens`.
     disaggregated: DistServe at the cluster's tp (1 when unset), every prefill:decode split
       unless `policy.prefill_instances` / `decode_instances` pin it.
-    best-static: every tp, every homogeneous SP grouping, and two-class groupings — one SP
-      group of `a` instances for long prompts beside single instances for short ones, with
-      the length threshold at the workload's 50th, 80th or 95th prompt percentile.
+    best-static: every tp (only the cluster's when the spec sets one), every homogeneous SP
+      grouping, and two-class groupings — one SP group of `a` instances for long prompts
+      beside single instances for short ones, with the length threshold at the workload's
+      50th, 80th or 95th prompt percentile.
     """
     node_tp = min(node.devices for node in cost.cluster.nodes)
     cluster_tp = cost.cluster.tp or 1
     if strategy == "static-tp":
-        deployment = Deployment.build(cost, node_tp)
+        deployment = Deployment.build(cost, node_tp, kv_capacity)
         groups = (1,) * deployment.num_instances
         return [Candidate(
             strategy, f"tp={node_tp}", lambda: StaticScheduler(deployment, groups, name=f"static-tp(tp={node_tp})"),
             key=_static_key(deployment, groups),
         )]
     if strategy == "chunked":
-        deployment = Deployment.build(cost, node_tp)
+        deployment = Deployment.build(cost, node_tp, kv_capacity)
         chunk = policy.chunk_tokens
         return [Candidate(strategy, f"tp={node_tp}, chunk={chunk}", lambda: ChunkedScheduler(deployment, chunk))]
     if strategy == "static-sp":
-        deployment = Deployment.build(cost, cluster_tp)
+        deployment = Deployment.build(cost, cluster_tp, kv_capacity)
         sizes = [policy.sp_size] if policy.sp_size else _divisors(deployment.num_instances)
         return [_static_candidate(strategy, deployment, (sp,) * (deployment.num_instances // sp)) for sp in sizes]
     if strategy == "disaggregated":
-        deployment = Deployment.build(cost, cluster_tp)
+        deployment = Deployment.build(cost, cluster_tp, kv_capacity)
         count = deployment.num_instances
         if policy.prefill_instances is not None:
             splits = [policy.prefill_instances]
@@ -492,8 +504,8 @@ def candidates(
     if strategy == "best-static":
         found = []
         thresholds = sorted({int(np.percentile(prompt_lens, q)) for q in (50, 80, 95)}) if len(prompt_lens) else []
-        for tp in cost.tp_choices():
-            deployment = Deployment.build(cost, tp)
+        for tp in [cost.cluster.tp] if cost.cluster.tp else cost.tp_choices():  # a spec that pins tp pins it here too
+            deployment = Deployment.build(cost, tp, kv_capacity)
             count = deployment.num_instances
             found += [_static_candidate(strategy, deployment, (sp,) * (count // sp)) for sp in _divisors(count)]
             for large in range(2, count):

@@ -167,7 +167,7 @@ def build_model(
     seed = spec.random_seed
     if seed is None:
         raise NotImplementedError(
-            f"model weights {spec.weights!r}: loading checkpoints is not implemented yet; use random:<seed>"
+            f"model weights {spec.weights!r}: build_model draws random:<seed> weights; load checkpoints with espc.runtime.weights.load_model"
         )
     model = Llama(spec)
     generator = torch.Generator().manual_seed(seed)
@@ -179,4 +179,7 @@ def build_model(
                 param.copy_(torch.randn(param.shape, generator=generator))
             else:  # a Linear [out, in]: unit-variance outputs for unit-variance inputs
                 param.copy_(torch.randn(param.shape, generator=generator) / math.sqrt(param.shape[1]))
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    # `.to(dtype)` casts buffers too; RoPE's frequencies must stay float64 (see Rotary).
+    model.rotary.inv_freq = rope_frequencies(spec).to(device)
+    return model

@@ -1,0 +1,612 @@
+"""The driver: runs the compiled policy's scheduler against the real clock and the workers.
+
+It owns the global tables: the scheduler's `ClusterState` (which requests hold how many
+tokens where) and, per worker, a `PagedKVTable` (which slot of that worker's pool holds which
+token). Its loop, on one thread, does what the simulator does with a virtual clock:
+
+    arrivals and cancellations -> results of the workers (a batch completes when all its
+    ranks answered; a migration when both ends did) -> faults -> schedule (same Scheduler
+    object, same ClusterState) -> lower the plan (verified, cached) -> compute each rank's
+    graph inputs against its table -> send each worker its slice.
+
+A worker processes its commands in order, so a plan may be sent to a rank that is still
+busy with an earlier one (a migration out of an instance running a batch): it runs after,
+and every slot the driver frees or reuses on that rank is touched only by later commands.
+
+Faults: a worker that exits, stops sending heartbeats, or reports an error is killed and
+its instance retired; every request with KV on it or in flight with it fails with the
+reason, the rest go on with the remaining instances (the scheduler only plans idle ones;
+a retired instance never is). Peers that then fail to talk to the dead worker report
+errors too: those count as answers, not faults. When requests wait, nothing is in flight
+and no plan comes for `stall_timeout_s`, they fail: the engine never hangs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+from espc.backend.lower import Lowering
+from espc.frontend.spec import Spec
+from espc.planner.cluster_state import ClusterState, RequestState
+from espc.planner.plan import DecodeBatch, IterationPlan, Migration, PrefillBatch, RequestId
+from espc.planner.simulator import BatchRecord, SimulationResult, request_record
+from espc.planner.strategies import Scheduler
+from espc.planner.workload import Request
+from espc.runtime.kvpool import PagedKVTable
+from espc.runtime.model import build_model
+from espc.runtime.sampling import SamplingParams
+from espc.runtime.worker import BEAT, DTYPES, ERROR, READY, RESULT, Sampling, Step, StepResult, WorkerConfig, worker_main
+
+# A scheduler may first free KV (preemption) and then plan into the freed space.
+_MAX_PLANS_PER_WAKE = 8
+_LONG = torch.int64
+
+
+class EngineError(RuntimeError):
+    """The engine cannot start or went down."""
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    request_id: int
+    token: int
+    index: int  # 0 for the first generated token
+    logits: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    request_id: int
+    reason: str  # "length", "stop", "cancelled", "rejected" or "error"
+    error: str | None = None
+
+
+Listener = Callable[[TokenEvent | FinishEvent], None]
+
+
+@dataclass(eq=False)
+class _Live:
+    """A request the driver serves: its token ids and whom to tell about them."""
+
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    listener: Listener
+    arrival_s: float
+    id: int = -1
+    state: RequestState | None = None
+    generated: list[int] = field(default_factory=list)
+
+    def sequence(self) -> list[int]:
+        return self.prompt + self.generated
+
+
+@dataclass(eq=False)
+class _Task:
+    """A batch or a migration in flight: done when every one of its ranks answered."""
+
+    work: PrefillBatch | DecodeBatch | Migration
+    ranks: set[int]
+    started_s: float
+    tokens: dict[RequestId, int] = field(default_factory=dict)
+    logits: dict[RequestId, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def requests(self) -> tuple[RequestId, ...]:
+        if isinstance(self.work, Migration):
+            return (self.work.request_id,)
+        return tuple(item.request_id for item in self.work.items)
+
+
+@dataclass(frozen=True)
+class DriverOptions:
+    kv_capacity: int  # tokens per instance the scheduler may plan with
+    max_running: int  # requests admitted into the scheduler at once; the rest queue before it
+    threads: int  # torch threads per worker
+    start_timeout_s: float
+    heartbeat_timeout_s: float
+    comm_timeout_s: float
+    stall_timeout_s: float
+    dtype: str
+
+
+class Driver:
+    """Workers, tables, scheduler and the loop thread; `Engine` is the public face."""
+
+    def __init__(self, spec: Spec, scheduler: Scheduler, options: DriverOptions, base_dir: Path | None = None):
+        self.spec = spec
+        self.scheduler = scheduler
+        self.options = options
+        self.base_dir = base_dir
+        deployment = scheduler.deployment
+        self.world = deployment.num_instances
+        self.state = ClusterState(deployment.capacity)
+        page = spec.runtime.kv_block_size
+        self.tables = [PagedKVTable(capacity, page, options.max_running) for capacity in deployment.capacity]
+        self.lowering = Lowering(
+            build_model(spec.model, dtype=DTYPES[options.dtype], device="meta"), attention=spec.runtime.attention,
+            tp=deployment.tp,
+        )
+        self._inbox: queue.Queue = queue.Queue()  # ("submit", live) | ("cancel", id) | worker messages
+        self._ids = itertools.count()
+        self._live: dict[int, _Live] = {}
+        self._backlog: deque[_Live] = deque()
+        self._tasks: dict[int, list[_Task]] = {}  # iteration -> its batches and migrations in flight
+        self._busy_since: dict[int, float] = {}
+        self._last_beat: dict[int, float] = {}
+        self._stalled_since: float | None = None
+        self.timeline: list[BatchRecord] = []
+        self.busy_s = [0.0] * self.world
+        self.migrated_bytes = 0
+        self.failures: list[str] = []  # one line per worker taken out of service
+        self._processes: list = []
+        self._commands: list = []
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._fatal: str | None = None
+        self._t0 = time.monotonic()
+
+    # ------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        from espc.backend.harness import free_port
+
+        context = mp.get_context("spawn")
+        results = context.Queue()
+        device = self.spec.cluster.nodes[0].device.kind
+        config = WorkerConfig(
+            self.spec.model, self.base_dir, self.world, f"tcp://127.0.0.1:{free_port()}", self.spec.runtime.backend,
+            device, self.options.dtype, self.spec.runtime.attention, self.tables[0].num_slots, self.options.threads,
+            self.options.comm_timeout_s,
+        )
+        self._commands = [context.Queue() for _ in range(self.world)]
+        self._processes = [
+            context.Process(target=worker_main, args=(rank, config, self._commands[rank], results), daemon=True)
+            for rank in range(self.world)
+        ]
+        for process in self._processes:
+            process.start()
+        self._results = results
+        threading.Thread(target=self._forward_results, daemon=True, name="espc-results").start()
+        ready: set[int] = set()
+        deadline = time.monotonic() + self.options.start_timeout_s
+        while len(ready) < self.world:
+            try:
+                kind, rank, payload = self._inbox.get(timeout=0.5)
+            except queue.Empty:
+                exited = {rank: p.exitcode for rank, p in enumerate(self._processes) if p.exitcode is not None}
+                missing = sorted(set(range(self.world)) - ready)
+                if exited or time.monotonic() > deadline:
+                    self._kill_all()
+                    if exited:
+                        raise EngineError(f"workers exited while starting (rank: exit code): {exited}") from None
+                    raise EngineError(f"workers {missing} did not start within {self.options.start_timeout_s:g} s") from None
+                continue
+            if kind == ERROR:
+                self._kill_all()
+                raise EngineError(f"worker {rank} failed to start:\n{payload[1]}")
+            if kind == READY:
+                ready.add(rank)
+                self._last_beat[rank] = time.monotonic()
+        self._t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="espc-driver")
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the loop (requests still in flight fail), then the workers."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        for rank, (command, process) in enumerate(zip(self._commands, self._processes)):
+            if process.is_alive() and rank not in self.state.retired:
+                command.put(None)
+        for process in self._processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        self._processes = []
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def pids(self) -> list[int]:
+        return [process.pid for process in self._processes]
+
+    # ------------------------------------------------------------------ thread-safe calls
+
+    def submit(
+        self, prompt: Sequence[int], params: SamplingParams, seed: int | None, listener: Listener, default_seed: int = 0
+    ) -> int:
+        """Queue a request; without a seed it samples with one derived from its id, so a
+        run's outputs do not depend on which worker samples them."""
+        request_id = next(self._ids)
+        seed = seed if seed is not None else default_seed * 1_000_003 + request_id
+        live = _Live(list(prompt), params, seed, listener, self.now(), request_id)
+        self._inbox.put(("submit", 0, live))
+        return live.id
+
+    def call(self, function: Callable[[], object], future) -> None:
+        """Run `function` on the loop thread between iterations; its result goes to `future`."""
+        self._inbox.put(("call", 0, (function, future)))
+
+    def cancel(self, request_id: int) -> None:
+        self._inbox.put(("cancel", 0, request_id))
+
+    def now(self) -> float:
+        return time.monotonic() - self._t0
+
+    # --------------------------------------------------------------------------- the loop
+
+    def _forward_results(self) -> None:
+        while True:
+            try:
+                message = self._results.get()
+            except (EOFError, OSError, ValueError):
+                return
+            self._inbox.put(message)
+
+    def _loop(self) -> None:
+        try:
+            while not (self._stopping.is_set() and not self._tasks):
+                timeout = 0.05 if (self._tasks or self._backlog or self.state.waiting) else 0.2
+                try:
+                    message = self._inbox.get(timeout=timeout)
+                except queue.Empty:
+                    message = None
+                while message is not None:
+                    self._handle(message)
+                    try:
+                        message = self._inbox.get_nowait()
+                    except queue.Empty:
+                        message = None
+                if self._stopping.is_set():
+                    self._fail_queued("the engine is shutting down")
+                self._check_workers()
+                self._schedule()
+        except Exception:
+            self._fatal = traceback.format_exc()
+            for live in list(self._live.values()):
+                self._end(live, "error", f"the engine failed: {self._fatal.strip().splitlines()[-1]}")
+        finally:
+            self._fail_queued("the engine stopped")
+
+    def _handle(self, message) -> None:
+        kind, rank, payload = message
+        if kind == "submit":
+            self._live[payload.id] = payload
+            self._backlog.append(payload)
+        elif kind == "cancel":
+            self._cancel(payload)
+        elif kind == "call":
+            function, future = payload
+            try:
+                future.set_result(function())
+            except Exception as error:  # the caller's to handle
+                future.set_exception(error)
+        elif kind == BEAT:
+            self._last_beat[rank] = time.monotonic()
+        elif kind == RESULT:
+            self._last_beat[rank] = time.monotonic()
+            self._answer(rank, payload.iteration, payload)
+        elif kind == ERROR:
+            iteration, text = payload
+            if self._collateral(rank, iteration):
+                self._answer(rank, iteration, None)
+            else:
+                self._fault(rank, f"worker {rank} raised during iteration {iteration}: {text.strip().splitlines()[-1]}")
+
+    # ----------------------------------------------------------------------- admission
+
+    def _admit(self) -> None:
+        state = self.state
+        while self._backlog and len(state.waiting) + len(state.running) < self.options.max_running:
+            live = self._backlog.popleft()
+            if live.id not in self._live:
+                continue  # cancelled while queued
+            output_len = live.params.max_new_tokens
+            request = Request(live.id, live.arrival_s, len(live.prompt), output_len)
+            live.state = state.arrive(request)
+            reason = self.scheduler.admit(state, live.state)
+            if reason is not None:
+                state.reject(live.state, reason)
+                self._end(live, "rejected", reason)
+
+    def _schedule(self) -> None:
+        self.state.now = self.now()
+        self._admit()
+        for _ in range(_MAX_PLANS_PER_WAKE):
+            if self._stopping.is_set() or not self.state.idle:
+                break
+            plan = self.scheduler.schedule(self.state)
+            if plan is None:
+                break
+            self._dispatch(plan)
+            if plan.batches or plan.migrations:
+                break
+        waiting = self.state.waiting and not self._tasks
+        if not waiting:
+            self._stalled_since = None
+        elif self._stalled_since is None:
+            self._stalled_since = time.monotonic()
+        elif time.monotonic() - self._stalled_since > self.options.stall_timeout_s:
+            live_instances = self.world - len(self.state.retired)
+            for request_id in list(self.state.waiting):
+                self._fail(self._live[request_id], (
+                    f"no plan could serve the request for {self.options.stall_timeout_s:g} s with nothing running "
+                    f"({live_instances} of {self.world} instances in service)"
+                ))
+            self._stalled_since = None
+
+    def _dispatch(self, plan: IterationPlan) -> None:
+        """Apply the plan to the tables and the state, and send each rank its slice."""
+        try:
+            program = self.lowering.lower(plan)
+        except NotImplementedError as error:  # a plan shape the backend cannot run yet
+            for batch in plan.batches:
+                for item in batch.items:
+                    self._fail(self._live[item.request_id], f"cannot execute its plan: {error}")
+            return
+        for request_id in plan.frees:  # preemptions first: the plan's batches use the space
+            self._release(request_id)
+        tokens = {}
+        for batch in plan.batches:
+            for item in batch.items:
+                live = self._live[item.request_id]
+                if isinstance(batch, PrefillBatch):
+                    tokens[item.request_id] = torch.tensor(live.sequence()[item.start:item.end], dtype=_LONG)
+                else:
+                    tokens[item.request_id] = torch.tensor(live.generated[-1:], dtype=_LONG)
+        steps = {}
+        for rank in program.ranks:
+            inputs = program.inputs(rank, self.tables[rank], tokens, None)
+            del inputs["pool"]
+            # numpy, not torch: a torch.multiprocessing queue moves every tensor through its
+            # own shared-memory segment, ~1.4 ms per step for a handful of small index tensors.
+            inputs = {name: v.numpy() if isinstance(v, torch.Tensor) else v for name, v in inputs.items()}
+            sampling = {}
+            for request_id in program.outputs(rank):
+                live = self._live[request_id]
+                sampling[request_id] = Sampling(live.params, live.seed, len(live.generated))
+            steps[rank] = Step(plan, inputs, sampling)
+        for migration in plan.migrations:  # the source packed them first thing in its graph
+            self.tables[migration.src].release(migration.request_id, migration.range)
+        self.state.start(plan)
+        now = self.now()
+        tasks = [_Task(batch, set(batch.instances), now) for batch in plan.batches]
+        tasks += [_Task(migration, {migration.src, migration.dst}, now) for migration in plan.migrations]
+        for migration in plan.migrations:
+            self.migrated_bytes += len(migration.range) * self.spec.model.kv_bytes_per_token
+        if tasks:
+            self._tasks[plan.iteration] = tasks
+        for rank, step in steps.items():
+            self._busy_since.setdefault(rank, time.monotonic())
+            self._commands[rank].put(step)
+
+    # --------------------------------------------------------------------- completions
+
+    def _answer(self, rank: int, iteration: int | None, result: StepResult | None) -> None:
+        tasks = self._tasks.get(iteration, [])
+        for task in tasks:
+            if rank not in task.ranks:
+                continue
+            task.ranks.discard(rank)
+            if result is not None:
+                for request_id, token in result.tokens.items():
+                    if request_id in task.requests:
+                        task.tokens[request_id] = token
+                        if request_id in result.logits:
+                            task.logits[request_id] = torch.from_numpy(result.logits[request_id])
+            if not task.ranks:
+                self._complete(task)
+        remaining = [task for task in tasks if task.ranks]
+        if remaining:
+            self._tasks[iteration] = remaining
+        else:
+            self._tasks.pop(iteration, None)
+        if not any(rank in task.ranks for flight in self._tasks.values() for task in flight):
+            self._busy_since.pop(rank, None)
+
+    def _complete(self, task: _Task) -> None:
+        self.state.now = self.now()
+        if isinstance(task.work, Migration):
+            self.state.complete_migration(task.work)
+            return
+        batch = task.work
+        self.timeline.append(BatchRecord(
+            task.started_s, self.state.now, batch.phase, batch.instances,
+            tuple(item.request_id for item in batch.items), batch.num_tokens,
+        ))
+        for instance in batch.instances:
+            self.busy_s[instance] += self.state.now - task.started_s
+        produced = {item.request_id for item in batch.items if self._produces_token(batch, item)}
+        self.state.complete(batch)
+        for request_id in task.requests:
+            live = self._live.get(request_id)
+            if live is None or live.state.rejected is not None:
+                continue  # failed or cancelled while the batch ran
+            if request_id in produced:
+                token = task.tokens.get(request_id)
+                if token is None:
+                    self._fail(live, "no worker returned its token")
+                    continue
+                self._emit_token(live, token, task.logits.get(request_id))
+            if live.state.done:  # reached max_new_tokens
+                self._end(live, "length")
+
+    def _produces_token(self, batch: PrefillBatch | DecodeBatch, item) -> bool:
+        """Every decode step does; a prefill only when it reaches the request's target
+        (not a chunk of a longer prefill)."""
+        if isinstance(batch, DecodeBatch):
+            return True
+        target = self.state.requests[item.request_id].prefill_target
+        return target is None or item.end >= target
+
+    def _emit_token(self, live: _Live, token: int, logits: torch.Tensor | None) -> None:
+        """Stream the token, or end the request on a stop token (which is not streamed)."""
+        if token in live.params.stop_token_ids:
+            if not live.state.done:
+                self.state.finish(live.state)
+            self._end(live, "stop")
+            return
+        live.generated.append(token)
+        self._tell(live, TokenEvent(live.id, token, len(live.generated) - 1, logits))
+
+    def _tell(self, live: _Live, event: TokenEvent | FinishEvent) -> None:
+        """A listener that raises (its consumer went away) loses its request, not the engine."""
+        try:
+            live.listener(event)
+        except Exception as error:
+            if isinstance(event, TokenEvent):
+                self._fail(live, f"its listener raised {type(error).__name__}: {error}", "cancelled")
+
+    # ---------------------------------------------------------------------- ends, faults
+
+    def _release(self, request_id: int) -> None:
+        for table in self.tables:
+            table.release(request_id)
+
+    def _end(self, live: _Live, reason: str, error: str | None = None) -> None:
+        """Free the request's slots in every table (the state freed its KV already) and
+        tell the listener."""
+        if self._live.pop(live.id, None) is None:
+            return
+        self._release(live.id)
+        self._tell(live, FinishEvent(live.id, reason, error))
+
+    def _fail(self, live: _Live, reason: str, kind: str = "error") -> None:
+        if live.state is not None:
+            self.state.now = self.now()
+            self.state.fail(live.state, reason)
+        self._end(live, kind, reason)
+
+    def _cancel(self, request_id: int) -> None:
+        live = self._live.get(request_id)
+        if live is not None:
+            self._fail(live, "cancelled", "cancelled")
+
+    def _fail_queued(self, reason: str) -> None:
+        for live in list(self._live.values()):
+            if live.state is None or not live.state.busy:
+                self._fail(live, reason)
+
+    def _collateral(self, rank: int, iteration: int | None) -> bool:
+        """An error of a rank whose batch or migration includes a retired instance."""
+        return any(
+            rank in task.ranks and set(_members(task.work)) & self.state.retired
+            for task in self._tasks.get(iteration, [])
+        )
+
+    def _check_workers(self) -> None:
+        now = time.monotonic()
+        for rank, process in enumerate(self._processes):
+            if rank in self.state.retired:
+                continue
+            if process.exitcode is not None:
+                self._fault(rank, f"worker {rank} (pid {process.pid}) exited with code {process.exitcode}")
+            elif now - self._last_beat.get(rank, now) > self.options.heartbeat_timeout_s:
+                self._fault(rank, f"worker {rank} (pid {process.pid}) sent no heartbeat for {self.options.heartbeat_timeout_s:g} s")
+
+    def _fault(self, rank: int, why: str) -> None:
+        """Take `rank` out of service; fail what depends on it."""
+        if rank in self.state.retired:
+            return
+        process = self._processes[rank]
+        if process.is_alive():
+            process.kill()
+        self.failures.append(why)
+        reason = f"instance {rank} failed: {why}"
+        affected = {request_id for request_id, state in self.state.running.items() if state.tokens_on(rank)}
+        for flight in self._tasks.values():
+            for task in flight:
+                if rank in _members(task.work):
+                    affected.update(task.requests)
+        for request_id in sorted(affected):
+            if request_id in self._live:
+                self._fail(self._live[request_id], reason)
+        self.state.retire(rank)
+        for iteration in list(self._tasks):
+            self._answer(rank, iteration, None)
+        if len(self.state.retired) == self.world:
+            self._stopping.set()
+
+    def _kill_all(self) -> None:
+        for process in self._processes:
+            if process.is_alive():
+                process.kill()
+        for process in self._processes:
+            process.join(timeout=10)
+
+    # -------------------------------------------------------------------------- reports
+
+    def idle(self) -> bool:
+        return not (self._tasks or self._backlog or self._live)
+
+    def stats(self) -> dict:
+        state = self.state
+        return {
+            "instances": self.world,
+            "in_service": self.world - len(state.retired),
+            "queued": len(self._backlog),
+            "waiting": len(state.waiting),
+            "running": len(state.running),
+            "iterations": state.iteration,
+            "kv_used_tokens": [table.used_tokens for table in self.tables],
+            "kv_capacity_tokens": list(state.capacity),
+            "migrated_tokens": state.migrated_tokens,
+            "migrated_bytes": self.migrated_bytes,
+            "graph_cache": str(self.lowering.cache),
+            "failures": list(self.failures),
+        }
+
+    def check_kv(self) -> None:
+        """Invariant between iterations: tables hold exactly what the state says; when
+        nothing is live, nothing at all."""
+        for rank, table in enumerate(self.tables):
+            table.verify()
+            expected = {
+                request_id: _merged(state.kv[rank])
+                for request_id, state in self.state.running.items() if state.tokens_on(rank)
+            }
+            actual = {request_id: _merged((r.start, r.end) for r in ranges) for request_id, ranges in table.held().items()}
+            if actual != expected:
+                raise AssertionError(f"instance {rank}: its table holds {actual}, the scheduler's state {expected}")
+        if not self._live and any(table.used_tokens for table in self.tables):
+            raise AssertionError(f"no request is live but KV is held: {[t.used_tokens for t in self.tables]}")
+
+    def result(self) -> SimulationResult:
+        """Everything served so far in the simulator's terms (the same metrics apply)."""
+        records = sorted((request_record(state) for state in self.state.requests.values()), key=lambda r: r.id)
+        finished = [r.finish_s for r in records if r.finish_s is not None]
+        duration = (max(finished) - min(r.arrival_s for r in records)) if finished else 0.0
+        kv_token = self.spec.model.kv_bytes_per_token
+        return SimulationResult(
+            f"{self.scheduler.name} (runtime)", records, duration, self.state.iteration, list(self.busy_s),
+            self.migrated_bytes // kv_token if kv_token else 0, self.migrated_bytes, list(self.timeline),
+        )
+
+
+def _members(work: PrefillBatch | DecodeBatch | Migration) -> tuple[int, ...]:
+    return (work.src, work.dst) if isinstance(work, Migration) else work.instances
+
+
+def _merged(ranges) -> tuple[tuple[int, int], ...]:
+    merged: list[list[int]] = []
+    for start, end in sorted(ranges):
+        if merged and merged[-1][1] == start:
+            merged[-1][1] = end
+        else:
+            merged.append([start, end])
+    return tuple((start, end) for start, end in merged)

@@ -1,0 +1,289 @@
+"""The driver's slot table of one rank's KV pool: paged allocation, token-granular bookkeeping.
+
+The worker holds the pool tensor [layers, 2, slots, kv_heads, head_dim]; the driver holds one
+`PagedKVTable` per worker and answers the backend's `SlotTable` calls (`espc.backend.lower`):
+`allocate` when a plan's inputs are computed, `release` on finish, preemption, cancel and
+migration. Slots are handed out in pages of `page_size`: each resident request owns a list of
+pages (its page table) and fills slots only inside them, so the pool never interleaves two
+requests inside one page. Tokens are still tracked one by one, because elastic sequence
+parallelism keeps arbitrary subsets of a request on a rank (a striped every-d-th share of a
+prefill, a migrated span).
+
+Sizing: `capacity_tokens` bounds the tokens held; the pool has one extra page per request on
+top of ceil(capacity / page_size), which covers the partly filled last page of each of the
+`max_requests` resident requests. A request that releases spans out of the middle of its pages
+keeps those pages (their free slots are its own to refill, lowest first), so heavy
+fragmentation can run out of pages before tokens — that is reported as `KVPoolFull` too.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from espc.planner.plan import RequestId, TokenRange
+
+_LONG = torch.int64
+_INTEGER = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+class KVPoolFull(RuntimeError):
+    """An allocation does not fit; the table is unchanged."""
+
+
+@dataclass
+class _Resident:
+    pages: list[int]  # the page table, in acquisition order
+    positions: torch.Tensor  # held token positions, in allocation order
+    members: set[int]  # the same positions: a membership test per decode step stays O(1)
+    slots: torch.Tensor  # the slot of each position
+    spare: torch.Tensor  # sorted free slots inside its own pages, refilled first
+
+
+def _empty() -> torch.Tensor:
+    return torch.empty(0, dtype=_LONG)
+
+
+def _ranges(positions: torch.Tensor) -> tuple[TokenRange, ...]:
+    """Sorted, merged ranges covering a set of distinct positions."""
+    if not len(positions):
+        return ()
+    ordered = positions.sort().values
+    breaks = (torch.nonzero(ordered.diff() != 1).flatten() + 1).tolist()
+    starts = [0, *breaks]
+    ends = [*breaks, len(ordered)]
+    values = ordered.tolist()
+    return tuple(TokenRange(values[s], values[e - 1] + 1) for s, e in zip(starts, ends))
+
+
+class PagedKVTable:
+    """Who holds which slots of one rank's KV pool (a `espc.backend.lower.SlotTable`)."""
+
+    def __init__(self, capacity_tokens: int, page_size: int, max_requests: int):
+        if capacity_tokens < 0 or page_size < 1 or max_requests < 1:
+            raise ValueError(
+                f"KV table needs capacity_tokens >= 0, page_size >= 1 and max_requests >= 1; got "
+                f"capacity_tokens={capacity_tokens}, page_size={page_size}, max_requests={max_requests}"
+            )
+        self.capacity_tokens = capacity_tokens
+        self.page_size = page_size
+        self.max_requests = max_requests
+        self.num_pages = math.ceil(capacity_tokens / page_size) + max_requests
+        self._free_pages = list(range(self.num_pages))  # a heap: the lowest page goes out first
+        self._residents: dict[RequestId, _Resident] = {}
+        self._used = 0
+
+    # ------------------------------------------------------------------------ SlotTable
+
+    def resident(self, request: RequestId) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions, slots) of the request's tokens, in allocation order."""
+        entry = self._residents.get(request)
+        return (entry.positions, entry.slots) if entry else (_empty(), _empty())
+
+    def allocate(self, request: RequestId, positions: torch.Tensor) -> torch.Tensor:
+        """One slot per position, in the same order: the request's free slots in its own pages
+        first (lowest first), then fresh pages. Raises `KVPoolFull` (table unchanged) when the
+        tokens, the request count or the pages run out."""
+        entry = self._residents.get(request)
+        positions, values = self._checked(request, positions, entry.members if entry else set())
+        n = len(positions)
+        if n == 0:  # a rank that keeps nothing of a batch does not become resident
+            return _empty()
+        if entry is None and len(self._residents) >= self.max_requests:
+            raise KVPoolFull(
+                f"request {request}: cannot become resident for {n} tokens, "
+                f"{len(self._residents)} of {self.max_requests} requests already are"
+            )
+        if self._used + n > self.capacity_tokens:
+            raise KVPoolFull(
+                f"request {request}: {n} tokens do not fit, {self.free_tokens} of "
+                f"{self.capacity_tokens} tokens free"
+            )
+        spare = entry.spare if entry else _empty()
+        new_pages = math.ceil(max(n - len(spare), 0) / self.page_size)
+        if new_pages > len(self._free_pages):
+            raise KVPoolFull(
+                f"request {request}: {n} tokens need {new_pages} new pages of {self.page_size} "
+                f"beyond its {len(spare)} spare slots, {len(self._free_pages)} of {self.num_pages} pages free"
+            )
+        # Checks done: from here on nothing raises, so a failed allocation changed nothing.
+        pages = [heapq.heappop(self._free_pages) for _ in range(new_pages)]
+        candidates = torch.cat((spare, self._page_slots(pages)))
+        slots, spare = candidates[:n], candidates[n:]
+        if entry is None:
+            self._residents[request] = _Resident(pages, positions, set(values), slots, spare)
+        else:
+            entry.pages.extend(pages)
+            entry.positions = torch.cat((entry.positions, positions))
+            entry.members.update(values)
+            entry.slots = torch.cat((entry.slots, slots))
+            entry.spare = spare
+        self._used += n
+        return slots
+
+    def release(self, request: RequestId, span: TokenRange | None = None) -> None:
+        """Drop the request's tokens in `span` (all when None). Holding none of them is fine:
+        a plan frees a request on every rank, also those that hold nothing of it."""
+        entry = self._residents.get(request)
+        if entry is None:
+            return
+        if span is not None:
+            drop = (entry.positions >= span.start) & (entry.positions < span.end)
+            if not drop.all():
+                self._drop(entry, drop)
+                return
+        self._used -= len(entry.positions)
+        for page in entry.pages:
+            heapq.heappush(self._free_pages, page)
+        del self._residents[request]
+
+    # ------------------------------------------------------------------------ accounting
+
+    @property
+    def num_slots(self) -> int:
+        """Slots of the pool tensor this table manages."""
+        return self.num_pages * self.page_size
+
+    @property
+    def used_tokens(self) -> int:
+        return self._used
+
+    @property
+    def free_tokens(self) -> int:
+        return self.capacity_tokens - self._used
+
+    @property
+    def used_pages(self) -> int:
+        return self.num_pages - len(self._free_pages)
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free_pages)
+
+    def requests(self) -> tuple[RequestId, ...]:
+        """The resident requests (each holds at least one token), sorted."""
+        return tuple(sorted(self._residents))
+
+    def pages(self, request: RequestId) -> tuple[int, ...]:
+        """The request's page table, in acquisition order (empty when not resident)."""
+        entry = self._residents.get(request)
+        return tuple(entry.pages) if entry else ()
+
+    def held(self) -> dict[RequestId, tuple[TokenRange, ...]]:
+        """Each resident request's positions as sorted, merged ranges."""
+        return {request: _ranges(self._residents[request].positions) for request in self.requests()}
+
+    def verify(self) -> None:
+        """Check the table's invariants; raises AssertionError listing every violation."""
+        problems: list[str] = []
+        free = list(self._free_pages)
+        if len(set(free)) != len(free):
+            problems.append(f"free page list has duplicates: {sorted(free)}")
+        owner: dict[int, RequestId | None] = dict.fromkeys(free)  # None: the free list
+        all_slots = []
+        for request, entry in sorted(self._residents.items()):
+            for page in entry.pages:
+                if page in owner:
+                    holder = "the free list" if owner[page] is None else f"request {owner[page]}"
+                    problems.append(f"page {page} of request {request} is also owned by {holder}")
+                owner[page] = request
+            n = len(entry.positions)
+            if n == 0:
+                problems.append(f"request {request} is resident with no tokens")
+            if len(entry.slots) != n:
+                problems.append(f"request {request}: {n} positions but {len(entry.slots)} slots")
+            if len(entry.positions.unique()) != n or entry.members != set(entry.positions.tolist()):
+                problems.append(f"request {request} holds a position twice or its position set is stale")
+            mine = torch.cat((entry.slots, entry.spare))
+            outside = mine[~torch.isin(mine // self.page_size, torch.tensor(entry.pages, dtype=_LONG))]
+            if len(outside):
+                problems.append(f"request {request}: slots {outside.tolist()[:8]} lie outside its pages {entry.pages}")
+            if len(entry.slots) + len(entry.spare) != len(entry.pages) * self.page_size:
+                problems.append(
+                    f"request {request}: {len(entry.slots)} used + {len(entry.spare)} spare slots "
+                    f"!= {len(entry.pages)} pages x {self.page_size}"
+                )
+            if not torch.equal(entry.spare, entry.spare.sort().values):
+                problems.append(f"request {request}: spare slots are not sorted")
+            if len(entry.spare) and (entry.spare // self.page_size).bincount().max() >= self.page_size:
+                problems.append(f"request {request} keeps a page with no used slot")
+            all_slots += [entry.slots, entry.spare]
+        missing, beyond = set(range(self.num_pages)) - set(owner), set(owner) - set(range(self.num_pages))
+        if missing or beyond:
+            problems.append(f"pages {sorted(missing)[:8]} are neither free nor owned, pages {sorted(beyond)[:8]} beyond the pool")
+        slots = torch.cat(all_slots) if all_slots else _empty()
+        if len(slots.unique()) != len(slots):
+            problems.append("a slot is given out twice")
+        used = sum(len(entry.positions) for entry in self._residents.values())
+        if used != self._used:
+            problems.append(f"used count {self._used} != {used} tokens held")
+        if used > self.capacity_tokens:
+            problems.append(f"{used} tokens held exceed the capacity {self.capacity_tokens}")
+        if len(self._residents) > self.max_requests:
+            problems.append(f"{len(self._residents)} resident requests exceed max_requests {self.max_requests}")
+        if problems:
+            raise AssertionError("KV table invalid:\n  " + "\n  ".join(problems))
+
+    def __str__(self) -> str:
+        lines = [
+            f"PagedKVTable {self.used_tokens}/{self.capacity_tokens} tokens, {self.used_pages}/"
+            f"{self.num_pages} pages of {self.page_size}, {len(self._residents)}/{self.max_requests} requests"
+        ]
+        for request, ranges in self.held().items():
+            entry = self._residents[request]
+            spans = " ".join(f"[{r.start}, {r.end})" for r in ranges)
+            lines.append(f"  req {request}: {len(entry.positions)} tokens {spans} pages {entry.pages}")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _checked(request: RequestId, positions: torch.Tensor, held: set[int]) -> tuple[torch.Tensor, list[int]]:
+        """New, distinct, non-negative positions as a 1-D int64 tensor and as a list."""
+        positions = torch.as_tensor(positions)
+        if positions.dim() != 1 or positions.dtype not in _INTEGER:
+            raise ValueError(
+                f"request {request}: positions must be a 1-D integer tensor, got "
+                f"{positions.dtype} of shape {tuple(positions.shape)}"
+            )
+        positions = positions.to(_LONG, copy=True)  # ours to keep, whatever the caller does with theirs
+        values = positions.tolist()
+        if values and min(values) < 0:
+            raise ValueError(f"request {request}: negative positions {sorted(p for p in values if p < 0)[:8]}")
+        if len(set(values)) != len(values):
+            twice = sorted(p for p, count in Counter(values).items() if count > 1)
+            raise ValueError(f"request {request}: positions {twice[:8]} given twice")
+        if not held.isdisjoint(values):
+            raise ValueError(
+                f"request {request}: positions {sorted(held.intersection(values))[:8]} are already allocated on this table"
+            )
+        return positions, values
+
+    def _drop(self, entry: _Resident, drop: torch.Tensor) -> None:
+        """Release some (not all) of a request's tokens; pages left with no used slot go back."""
+        dropped = int(drop.sum())
+        if dropped == 0:
+            return
+        self._used -= dropped
+        spare = torch.cat((entry.spare, entry.slots[drop])).sort().values
+        entry.members.difference_update(entry.positions[drop].tolist())
+        entry.positions, entry.slots = entry.positions[~drop], entry.slots[~drop]
+        page_of = spare // self.page_size
+        page_ids, counts = page_of.unique(return_counts=True)
+        emptied = page_ids[counts == self.page_size]
+        if len(emptied):
+            spare = spare[~torch.isin(page_of, emptied)]
+            gone = set(emptied.tolist())
+            entry.pages = [page for page in entry.pages if page not in gone]
+            for page in gone:
+                heapq.heappush(self._free_pages, page)
+        entry.spare = spare
+
+    def _page_slots(self, pages: list[int]) -> torch.Tensor:
+        if not pages:
+            return _empty()
+        return (torch.tensor(pages, dtype=_LONG)[:, None] * self.page_size + torch.arange(self.page_size)).flatten()

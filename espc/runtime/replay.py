@@ -1,0 +1,84 @@
+"""Replay a request stream (a spec's workload or a trace) on a running Engine, in real time.
+
+Each request is submitted at its arrival time with `prompt_len` token ids drawn from a
+seeded generator and `max_new_tokens = output_len` (no stop tokens, so output lengths are
+the stream's): the run is the same request stream the simulator replays, which is what
+makes `espc simulate` and `espc run` comparable. The result is a SimulationResult on the
+engine's clock, so the planner's metrics (`summarize`) and plots apply unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from espc.planner.simulator import SimulationResult
+from espc.planner.workload import Request
+from espc.runtime.engine import Engine
+from espc.runtime.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class Replay:
+    result: SimulationResult  # the replayed requests only, arrivals relative to the first
+    failed: dict[int, str]  # request index in the stream -> error
+    output_tokens: int
+    wall_s: float
+
+    def dop_decisions(self) -> dict[str, Counter]:
+        """Per phase, how many batches ran at each degree of parallelism."""
+        decisions: dict[str, Counter] = {"prefill": Counter(), "decode": Counter()}
+        for batch in self.result.timeline:
+            decisions[batch.phase][len(batch.instances)] += 1
+        return decisions
+
+
+def replay(
+    engine: Engine, requests: Sequence[Request], *, seed: int = 0,
+    on_progress: Callable[[int, int], None] | None = None, timeout_s: float = 600.0,
+) -> Replay:
+    """Submit every request at its arrival (relative to now) and wait for all of them."""
+    vocab = engine.spec.model.vocab
+    generator = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, vocab, (r.prompt_len,), generator=generator).tolist() for r in requests]
+    order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
+    first_arrival = requests[order[0]].arrival_s if requests else 0.0
+    started = time.monotonic()
+    handles = {}
+    for index in order:
+        delay = requests[index].arrival_s - first_arrival - (time.monotonic() - started)
+        if delay > 0:
+            time.sleep(delay)
+        handles[index] = engine.submit(prompts[index], SamplingParams(max_new_tokens=requests[index].output_len))
+        if on_progress:
+            on_progress(sum(h.done() for h in handles.values()), len(requests))
+    deadline = started + timeout_s
+    while not all(handle.done() for handle in handles.values()):
+        if time.monotonic() > deadline:
+            for handle in handles.values():
+                handle.cancel()
+            break
+        time.sleep(0.05)
+        if on_progress:
+            on_progress(sum(h.done() for h in handles.values()), len(requests))
+    completions = {index: handle.result(timeout=60) for index, handle in handles.items()}
+    wall_s = time.monotonic() - started
+    served = engine.result()
+    ids = {completion.request_id for completion in completions.values()}
+    records = [record for record in served.records if record.id in ids]
+    timeline = [batch for batch in served.timeline if set(batch.request_ids) & ids]
+    result = SimulationResult(
+        served.strategy, records, served.duration_s if len(ids) == len(served.records) else _duration(records),
+        served.iterations, served.instance_busy_s, served.migrated_tokens, served.migrated_bytes, timeline,
+    )
+    failed = {index: c.error or c.finish_reason for index, c in completions.items() if c.finish_reason != "length"}
+    return Replay(result, failed, sum(len(c.token_ids) for c in completions.values()), wall_s)
+
+
+def _duration(records) -> float:
+    finished = [r.finish_s for r in records if r.finish_s is not None]
+    return max(finished) - min(r.arrival_s for r in records) if finished else 0.0
