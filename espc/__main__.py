@@ -1,3 +1,5 @@
 from espc.cli import main
 
-main()
+# The guard matters: multiprocessing spawn re-imports the main module in every worker.
+if __name__ == "__main__":
+    main()

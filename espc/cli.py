@@ -62,10 +62,6 @@ def _load(path: Path) -> Spec:
         _fail(str(error))
 
 
-def _not_implemented(verb: str, arrives_with: str) -> NoReturn:
-    _fail(f"espc {verb}: not implemented in espc {espc.__version__} yet; it arrives with {arrives_with}.")
-
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"espc {espc.__version__}")
@@ -138,9 +134,6 @@ def schema(
         typer.echo(text, nl=False)
     else:
         output.write_text(text, encoding="utf-8")
-
-
-_SERVER = "the OpenAI-compatible server"
 
 
 @app.command(name="compile")
@@ -451,6 +444,11 @@ def _progress_printer():
     return update
 
 
+class Launcher(str, Enum):
+    spawn = "spawn"
+    torchrun = "torchrun"
+
+
 class Phase(str, Enum):
     prefill = "prefill"
     decode = "decode"
@@ -501,9 +499,27 @@ def run(
     kv_capacity: Annotated[Optional[int], typer.Option(help="KV tokens per instance (default: the spec's memory)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print results as JSON")] = False,
     plot: Annotated[Optional[Path], typer.Option(help="draw the elastic timeline into this directory")] = None,
+    launcher: Annotated[
+        Launcher, typer.Option(help="spawn: workers on this machine; torchrun: run under torchrun, one process per device")
+    ] = Launcher.spawn,
 ) -> None:
     """Serve requests with the compiled policy on the spec's devices: one prompt, or a
-    workload replayed in real time with its latencies, SLO attainment and DoP decisions."""
+    workload replayed in real time with its latencies, SLO attainment and DoP decisions.
+
+    Across machines: `torchrun --nnodes N --nproc-per-node P --rdzv-endpoint HOST:PORT -m espc
+    run DIR --launcher torchrun` on every node; RANK 0 drives, every other rank is a worker."""
+    if launcher is Launcher.torchrun:
+        from espc.runtime.launch import LaunchError, serve_worker, torchrun_rank
+
+        found = torchrun_rank()
+        if found is None:
+            _fail("espc run --launcher torchrun: RANK, WORLD_SIZE and MASTER_ADDR are not set; start it with torchrun")
+        if found[0] != 0:
+            try:
+                serve_worker()
+            except LaunchError as error:
+                _fail(f"espc run: {error}")
+            return
     if prompt is not None and prompt_ids is not None:
         _fail("give --prompt or --prompt-ids, not both")
     if (prompt is not None or prompt_ids is not None) and (trace is not None or rate is not None or requests is not None):
@@ -522,7 +538,7 @@ def run(
     from espc.runtime.engine import Engine
     from espc.runtime.sampling import SamplingParams
 
-    overrides = {"kv_capacity": kv_capacity} if kv_capacity else {}
+    overrides = {"launcher": launcher.value} | ({"kv_capacity": kv_capacity} if kv_capacity else {})
     if prompt is not None or ids is not None:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
         try:
@@ -640,14 +656,62 @@ def profile(
     typer.echo(f"wrote {output}; next: espc compile {spec_file} --calibration {output} -o DIR")
 
 
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
 @app.command()
 def serve(
     artifact: ArtifactDir,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    served_model_name: Annotated[
+        Optional[str], typer.Option(help="the model name clients send (default: the spec's model.name)")
+    ] = None,
+    kv_capacity: Annotated[Optional[int], typer.Option(help="KV tokens per instance (default: the spec's memory)")] = None,
+    log_level: Annotated[str, typer.Option(help="the HTTP server's log level: " + ", ".join(_LOG_LEVELS))] = "info",
 ) -> None:
-    """Serve an OpenAI-compatible HTTP API (/v1/completions) over the engine."""
-    _not_implemented("serve", _SERVER)
+    """Serve the compiled policy over an OpenAI-compatible HTTP API: /v1/completions (streamed
+    with server-sent events), /v1/models, /health and /metrics (Prometheus); admission control
+    comes from the spec's `serving` section. Stops on Ctrl-C."""
+    if not 0 <= port <= 65535:
+        _fail(f"--port {port}: expected 0..65535")
+    if kv_capacity is not None and kv_capacity < 1:
+        _fail("--kv-capacity must be at least 1")
+    if log_level not in _LOG_LEVELS:
+        _fail(f"--log-level {log_level!r}: expected one of {', '.join(_LOG_LEVELS)}")
+    loaded = _open_artifact(artifact)
+    try:  # imported here: the web stack and torch load only for this verb
+        from espc.runtime.server import bind, terminate_as_interrupt
+        from espc.runtime.server import serve as serve_http
+    except ImportError as error:
+        _fail(f"espc serve needs FastAPI and uvicorn ({error}): pip install fastapi uvicorn")
+    terminate_as_interrupt()  # SIGTERM, even while the workers start, closes them like Ctrl-C
+    from espc.runtime.driver import EngineError
+    from espc.runtime.engine import Engine
+
+    try:
+        sock = bind(host, port)  # before the workers start: a busy port fails at once
+    except OSError as error:
+        _fail(f"espc serve: cannot listen on {host}:{port}: {error.strerror or error}")
+    name = served_model_name or loaded.spec.model.name
+    overrides = {"kv_capacity": kv_capacity} if kv_capacity else {}
+    console = Console(stderr=True)
+
+    def ready(url: str) -> None:
+        console.print(
+            f"espc serve: {escape(name)} ({loaded.policy.strategy}, {loaded.spec.cluster.num_devices} workers) at {url}\n"
+            f"  curl {url}/v1/completions -H 'Content-Type: application/json' "
+            f"-d '{{\"model\": \"{escape(name)}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'",
+            highlight=False, soft_wrap=True,
+        )
+
+    try:
+        with sock, Engine(loaded.spec, loaded.policy, base_dir=loaded.base_dir, **overrides) as engine:
+            serve_http(engine, sock, model_name=name, log_level=log_level, on_ready=ready)
+    except (EngineError, ValueError) as error:
+        _fail(f"espc serve: {error}")
+    except KeyboardInterrupt:
+        pass
 
 
 def main() -> None:

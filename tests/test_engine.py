@@ -2,7 +2,7 @@
 
 Numerics: greedy tokens and per-step logits of the engine equal a single-process float64
 reference of the same weights, for prompts of odd lengths on the GQA tiny model, under
-plans of every shape the runtime executes — DoP 1 and 4 (static-sp), scale-up decoding
+plans of every shape the runtime executes — DoP 1, 2 and 4 (static-sp), scale-up decoding
 (the compiled elastic scheduler), prefill on 4 instances retained on 2 (scale-down) with a
 migration between generated tokens (a scripted scheduler), disaggregated prefill/decode —
 and, on a Hugging Face checkpoint, equal transformers' own greedy generation.
@@ -113,12 +113,13 @@ def scripted(spec):
     "how",
     [
         {"strategy": "static-sp", "configuration": "tp=1, groups=1+1+1+1"},
+        {"strategy": "static-sp", "configuration": "tp=1, groups=2+2"},
         {"strategy": "static-sp", "configuration": "tp=1, groups=4"},
         {"strategy": "disaggregated", "configuration": "tp=1, 2P+2D"},
         {"strategy": "elastic"},
         {"scheduler": scripted},
     ],
-    ids=["dop1", "dop4", "disaggregated", "elastic", "scale-down+migration"],
+    ids=["dop1", "dop2", "dop4", "disaggregated", "elastic", "scale-down+migration"],
 )
 def test_greedy_tokens_and_logits_equal_the_float64_reference(spec, reference, how):
     how = dict(how)
@@ -275,3 +276,45 @@ def test_bad_requests_and_options_are_refused_with_reasons(spec):
         Engine(spec, strategy="chunked")
     with pytest.raises(ValueError, match="kv_capacty"):
         Engine(spec, kv_capacty=5)
+
+
+TORCHRUN_SCRIPT = """
+import json, sys
+from espc import load_spec
+from espc.runtime.engine import Engine
+from espc.runtime.launch import serve_worker, torchrun_rank
+from espc.runtime.sampling import SamplingParams
+
+if __name__ == "__main__":
+    rank, _ = torchrun_rank()
+    if rank:
+        serve_worker()
+    else:
+        options = dict(strategy="static-sp", configuration="tp=1, groups=2+2", kv_capacity=4096, launcher="torchrun")
+        with Engine(load_spec(sys.argv[1]), **options) as engine:
+            completions = engine.generate(json.loads(sys.argv[2]), SamplingParams(max_new_tokens=int(sys.argv[3])))
+            engine.check_kv()
+        print("TOKENS", json.dumps([c.token_ids for c in completions]))
+"""
+
+
+def test_torchrun_launcher_serves_from_rank_zero(tmp_path, reference):
+    """Four torchrun processes: RANK 0 drives (its worker spawned beside it), ranks 1-3 connect
+    to it as workers; the tokens are the float64 reference's greedy ones."""
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "serve.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    done = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node", "4", str(script), str(TINY), json.dumps(PROMPTS[:2]), str(NEW_TOKENS)],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    tokens = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("TOKENS"))[len("TOKENS "):])
+    for prompt, generated in zip(PROMPTS, tokens):
+        with torch.no_grad():
+            expected = reference(torch.tensor(prompt + generated[:-1]))[len(prompt) - 1:].argmax(-1).tolist()
+        assert generated == expected

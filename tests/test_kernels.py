@@ -40,6 +40,8 @@ def make_inputs(nq, nk, hq, hkv, d, layout, dtype, seed=0):
     contig:  one request, keys 0..nk-1, queries are the last nq positions of [0, max(nq, nk)).
     striped: ring of 3 instances, queries on instance 1 (pos 3j+1), keys on instance 2 (3j+2);
              under causal the first query sees no key.
+    striped_before: the same ring, keys from instance 0 (pos 3j), before the queries' stripe:
+             under causal query j sees keys 0..j (plain causal once sorted).
     packed:  several requests in one call, ids unsorted on the key side; request 3 has keys
              but no queries, and a query request may have no keys (fully masked rows).
     """
@@ -53,6 +55,9 @@ def make_inputs(nq, nk, hq, hkv, d, layout, dtype, seed=0):
         q_seq, k_seq = torch.zeros(nq, dtype=torch.long), torch.zeros(nk, dtype=torch.long)
     elif layout == "striped":
         q_pos, k_pos = torch.arange(nq) * 3 + 1, torch.arange(nk) * 3 + 2
+        q_seq, k_seq = torch.zeros(nq, dtype=torch.long), torch.zeros(nk, dtype=torch.long)
+    elif layout == "striped_before":
+        q_pos, k_pos = torch.arange(nq) * 3 + 1, torch.arange(nk) * 3
         q_seq, k_seq = torch.zeros(nq, dtype=torch.long), torch.zeros(nk, dtype=torch.long)
     elif layout == "packed":
         q_seq = torch.randint(0, 3, (nq,), generator=g).sort().values
@@ -108,7 +113,7 @@ _HEADS = [(4, 2), (4, 4), (8, 1)]
 TORCH_GRID = [
     (nq, nk, *_HEADS[i % 3], (16, 80)[i % 2], causal, layout, (torch.float32, torch.float16, torch.bfloat16)[i % 3])
     for i, (nq, nk, layout, causal) in enumerate(
-        itertools.product(_SIZES, _SIZES, ["contig", "striped", "packed"], [False, True])
+        itertools.product(_SIZES, _SIZES, ["contig", "striped", "striped_before", "packed"], [False, True])
     )
 ]
 

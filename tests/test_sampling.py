@@ -121,3 +121,9 @@ def test_bad_logits_are_rejected():
         sample(torch.zeros(2, 3), SamplingParams(), 0, 0)
     with pytest.raises(ValueError, match="no finite maximum: max is nan"):
         sample(torch.tensor([0.0, math.nan]), SamplingParams(temperature=1.0), 0, 0)
+
+
+def test_a_tiny_temperature_is_greedy_not_nan():
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.9])
+    params = SamplingParams(temperature=5e-324)
+    assert all(sample(logits, params, seed=1, step=step) == 1 for step in range(20))

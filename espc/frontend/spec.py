@@ -1,4 +1,4 @@
-"""The Spec: what a serving engineer declares — model, cluster, SLOs, workload, policy, runtime.
+"""The Spec: what a serving engineer declares — model, cluster, SLOs, workload, policy, runtime, serving.
 
 Pydantic v2 models, frozen and `extra="forbid"`, are the single source of truth for
 configuration: TOML and the DSL both produce a raw dictionary that is validated here, and
@@ -697,6 +697,21 @@ class RuntimeSpec(_Frozen):
     memory_fraction: Fraction = Field(0.9, description="share of device memory espc may use")
 
 
+class ServingSpec(_Frozen):
+    """Admission control of `espc.Engine` and `espc serve` (Mooncake's early rejection): a
+    request that cannot be served well is refused at once, with its reason, instead of
+    queueing behind work it can never overtake and slowing everyone down."""
+
+    max_queued_requests: PositiveInt = Field(
+        1024, description="requests that may wait for their first prefill at once; more are refused (HTTP 429)",
+    )
+    reject_unreachable_ttft: Flag = Field(
+        False,
+        description="refuse (HTTP 429) a request when the prefill work queued before it, spread over the instances "
+        "in service, plus its own prefill already exceeds its ttft target (cost-model estimate: calibrate first)",
+    )
+
+
 _RUNTIME_DEFAULTS = {
     "cuda": {"backend": "nccl", "attention": "triton"},
     "cpu": {"backend": "gloo", "attention": "torch"},
@@ -726,6 +741,7 @@ class Spec(_Frozen):
     workload: WorkloadSpec
     policy: PolicySpec = PolicySpec()
     runtime: RuntimeSpec = Field(default=None, validate_default=True)  # filled per device kind
+    serving: ServingSpec = ServingSpec()
 
     @model_validator(mode="before")
     @classmethod

@@ -71,6 +71,7 @@ def document(spec: Spec, full: bool = False) -> Document:
         "workload": _section(spec.workload, _field_defaults(type(spec.workload)), full),
         "policy": _section(spec.policy, _field_defaults(type(spec.policy)), full),
         "runtime": _section(spec.runtime, runtime_baseline, full),
+        "serving": _section(spec.serving, _field_defaults(type(spec.serving)), full),
     }
     return {name: section for name, section in sections.items() if section or name in ("model", "cluster")}
 

@@ -44,6 +44,7 @@ class RequestState:
     kv_tokens: dict[int, int] = field(default_factory=dict)  # instance -> tokens held
     kv_len: int = 0
     busy: bool = False  # in a running batch or migration
+    migrations_in_flight: int = 0  # a plan may move several ranges of one request at once
     first_scheduled_s: float | None = None
     first_token_s: float | None = None
     finish_s: float | None = None
@@ -192,6 +193,7 @@ class ClusterState:
         for migration in plan.migrations:
             state = self.requests[migration.request_id]
             state.busy = True
+            state.migrations_in_flight += 1
             self._hold(state, migration.dst, migration.range.start, migration.range.end)
         self.iteration += 1
 
@@ -222,7 +224,9 @@ class ClusterState:
         state = self.requests[migration.request_id]
         if state.done:
             return  # failed while the migration ran; its KV is already freed
-        state.busy = False
+        state.migrations_in_flight -= 1
+        # Busy until the last of its migrations lands: its KV is held on both ends until then.
+        state.busy = state.migrations_in_flight > 0
         self._release(state, migration.src, migration.range)
         state.migrated_tokens += len(migration.range)
         self.migrated_tokens += len(migration.range)

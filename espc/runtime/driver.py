@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 from espc.backend.lower import Lowering
 from espc.frontend.spec import Spec
@@ -46,7 +45,8 @@ from espc.planner.workload import Request
 from espc.runtime.kvpool import PagedKVTable
 from espc.runtime.model import build_model
 from espc.runtime.sampling import SamplingParams
-from espc.runtime.worker import BEAT, DTYPES, ERROR, READY, RESULT, Sampling, Step, StepResult, WorkerConfig, worker_main
+from espc.runtime.launch import LaunchError, WorkerHandle, spawn_workers, torchrun_workers
+from espc.runtime.worker import BEAT, DTYPES, ERROR, READY, RESULT, Sampling, Step, StepResult, WorkerConfig
 
 # A scheduler may first free KV (preemption) and then plan into the freed space.
 _MAX_PLANS_PER_WAKE = 8
@@ -70,6 +70,9 @@ class FinishEvent:
     request_id: int
     reason: str  # "length", "stop", "cancelled", "rejected" or "error"
     error: str | None = None
+    # Why a request was rejected: "queue_full" or "ttft_unreachable" (overload: try again
+    # later), "unservable" (no instance group in service can hold its KV).
+    code: str | None = None
 
 
 Listener = Callable[[TokenEvent | FinishEvent], None]
@@ -101,12 +104,35 @@ class _Task:
     started_s: float
     tokens: dict[RequestId, int] = field(default_factory=dict)
     logits: dict[RequestId, torch.Tensor] = field(default_factory=dict)
+    worker_s: float = 0.0  # the slowest rank's own time (graph, inputs, sampling)
 
     @property
     def requests(self) -> tuple[RequestId, ...]:
         if isinstance(self.work, Migration):
             return (self.work.request_id,)
         return tuple(item.request_id for item in self.work.items)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchCost:
+    """A finished batch on the driver's clock, and the slowest worker's own time in it: the
+    rest is dispatch (inputs, queues, results) — what `espc profile` adds to its fits."""
+
+    phase: str
+    instances: tuple[int, ...]
+    lengths: tuple[int, ...]  # per request: new tokens (prefill) or context (decode)
+    start_s: float
+    end_s: float
+    worker_s: float
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Early rejection at arrival (the spec's `[serving]` section): refuse a request at once,
+    with its reason, rather than queue it behind work it can never overtake."""
+
+    max_queued: int | None = None  # requests waiting for their first prefill at once; None: no bound
+    ttft_target: Callable[[int], float] | None = None  # prompt length -> TTFT bound (s); None: not checked
 
 
 @dataclass(frozen=True)
@@ -119,6 +145,8 @@ class DriverOptions:
     comm_timeout_s: float
     stall_timeout_s: float
     dtype: str
+    admission: Admission = Admission()
+    launcher: str = "spawn"  # spawn | torchrun (see espc.runtime.launch)
 
 
 class Driver:
@@ -147,11 +175,13 @@ class Driver:
         self._last_beat: dict[int, float] = {}
         self._stalled_since: float | None = None
         self.timeline: list[BatchRecord] = []
+        self.batch_costs: list[BatchCost] = []  # what each batch cost the workers vs the driver
         self.busy_s = [0.0] * self.world
         self.migrated_bytes = 0
+        self.migrations = 0
+        self.rejected: dict[str, int] = {}  # rejection code -> requests
         self.failures: list[str] = []  # one line per worker taken out of service
-        self._processes: list = []
-        self._commands: list = []
+        self._workers: list[WorkerHandle] = []
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._fatal: str | None = None
@@ -162,30 +192,27 @@ class Driver:
     def start(self) -> None:
         from espc.backend.harness import free_port
 
-        context = mp.get_context("spawn")
-        results = context.Queue()
+        torchrun = self.options.launcher == "torchrun"
         device = self.spec.cluster.nodes[0].device.kind
         config = WorkerConfig(
-            self.spec.model, self.base_dir, self.world, f"tcp://127.0.0.1:{free_port()}", self.spec.runtime.backend,
-            device, self.options.dtype, self.spec.runtime.attention, self.tables[0].num_slots, self.options.threads,
-            self.options.comm_timeout_s,
+            self.spec.model, self.base_dir, self.world, "env://" if torchrun else f"tcp://127.0.0.1:{free_port()}",
+            self.spec.runtime.backend, device, self.options.dtype, self.spec.runtime.attention, self.tables[0].num_slots,
+            self.options.threads, self.options.comm_timeout_s,
         )
-        self._commands = [context.Queue() for _ in range(self.world)]
-        self._processes = [
-            context.Process(target=worker_main, args=(rank, config, self._commands[rank], results), daemon=True)
-            for rank in range(self.world)
-        ]
-        for process in self._processes:
-            process.start()
-        self._results = results
-        threading.Thread(target=self._forward_results, daemon=True, name="espc-results").start()
+        try:
+            if torchrun:
+                self._workers = torchrun_workers(config, self._inbox, self.options.start_timeout_s)
+            else:
+                self._workers = spawn_workers(config, range(self.world), self._inbox)
+        except LaunchError as error:
+            raise EngineError(str(error)) from None
         ready: set[int] = set()
         deadline = time.monotonic() + self.options.start_timeout_s
         while len(ready) < self.world:
             try:
                 kind, rank, payload = self._inbox.get(timeout=0.5)
             except queue.Empty:
-                exited = {rank: p.exitcode for rank, p in enumerate(self._processes) if p.exitcode is not None}
+                exited = {rank: w.exitcode() for rank, w in enumerate(self._workers) if w.exitcode() is not None}
                 missing = sorted(set(range(self.world)) - ready)
                 if exited or time.monotonic() > deadline:
                     self._kill_all()
@@ -208,22 +235,22 @@ class Driver:
         self._stopping.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        for rank, (command, process) in enumerate(zip(self._commands, self._processes)):
-            if process.is_alive() and rank not in self.state.retired:
-                command.put(None)
-        for process in self._processes:
-            process.join(timeout=10)
-            if process.is_alive():
-                process.kill()
-                process.join()
-        self._processes = []
+        for rank, worker in enumerate(self._workers):
+            if worker.exitcode() is None and rank not in self.state.retired:
+                worker.send(None)
+        for worker in self._workers:
+            worker.join(timeout=10)
+            worker.kill()
+            worker.join(timeout=10)
+        self._workers = []
 
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def pids(self) -> list[int]:
-        return [process.pid for process in self._processes]
+    def pids(self) -> list[int | None]:
+        """Worker process ids (None for a torchrun worker on another process)."""
+        return [worker.pid for worker in self._workers]
 
     # ------------------------------------------------------------------ thread-safe calls
 
@@ -249,14 +276,6 @@ class Driver:
         return time.monotonic() - self._t0
 
     # --------------------------------------------------------------------------- the loop
-
-    def _forward_results(self) -> None:
-        while True:
-            try:
-                message = self._results.get()
-            except (EOFError, OSError, ValueError):
-                return
-            self._inbox.put(message)
 
     def _loop(self) -> None:
         try:
@@ -287,7 +306,11 @@ class Driver:
         kind, rank, payload = message
         if kind == "submit":
             self._live[payload.id] = payload
-            self._backlog.append(payload)
+            refusal = self._refusal(payload)
+            if refusal is None:
+                self._backlog.append(payload)
+            else:
+                self._reject(payload, *refusal)
         elif kind == "cancel":
             self._cancel(payload)
         elif kind == "call":
@@ -310,6 +333,39 @@ class Driver:
 
     # ----------------------------------------------------------------------- admission
 
+    def _refusal(self, live: _Live) -> tuple[str, str] | None:
+        """(code, reason) when admission control refuses the request on arrival: too many
+        requests wait already, or (when enabled) the prefill work queued before it, spread
+        evenly over the instances in service, plus its own prefill exceeds its TTFT target —
+        an optimistic estimate, so a refused request could not have met its SLO."""
+        admission = self.options.admission
+        queued = [other for other in self._backlog if other.id in self._live]
+        ahead = len(queued) + len(self.state.waiting)
+        if admission.max_queued is not None and ahead >= admission.max_queued:
+            return "queue_full", f"the server is overloaded: {ahead} requests wait already (max_queued_requests = {admission.max_queued})"
+        if admission.ttft_target is None:
+            return None
+        deployment = self.scheduler.deployment
+
+        def prefill_s(tokens: int) -> float:
+            return deployment.cost.prefill_time([tokens], 1, deployment.tp)
+
+        in_service = max(1, self.world - len(self.state.retired))
+        work = sum(prefill_s(len(other.prompt)) for other in queued)
+        work += sum(prefill_s(state.prefill_target or state.request.prompt_len) for state in self.state.waiting.values())
+        estimate = work / in_service + prefill_s(len(live.prompt))
+        target = admission.ttft_target(len(live.prompt))
+        if estimate > target:
+            return "ttft_unreachable", (
+                f"its time to first token cannot meet the SLO: {ahead} queued requests and its own prefill take "
+                f"at least {estimate:.3g} s on {in_service} instance(s), more than its ttft target of {target:.3g} s"
+            )
+        return None
+
+    def _reject(self, live: _Live, code: str, reason: str) -> None:
+        self.rejected[code] = self.rejected.get(code, 0) + 1
+        self._end(live, "rejected", reason, code)
+
     def _admit(self) -> None:
         state = self.state
         while self._backlog and len(state.waiting) + len(state.running) < self.options.max_running:
@@ -322,7 +378,7 @@ class Driver:
             reason = self.scheduler.admit(state, live.state)
             if reason is not None:
                 state.reject(live.state, reason)
-                self._end(live, "rejected", reason)
+                self._reject(live, "unservable", reason)
 
     def _schedule(self) -> None:
         self.state.now = self.now()
@@ -389,11 +445,12 @@ class Driver:
         tasks += [_Task(migration, {migration.src, migration.dst}, now) for migration in plan.migrations]
         for migration in plan.migrations:
             self.migrated_bytes += len(migration.range) * self.spec.model.kv_bytes_per_token
+        self.migrations += len(plan.migrations)
         if tasks:
             self._tasks[plan.iteration] = tasks
         for rank, step in steps.items():
             self._busy_since.setdefault(rank, time.monotonic())
-            self._commands[rank].put(step)
+            self._workers[rank].send(step)
 
     # --------------------------------------------------------------------- completions
 
@@ -404,6 +461,7 @@ class Driver:
                 continue
             task.ranks.discard(rank)
             if result is not None:
+                task.worker_s = max(task.worker_s, result.seconds)
                 for request_id, token in result.tokens.items():
                     if request_id in task.requests:
                         task.tokens[request_id] = token
@@ -431,6 +489,7 @@ class Driver:
         ))
         for instance in batch.instances:
             self.busy_s[instance] += self.state.now - task.started_s
+        self.batch_costs.append(BatchCost(batch.phase, batch.instances, _lengths(batch), task.started_s, self.state.now, task.worker_s))
         produced = {item.request_id for item in batch.items if self._produces_token(batch, item)}
         self.state.complete(batch)
         for request_id in task.requests:
@@ -478,13 +537,13 @@ class Driver:
         for table in self.tables:
             table.release(request_id)
 
-    def _end(self, live: _Live, reason: str, error: str | None = None) -> None:
+    def _end(self, live: _Live, reason: str, error: str | None = None, code: str | None = None) -> None:
         """Free the request's slots in every table (the state freed its KV already) and
         tell the listener."""
         if self._live.pop(live.id, None) is None:
             return
         self._release(live.id)
-        self._tell(live, FinishEvent(live.id, reason, error))
+        self._tell(live, FinishEvent(live.id, reason, error, code))
 
     def _fail(self, live: _Live, reason: str, kind: str = "error") -> None:
         if live.state is not None:
@@ -511,21 +570,19 @@ class Driver:
 
     def _check_workers(self) -> None:
         now = time.monotonic()
-        for rank, process in enumerate(self._processes):
+        for rank, worker in enumerate(self._workers):
             if rank in self.state.retired:
                 continue
-            if process.exitcode is not None:
-                self._fault(rank, f"worker {rank} (pid {process.pid}) exited with code {process.exitcode}")
+            if worker.exitcode() is not None:
+                self._fault(rank, f"worker {rank} (pid {worker.pid}) exited with code {worker.exitcode()}")
             elif now - self._last_beat.get(rank, now) > self.options.heartbeat_timeout_s:
-                self._fault(rank, f"worker {rank} (pid {process.pid}) sent no heartbeat for {self.options.heartbeat_timeout_s:g} s")
+                self._fault(rank, f"worker {rank} (pid {worker.pid}) sent no heartbeat for {self.options.heartbeat_timeout_s:g} s")
 
     def _fault(self, rank: int, why: str) -> None:
         """Take `rank` out of service; fail what depends on it."""
         if rank in self.state.retired:
             return
-        process = self._processes[rank]
-        if process.is_alive():
-            process.kill()
+        self._workers[rank].kill()
         self.failures.append(why)
         reason = f"instance {rank} failed: {why}"
         affected = {request_id for request_id, state in self.state.running.items() if state.tokens_on(rank)}
@@ -543,11 +600,10 @@ class Driver:
             self._stopping.set()
 
     def _kill_all(self) -> None:
-        for process in self._processes:
-            if process.is_alive():
-                process.kill()
-        for process in self._processes:
-            process.join(timeout=10)
+        for worker in self._workers:
+            worker.kill()
+        for worker in self._workers:
+            worker.join(timeout=10)
 
     # -------------------------------------------------------------------------- reports
 
@@ -556,6 +612,12 @@ class Driver:
 
     def stats(self) -> dict:
         state = self.state
+        dop = [0] * self.world  # per instance: the DoP of the batch it runs, 0 when idle
+        for flight in self._tasks.values():
+            for task in flight:
+                if not isinstance(task.work, Migration):
+                    for instance in task.work.instances:
+                        dop[instance] = len(task.work.instances)
         return {
             "instances": self.world,
             "in_service": self.world - len(state.retired),
@@ -567,6 +629,9 @@ class Driver:
             "kv_capacity_tokens": list(state.capacity),
             "migrated_tokens": state.migrated_tokens,
             "migrated_bytes": self.migrated_bytes,
+            "migrations": self.migrations,
+            "dop": dop,
+            "rejected": dict(self.rejected),
             "graph_cache": str(self.lowering.cache),
             "failures": list(self.failures),
         }
@@ -596,6 +661,12 @@ class Driver:
             f"{self.scheduler.name} (runtime)", records, duration, self.state.iteration, list(self.busy_s),
             self.migrated_bytes // kv_token if kv_token else 0, self.migrated_bytes, list(self.timeline),
         )
+
+
+def _lengths(batch: PrefillBatch | DecodeBatch) -> tuple[int, ...]:
+    if isinstance(batch, PrefillBatch):
+        return tuple(item.end - item.start for item in batch.items)
+    return tuple(item.context_len for item in batch.items)
 
 
 def _members(work: PrefillBatch | DecodeBatch | Migration) -> tuple[int, ...]:

@@ -29,7 +29,7 @@ from espc.frontend.spec import Spec
 from espc.planner.costmodel import CostModel
 from espc.planner.policy import Policy
 from espc.planner.strategies import Scheduler
-from espc.runtime.driver import Driver, DriverOptions, EngineError, FinishEvent, TokenEvent
+from espc.runtime.driver import Admission, Driver, DriverOptions, EngineError, FinishEvent, TokenEvent
 from espc.runtime.sampling import SamplingParams
 
 Prompt = str | Sequence[int]
@@ -47,6 +47,9 @@ class EngineOptions(BaseModel):
     strategy: Optional[str] = Field(None, description="serve a baseline instead of the compiled strategy")
     configuration: Optional[str] = Field(None, description="the strategy's configuration label (see `espc compare`)")
     seed: int = Field(0, description="sampling seed of requests that give none")
+    launcher: Literal["spawn", "torchrun"] = Field(
+        "spawn", description="spawn: worker processes on this machine; torchrun: this is RANK 0 of a torchrun job",
+    )
     start_timeout_s: PositiveFloat = 180.0
     heartbeat_timeout_s: PositiveFloat = 10.0
     comm_timeout_s: PositiveFloat = 60.0
@@ -60,6 +63,7 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # length, stop, cancelled, rejected, error
     error: str | None = None
+    code: str | None = None  # a rejection's code: queue_full, ttft_unreachable (overload) or unservable
     text: str | None = None  # decoded when the engine has a tokenizer
     logits: list[torch.Tensor] | None = None  # one fp32 row per generated token, with return_logits
 
@@ -83,7 +87,7 @@ class RequestHandle:
             if completion.logits is not None and event.logits is not None:
                 completion.logits.append(event.logits)
             return
-        completion.finish_reason, completion.error = event.reason, event.error
+        completion.finish_reason, completion.error, completion.code = event.reason, event.error, event.code
         completion.text = self._engine._decode(completion.token_ids)
         self._done.set()
 
@@ -121,7 +125,7 @@ class Engine:
             DriverOptions(
                 self.scheduler.deployment.capacity[0], options.max_running, options.threads, options.start_timeout_s,
                 options.heartbeat_timeout_s, options.comm_timeout_s, options.stall_timeout_s,
-                options.dtype or spec.model.dtype,
+                options.dtype or spec.model.dtype, admission(spec, self.scheduler), options.launcher,
             ),
             base_dir,
         )
@@ -159,6 +163,11 @@ class Engine:
         if self._started:
             self._driver.close()
             self._started = False
+
+    @property
+    def running(self) -> bool:
+        """Started and its driver loop alive (it stops when every instance has failed)."""
+        return self._started and self._driver.running
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -281,12 +290,31 @@ class Engine:
         """Every request served so far as a SimulationResult (see espc.planner.metrics)."""
         return self._on_loop(self._driver.result) if self._started and self._driver.running else self._driver.result()
 
+    def batch_costs(self) -> list:
+        """Every finished batch: driver-clock start and end, and the slowest worker's own time."""
+        return self._on_loop(lambda: list(self._driver.batch_costs)) if self._started and self._driver.running else list(self._driver.batch_costs)
+
     @property
     def failures(self) -> list[str]:
         return list(self._driver.failures)
 
     def worker_pids(self) -> list[int]:
         return self._driver.pids()
+
+
+def admission(spec: Spec, scheduler: Scheduler) -> Admission:
+    """The spec's `[serving]` admission control, with TTFT targets from the scheduler's cost model."""
+    serving = spec.serving
+    target = None
+    if serving.reject_unreachable_ttft:
+        from espc.planner.metrics import isolated_prefill
+
+        isolated = isolated_prefill(scheduler.deployment.cost)
+
+        def target(prompt_len: int) -> float:
+            return spec.slo.ttft.target(isolated(prompt_len))
+
+    return Admission(serving.max_queued_requests, target)
 
 
 def build_scheduler(spec: Spec, policy: Policy | None, base_dir: Path | None, options: EngineOptions):

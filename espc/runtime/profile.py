@@ -13,13 +13,16 @@ counts. Grid, per dop from 1 to the number of instances:
   and one master per request, round robin (every request spans the whole group, as the cost
   model assumes); the contexts are prefilled untimed first;
 - migration: a request's first tokens moved from instance 0 to 1 (and back, untimed), with
-  more repeats than the rest (they are short and cheap).
+  more repeats than the rest (they are short and cheap);
+- the runtime's own time per iteration (`measure_dispatch`), through a real Engine against
+  the grid's fit: the fits add it, so the simulator charges what a runtime iteration lasts.
 
 `espc.planner.calibration.fit` fits the cost model on the medians.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +31,7 @@ import torch
 from espc.backend.harness import Harness, RankResult
 from espc.frontend.spec import Spec
 from espc.planner.calibration import Calibration, Measurement, fit
+from espc.planner.costmodel import CostModel
 from espc.planner.plan import (
     DecodeBatch,
     DecodeItem,
@@ -142,9 +146,51 @@ def profile(spec: Spec, *, grid: Grid | None = None, repeats: int = 3, on_progre
             progress("migration")
             for tokens, samples in session.time_migrations(grid.migrations(world), repeats):
                 record("migration", 2, (tokens,), samples)
-        progress("fitting")
+    progress("runtime dispatch")
     conditions = {"attention": spec.runtime.attention, "dtype": spec.model.dtype, "threads": THREADS, "world": world}
+    workers_only = fit(spec, measurements, conditions)
+    conditions["dispatch_s"] = measure_dispatch(spec, workers_only.cost, repeats)
+    progress("fitting")
     return fit(spec, measurements, conditions)
+
+
+DISPATCH_PROMPTS = (16, 64, 256)
+DISPATCH_TOKENS = 16
+
+
+def measure_dispatch(spec: Spec, workers_only: CostModel, repeats: int) -> dict[str, float]:
+    """Seconds a runtime iteration lasts beyond what the grid measured on the workers, per
+    phase: the driver computing inputs, the command and result queues, its loop taking the
+    next step, and whatever else differs between a worker of the engine and of the grid.
+    Measured through a real Engine (one instance per request, requests one after another,
+    so nothing queues) against `workers_only`, the cost model fitted on the grid alone:
+    decode, the median period between a request's successive steps minus the predicted
+    step; prefill, the median batch time plus the gap before that instance's next batch
+    minus the predicted prefill. The fits add these, so the simulator charges what a
+    runtime iteration lasts."""
+    from espc.planner.strategies import Deployment, StaticScheduler
+    from espc.runtime.engine import Engine
+    from espc.runtime.sampling import SamplingParams
+
+    world = len(spec.cluster.instances(1))
+    deployment = Deployment.build(CostModel.from_spec(spec), 1, max(DISPATCH_PROMPTS) + DISPATCH_TOKENS + 1)
+    with Engine(spec, scheduler=StaticScheduler(deployment, (1,) * world), threads=THREADS) as engine:
+        for _ in range(1 + repeats):  # the first round builds the graphs
+            for length in DISPATCH_PROMPTS:
+                engine.generate([[0] * length], SamplingParams(max_new_tokens=DISPATCH_TOKENS))
+        costs = engine.batch_costs()[len(DISPATCH_PROMPTS) * DISPATCH_TOKENS:]
+    by_instance: dict[int, list] = {}
+    for cost in costs:
+        by_instance.setdefault(cost.instances[0], []).append(cost)
+    decode_extra, prefill_extra = [], []
+    for batches in by_instance.values():
+        for before, after in zip(batches, batches[1:]):
+            period = after.start_s - before.start_s
+            if before.phase == "decode" and after.phase == "decode":
+                decode_extra.append(period - workers_only.decode_time(before.lengths, 1, 1))
+            elif before.phase == "prefill":
+                prefill_extra.append(period - workers_only.prefill_time(before.lengths, 1, 1))
+    return {"prefill": max(0.0, statistics.median(prefill_extra)), "decode": max(0.0, statistics.median(decode_extra))}
 
 
 class _Session:

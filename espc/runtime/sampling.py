@@ -58,7 +58,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, seed: int, step: int) -
     ordered, order = x.sort(descending=True, stable=True)
     if params.top_k:
         ordered, order = ordered[: params.top_k], order[: params.top_k]
-    probs = torch.softmax(ordered / params.temperature, dim=0)
+    # Shifted by the maximum first: with a tiny temperature, logits / temperature overflow
+    # to inf (and softmax to NaN), while (logit - max) / temperature only reaches -inf.
+    probs = torch.softmax((ordered - ordered[0]) / params.temperature, dim=0)
     cdf = probs.cumsum(0)
     if params.top_p < 1:
         nucleus = int(torch.searchsorted(cdf, params.top_p * cdf[-1])) + 1  # first prefix reaching top_p

@@ -15,6 +15,9 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Upper bound on score-matrix elements materialised at once (64 MiB in fp32): queries are
 # processed in blocks so a 16K x 16K causal prefill never builds the full [Hq, Nq, Nk] matrix.
 _SCORE_BUDGET = 1 << 24
+# Below this many queries of one sequence (decode steps, short chunks) the dense path is
+# cheaper than the fused kernel, which needs K and V copied out per query head under GQA.
+FLASH_MIN_QUERIES = 32
 
 
 def check_attn_args(q, k, v, q_pos, k_pos, q_seq, k_seq) -> None:
@@ -58,25 +61,77 @@ def check_merge_args(o_parts, lse_parts) -> None:
 
 
 def attn_partial(q, k, v, q_pos, k_pos, q_seq, k_seq, *, causal: bool, scale: float):
-    """Masked attention of q over one KV block -> (o [Nq, Hq, D] fp32, lse [Nq, Hq] fp32)."""
+    """Masked attention of q over one KV block -> (o [Nq, Hq, D] fp32, lse [Nq, Hq] fp32).
+
+    Sequence by sequence: a packed batch never computes scores between two requests. Where a
+    sequence's mask is "every key" (decode) or plain causal once the keys are sorted by
+    position (a prefill's own tokens, or a ring block from an earlier stripe), PyTorch's fused
+    CPU flash attention runs it; other masks take the blocked dense path.
+    """
     check_attn_args(q, k, v, q_pos, k_pos, q_seq, k_seq)
+    nq, hq, d = q.shape
+    o = q.new_zeros((nq, hq, d), dtype=torch.float32)
+    lse = q.new_full((nq, hq), float("-inf"), dtype=torch.float32)
+    if nq == 0 or k.shape[0] == 0:
+        return o, lse
+    single = bool((q_seq == q_seq[0]).all()) and bool((k_seq == q_seq[0]).all())
+    for sequence in q_seq[:1] if single else torch.unique(q_seq):
+        rows = slice(None) if single else (q_seq == sequence).nonzero().squeeze(1)
+        keys = slice(None) if single else (k_seq == sequence).nonzero().squeeze(1)
+        if k_pos[keys].numel():
+            o[rows], lse[rows] = _sequence_attention(q[rows], k[keys], v[keys], q_pos[rows], k_pos[keys], causal, scale)
+    return o, lse
+
+
+def _sequence_attention(q, k, v, q_pos, k_pos, causal: bool, scale: float):
+    """One sequence's queries over its (non-empty) keys."""
+    nq, nk = q.shape[0], k.shape[0]
+    if nq < FLASH_MIN_QUERIES:
+        return _masked_attention(q, k, v, q_pos, k_pos, causal, scale)
+    if causal and not bool((k_pos[1:] >= k_pos[:-1]).all()):
+        k_pos, order = k_pos.sort()
+        k, v = k[order], v[order]
+    visible = torch.searchsorted(k_pos, q_pos, right=True) if causal else torch.full_like(q_pos, nk)
+    if bool((visible == nk).all()):
+        return _flash(q, k, v, False, scale)
+    skipped = int((visible == 0).sum())  # leading queries before every key: o = 0, lse = -inf
+    staircase = torch.arange(1, nq - skipped + 1, device=q.device).clamp(max=nk)
+    if bool((visible[:skipped] == 0).all()) and torch.equal(visible[skipped:], staircase):
+        o = q.new_zeros((nq, q.shape[1], q.shape[2]), dtype=torch.float32)
+        lse = q.new_full((nq, q.shape[1]), float("-inf"), dtype=torch.float32)
+        o[skipped:], lse[skipped:] = _flash(q[skipped:], k, v, True, scale)
+        return o, lse
+    return _masked_attention(q, k, v, q_pos, k_pos, causal, scale)
+
+
+def _flash(q, k, v, causal: bool, scale: float):
+    """PyTorch's fused attention (top-left causal) in fp32, returning its log-sum-exp."""
+    if q.shape[0] == 0:  # the fused kernel divides by the query count
+        return q.new_zeros(q.shape, dtype=torch.float32), q.new_zeros(q.shape[:2], dtype=torch.float32)
+    group = q.shape[1] // k.shape[1]
+    as_batch = lambda t: t.float().transpose(0, 1)[None]  # noqa: E731 — [1, H, N, D]
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        as_batch(q), as_batch(k.repeat_interleave(group, dim=1)), as_batch(v.repeat_interleave(group, dim=1)),
+        0.0, causal, scale=scale,
+    )
+    return o[0].transpose(0, 1), lse[0].transpose(0, 1)
+
+
+def _masked_attention(q, k, v, q_pos, k_pos, causal: bool, scale: float):
+    """Dense attention with an explicit position mask, in query blocks of bounded size."""
     nq, hq, d = q.shape
     nk, hkv, _ = k.shape
     group = hq // hkv
     o = q.new_zeros((nq, hq, d), dtype=torch.float32)
     lse = q.new_full((nq, hq), float("-inf"), dtype=torch.float32)
-    if nq == 0 or nk == 0:
-        return o, lse
     k32, v32 = k.float(), v.float()
     block = max(1, _SCORE_BUDGET // (hq * nk))
     for start in range(0, nq, block):
         end = min(start + block, nq)
         qb = q[start:end].float().reshape(end - start, hkv, group, d)
         s = torch.einsum("bhgd,nhd->hgbn", qb, k32) * scale
-        visible = q_seq[start:end, None] == k_seq[None, :]
         if causal:
-            visible &= k_pos[None, :] <= q_pos[start:end, None]
-        s.masked_fill_(~visible, float("-inf"))
+            s.masked_fill_(k_pos[None, :] > q_pos[start:end, None], float("-inf"))
         m = s.amax(dim=-1, keepdim=True)
         m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)  # rows seeing nothing: exp -> 0, not NaN
         p = torch.exp(s - m)
