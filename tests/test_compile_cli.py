@@ -200,3 +200,22 @@ def test_the_library_compile_matches_the_command(compiled, tmp_path):
     assert loaded == policy
     from_command, _ = load_artifact(out)
     assert policy.elastic == from_command.elastic and policy.spec_hash == from_command.spec_hash
+
+
+def test_run_an_artifact_replays_its_workload_and_serves_a_prompt(compiled):
+    """`espc run`: the compiled policy on real worker processes (gloo), end to end."""
+    _, out, _ = compiled
+    result = runner.invoke(app, ["run", str(out), "--requests", "6", "--kv-capacity", "4096", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    runtime = report["runtime"]
+    assert runtime["requests"] == 6 and runtime["failed"] == 0, runtime
+    assert runtime["kv_after_run"] == [0, 0, 0, 0]
+    assert sum(runtime["dop_decisions"]["prefill"].values()) >= 6
+    assert report["summary"]["completed"] == 6
+    prompt = runner.invoke(app, ["run", str(out), "--prompt-ids", "1,2,3", "--max-new-tokens", "3", "--json"])
+    assert prompt.exit_code == 0, prompt.output
+    completion = json.loads(prompt.stdout)
+    assert completion["finish_reason"] == "length" and len(completion["token_ids"]) == 3
+    both = runner.invoke(app, ["run", str(out), "--prompt", "hi", "--prompt-ids", "1"])
+    assert both.exit_code == 2 and "not both" in both.output and "Traceback" not in both.output

@@ -171,7 +171,6 @@ class Driver:
         self._live: dict[int, _Live] = {}
         self._backlog: deque[_Live] = deque()
         self._tasks: dict[int, list[_Task]] = {}  # iteration -> its batches and migrations in flight
-        self._busy_since: dict[int, float] = {}
         self._last_beat: dict[int, float] = {}
         self._stalled_since: float | None = None
         self.timeline: list[BatchRecord] = []
@@ -449,7 +448,6 @@ class Driver:
         if tasks:
             self._tasks[plan.iteration] = tasks
         for rank, step in steps.items():
-            self._busy_since.setdefault(rank, time.monotonic())
             self._workers[rank].send(step)
 
     # --------------------------------------------------------------------- completions
@@ -474,8 +472,6 @@ class Driver:
             self._tasks[iteration] = remaining
         else:
             self._tasks.pop(iteration, None)
-        if not any(rank in task.ranks for flight in self._tasks.values() for task in flight):
-            self._busy_since.pop(rank, None)
 
     def _complete(self, task: _Task) -> None:
         self.state.now = self.now()
@@ -606,9 +602,6 @@ class Driver:
             worker.join(timeout=10)
 
     # -------------------------------------------------------------------------- reports
-
-    def idle(self) -> bool:
-        return not (self._tasks or self._backlog or self._live)
 
     def stats(self) -> dict:
         state = self.state

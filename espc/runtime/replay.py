@@ -72,8 +72,8 @@ def replay(
     records = [record for record in served.records if record.id in ids]
     timeline = [batch for batch in served.timeline if set(batch.request_ids) & ids]
     result = SimulationResult(
-        served.strategy, records, served.duration_s if len(ids) == len(served.records) else _duration(records),
-        served.iterations, served.instance_busy_s, served.migrated_tokens, served.migrated_bytes, timeline,
+        served.strategy, records, _duration(records), served.iterations, served.instance_busy_s,
+        served.migrated_tokens, served.migrated_bytes, timeline,
     )
     failed = {index: c.error or c.finish_reason for index, c in completions.items() if c.finish_reason != "length"}
     return Replay(result, failed, sum(len(c.token_ids) for c in completions.values()), wall_s)
