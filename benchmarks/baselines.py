@@ -1,13 +1,17 @@
 """P90 goodput of every baseline strategy on LoongServe's workloads and the real traces.
 
-    python benchmarks/baselines.py [--seeds 5] [--requests 300] [--jobs 2] [--json baselines.json]
+    python benchmarks/baselines.py [--seeds 5] [--requests 300] [--jobs 2] [--workloads "sharegpt;leval;..."]
+        [--reuse earlier.json ...] [--json benchmarks/results/baselines.json]
 
 For specs/lwm7b-a800x8.toml (LWM-Text-1M on 8 × A800, LoongServe's SLO), each cell is the
 goodput (req/s at which ≥ 90% of requests meet both SLOs) of a strategy's best
 configuration, as mean ± spread over seeds; the real traces (../shared/traces, or
-$ESPC_TRACES) are skipped with a note when absent. Strategies are tuned as their authors
-ship them (see espc.planner.strategies.candidates); families are searched per cell.
-Cells run in parallel worker processes (--jobs).
+$ESPC_TRACES) are skipped with a note when absent. A trace is replayed with its own
+arrivals, rescaled to each trial's rate, so seeds change nothing: it runs once. Strategies
+are tuned as their authors ship them (see espc.planner.strategies.candidates); families
+are searched per cell. One worker process (--jobs) evaluates every strategy of a
+(workload, seed), so configurations the families share (best-static searches static-sp's
+and static-tp's) are simulated once.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 from espc import load_spec
 from espc.frontend.loader import validate_spec
 from espc.frontend.spec import Spec
-from espc.planner.evaluation import Evaluator, override_workload
+from espc.planner.evaluation import DEFAULT_WINDOW_S, Evaluator, override_workload
 from espc.planner.strategies import BASELINES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,15 +70,29 @@ def available_workloads(names: list[str]) -> list[str]:
     return workloads
 
 
-def _cell(workload: str, strategy: str, seed: int, requests: int) -> dict:
+def _cell(workload: str, seed: int, strategies: list[str], requests: int) -> list[dict]:
     spec = workload_spec(workload)
-    started = time.perf_counter()
-    found = Evaluator(spec, base_dir=SPEC.parent, requests=requests).strategy_goodput(strategy, seed)
-    return {
-        "workload": workload, "strategy": strategy, "seed": seed, "goodput": found.goodput.rate,
-        "configuration": found.configuration, "configurations_searched": found.configurations_searched,
-        "simulations": len(found.goodput.trials), "seconds": time.perf_counter() - started,
-    }
+    evaluator = Evaluator(spec, base_dir=SPEC.parent, requests=requests)
+    cells = []
+    for strategy in strategies:
+        started = time.perf_counter()
+        found = evaluator.strategy_goodput(strategy, seed)
+        cells.append({
+            "workload": workload, "strategy": strategy, "seed": seed, "goodput": found.goodput.rate,
+            "configuration": found.configuration, "configurations_searched": found.configurations_searched,
+            "simulations": len(found.goodput.trials), "seconds": time.perf_counter() - started,
+            "requests": requests, "max_trial_requests": None,  # the trial shape (policy_quality.py --baselines)
+        })
+    return cells
+
+
+def seeds_of(workload: str, seeds: int) -> range:
+    """A trace replay is the same for every seed: one run."""
+    return range(1) if workload in TRACE_FILES else range(seeds)
+
+
+def _order(cell: dict) -> tuple:
+    return cell["workload"], cell["strategy"], cell["seed"]
 
 
 def _format(rates: list[float]) -> str:
@@ -87,43 +105,65 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=300, help="requests per simulation")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--workloads", default=",".join(DATASETS + tuple(TRACE_FILES)))
+    parser.add_argument("--workloads", default=";".join(DATASETS + tuple(TRACE_FILES)), help="';'-separated")
     parser.add_argument("--strategies", default=",".join(BASELINES))
+    parser.add_argument(
+        "--reuse", type=Path, nargs="+", default=[],
+        help="take the cells these JSON files of earlier runs measured with the same --requests",
+    )
     parser.add_argument("--json", type=Path, help="also write every cell to this file")
     arguments = parser.parse_args()
 
-    workloads = available_workloads(arguments.workloads.split(","))
+    workloads = available_workloads(arguments.workloads.split(";"))
     strategies = arguments.strategies.split(",")
-    cells = [(w, s, seed, arguments.requests) for w in workloads for s in strategies for seed in range(arguments.seeds)]
-    results = []
+    reused = {
+        _order(cell): cell for path in arguments.reuse for cell in json.loads(path.read_text())
+        if cell.get("requests") == arguments.requests and cell.get("max_trial_requests") is None
+    }
+    # ShareGPT's cells are the longest (its goodput is ~100× the others', so are its trials):
+    # submitted first, they do not leave one worker running alone at the end.
+    ordered = sorted(workloads, key=lambda workload: workload != "sharegpt")
+    results, cells = [], []
+    for workload in ordered:
+        for seed in seeds_of(workload, arguments.seeds):
+            known = [reused.get((workload, strategy, seed)) for strategy in strategies]
+            if all(known):
+                results += known
+            else:
+                cells.append((workload, seed, strategies, arguments.requests))
+    if arguments.reuse:
+        print(f"{len(results)} cells taken from {', '.join(map(str, arguments.reuse))}; {len(cells)} (workload, seed) to measure")
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=arguments.jobs) as pool:
         futures = [pool.submit(_cell, *cell) for cell in cells]
         for done, future in enumerate(as_completed(futures), 1):
-            cell = future.result()
-            results.append(cell)
-            print(
-                f"[{done}/{len(cells)} {time.perf_counter() - started:6.0f}s] {cell['workload']:10s} {cell['strategy']:13s} "
-                f"seed {cell['seed']}: {cell['goodput']:.3f} req/s ({cell['configuration']})",
-                flush=True,
-            )
+            results += future.result()
+            if arguments.json:  # after every cell, so that an interrupted run keeps what it measured
+                arguments.json.write_text(json.dumps(sorted(results, key=_order), indent=2))
+            for cell in future.result():
+                print(
+                    f"[{done}/{len(cells)} {time.perf_counter() - started:6.0f}s] {cell['workload']:10s} "
+                    f"{cell['strategy']:13s} seed {cell['seed']}: {cell['goodput']:.3f} req/s "
+                    f"({cell['configuration']}, {cell['seconds']:.0f} s)",
+                    flush=True,
+                )
 
-    print(f"\nP90 goodput (req/s), {SPEC.name}, {arguments.seeds} seeds × {arguments.requests} requests")
-    header = f"{'workload':12s}" + "".join(f"{s:>18s}" for s in strategies)
+    print(f"\nP90 goodput (req/s, mean ± stdev over seeds), {SPEC.name}, at least {arguments.requests} "
+          f"requests and {DEFAULT_WINDOW_S:g} s of arrivals per trial")
+    header = f"{'workload':22s}{'seeds':>6s}" + "".join(f"{s:>18s}" for s in strategies)
     print(header)
     print("-" * len(header))
     for workload in workloads:
-        row = f"{workload:12s}"
+        seeds = {c["seed"] for c in results if c["workload"] == workload}
+        row = f"{workload:22s}{len(seeds):>6d}"
         for strategy in strategies:
             rates = [c["goodput"] for c in results if c["workload"] == workload and c["strategy"] == strategy]
-            row += f"{_format(rates):>18s}"
+            row += f"{_format(rates) if rates else '-':>18s}"
         print(row)
     print("\nbest configuration (seed 0):")
     for workload in workloads:
         best = {c["strategy"]: c["configuration"] for c in results if c["workload"] == workload and c["seed"] == 0}
         print(f"  {workload}: " + "; ".join(f"{s}: {best[s]}" for s in strategies if s in best))
-    if arguments.json:
-        arguments.json.write_text(json.dumps(sorted(results, key=lambda c: (c["workload"], c["strategy"], c["seed"])), indent=2))
 
 
 if __name__ == "__main__":

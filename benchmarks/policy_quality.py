@@ -2,7 +2,7 @@
 
     python benchmarks/policy_quality.py [--seeds 5] [--requests 300] [--jobs 2] [--search-seconds 20]
         [--workloads "mixed;leval;..."] [--adversarial] [--max-trial-requests N]
-        [--json benchmarks/results/policy_quality.json]
+        [--reuse benchmarks/results/baselines.json ...] [--json benchmarks/results/policy_quality.json]
 
 For specs/lwm7b-a800x8.toml (LWM-Text-1M on 8 × A800, LoongServe's SLO), per workload and
 seed: `espc compile` with strategy elastic on that workload (tp left to the compiler, as
@@ -11,6 +11,11 @@ baselines' are (benchmarks/baselines.py: same evaluator, trial length and tolera
 baselines tuned as their authors ship them, families searched per cell). The table gives
 mean ± spread over seeds, elastic's ratio to the best baseline, and the ratios LoongServe
 published (3.85× vs chunked on mixed, 5.81× vs disaggregated on leval) beside ours.
+
+A trace replays the same for every seed, so it runs once (benchmarks/baselines.py).
+`--reuse` takes the cells earlier runs of either script measured with the same trial
+shape from their JSON, so that only the missing ones are measured (`--strategies ""`
+measures elastic alone).
 
 `--adversarial` adds a trace of short (2K) and long (200K) prompts strictly alternating,
 so that each arrival undoes what the previous one made the scheduler want: elastic's
@@ -32,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from baselines import SPEC, TRACE_FILES, available_workloads, workload_spec
+from baselines import SPEC, TRACE_FILES, available_workloads, seeds_of, workload_spec
 from espc.frontend.loader import validate_spec
 from espc.frontend.spec import Spec
 from espc.planner.artifact import spec_hash
@@ -89,6 +94,7 @@ def _cell(workload: str, strategy: str, seed: int, requests: int, search_seconds
             )
             extra["milp_predicted_rps"] = compiled.milp_predicted_rps
             extra["compile_seconds"] = compiled.compile_seconds
+            extra["search_seconds"] = search_seconds
         else:
             evaluator = Evaluator(spec, base_dir=SPEC.parent, requests=requests, max_trial_requests=max_trial)
         found = evaluator.strategy_goodput(strategy, seed)
@@ -100,8 +106,21 @@ def _cell(workload: str, strategy: str, seed: int, requests: int, search_seconds
     return {
         "workload": workload, "strategy": strategy, "seed": seed, "goodput": found.goodput.rate,
         "configuration": found.configuration, "configurations_searched": found.configurations_searched,
-        "simulations": len(found.goodput.trials), "seconds": time.perf_counter() - started, **extra,
+        "simulations": len(found.goodput.trials), "seconds": time.perf_counter() - started,
+        "requests": requests, "max_trial_requests": max_trial, **extra,
     }
+
+
+def measured_cells(paths: list[Path], requests: int, max_trial: int | None, search_seconds: float) -> dict[tuple, dict]:
+    """The cells these JSON files (of this script or benchmarks/baselines.py) measured with
+    the same trial shape (and, for elastic, the same search budget), by (workload, strategy, seed)."""
+    cells = {}
+    for path in paths:
+        for cell in json.loads(path.read_text()):
+            same_trials = cell.get("requests") == requests and cell.get("max_trial_requests") == max_trial
+            if same_trials and cell.get("search_seconds", search_seconds) == search_seconds:
+                cells[_order(cell)] = cell
+    return cells
 
 
 def _order(cell: dict) -> tuple:
@@ -133,19 +152,31 @@ def main() -> None:
         "--max-trial-requests", type=int, default=None,
         help="cap a goodput trial's requests (every strategy alike; default: a full 60 s window of arrivals)",
     )
+    parser.add_argument(
+        "--reuse", type=Path, nargs="+", default=[],
+        help="take the cells these JSON files (of this script or benchmarks/baselines.py) measured with the same trial shape",
+    )
     parser.add_argument("--json", type=Path, help="also write every cell to this file")
     arguments = parser.parse_args()
 
     workloads = available_workloads(arguments.workloads.split(";"))
     if arguments.adversarial:
         workloads.append(ADVERSARIAL)
-    strategies = ["elastic", *arguments.strategies.split(",")]
-    cells = [
-        (w, s, seed, arguments.requests, arguments.search_seconds, arguments.max_trial_requests)
-        for w in workloads for s in strategies for seed in range(arguments.seeds)
-        if w != ADVERSARIAL or s in ("elastic", "best-static")
-    ]
-    results = []
+    strategies = ["elastic", *filter(None, arguments.strategies.split(","))]
+    reused = measured_cells(arguments.reuse, arguments.requests, arguments.max_trial_requests, arguments.search_seconds)
+    cells, results = [], []
+    for w in workloads:
+        for s in strategies:
+            for seed in seeds_of(w, arguments.seeds):
+                if w == ADVERSARIAL and s not in ("elastic", "best-static"):
+                    continue
+                known = reused.get((w, s, seed))
+                if known is not None:
+                    results.append(known)
+                else:
+                    cells.append((w, s, seed, arguments.requests, arguments.search_seconds, arguments.max_trial_requests))
+    if arguments.reuse:
+        print(f"{len(results)} cells taken from {', '.join(map(str, arguments.reuse))}; {len(cells)} to measure")
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=arguments.jobs) as pool:
         futures = [pool.submit(_cell, *cell) for cell in cells]
@@ -161,7 +192,8 @@ def main() -> None:
                 flush=True,
             )
 
-    print(f"\nP90 goodput (req/s), {SPEC.name}, {arguments.seeds} seed(s) × {arguments.requests} requests")
+    print(f"\nP90 goodput (req/s), {SPEC.name}, {arguments.seeds} seed(s) (traces: one replay), "
+          f"at least {arguments.requests} requests per trial")
     header = f"{'workload':22s}" + "".join(f"{s:>16s}" for s in strategies) + f"{'elastic/best':>14s}"
     print(header)
     print("-" * len(header))

@@ -49,14 +49,9 @@ class SyntheticCost:
     def prefill(self, lengths, dop: int) -> float:
         return self.cost(tuple(lengths), dop)
 
-    def segments(self, lengths, dop: int) -> np.ndarray:
-        """[k, i] = prefill(lengths[k:i], dop): the same floats the brute force sees."""
-        n = len(lengths)
-        table = np.zeros((n + 1, n + 1))
-        for k in range(n):
-            for i in range(k + 1, n + 1):
-                table[k, i] = self.prefill(lengths[k:i], dop)
-        return table
+    def segments(self, lengths, dop: int, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """[p] = prefill(lengths[starts[p]:ends[p]], dop): the same floats the brute force sees."""
+        return np.array([self.prefill(lengths[k:i], dop) for k, i in zip(starts, ends)], dtype=float)
 
 
 def random_problem(draw: random.Random) -> BatchingProblem:
@@ -181,7 +176,7 @@ def test_dp_matches_brute_force_with_the_cost_model(seed):
         return cost.prefill_time(lengths, dop, tp)
 
     exact = brute_force_batches(problem, prefill)
-    found = optimal_batches(problem, lambda lengths, dop: cost.prefill_segment_times(lengths, dop, tp))
+    found = optimal_batches(problem, lambda lengths, dop, starts, ends: cost.prefill_segment_times(lengths, dop, tp, starts, ends))
     if exact is None:
         assert found is None
         return
@@ -302,7 +297,7 @@ def test_dp_scales_to_the_scheduler_sizes():
     draw = random.Random(7)
     lengths = tuple(sorted(draw.randint(1, 300) for _ in range(256)))
     problem = BatchingProblem(lengths, (4,) * 256, (16_384,) * 256, 4, 2.0)
-    found = optimal_batches(problem, lambda ls, dop: cost.prefill_segment_times(ls, dop, tp))
+    found = optimal_batches(problem, lambda ls, dop, starts, ends: cost.prefill_segment_times(ls, dop, tp, starts, ends))
     assert found is not None and math.isfinite(found.cost)
     total = sum(
         cost.prefill_time(lengths[first:end], dop, tp) * (end - first + 2.0 * dop) for first, end, dop in found.batches

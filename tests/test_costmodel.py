@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from espc import load_spec
+from espc.frontend.loader import validate_spec
 from espc.frontend.spec import ClusterSpec, ModelSpec
 from espc.planner.costmodel import (
     LOONGSERVE_ANCHORS,
@@ -17,6 +18,7 @@ from espc.planner.costmodel import (
     anchor_table,
     format_anchor_table,
 )
+from espc.planner.metrics import isolated_prefill
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 
@@ -364,3 +366,27 @@ def test_long_prompt_prefill_ratio(testbed):
     for key, ratio in ratios.items():
         if key != (1, 1):
             assert 60 < ratio < 180, (key, ratio)
+
+
+def test_isolated_prefill_is_the_minimum_over_every_configuration():
+    """The vectorised search over dops equals prefill_time at every (dop, tp) of a
+    64-instance cluster and their minimum, also with a calibrated case cheaper than any."""
+    data = load_spec(SPECS / "lwm7b-a800x8.toml").model_dump(mode="json")
+    data["cluster"]["tp"] = None
+    data["cluster"]["nodes"] = [{**data["cluster"]["nodes"][0], "name": f"node{i}"} for i in range(8)]
+    data["cluster"]["inter_node_bandwidth"] = "100GB/s"
+    spec = validate_spec(data, {}, "test")
+    analytical = CostModel.from_spec(spec)
+    fitted = analytical.calibrate(prefill=synthetic_prefill_rows(40, 1, 1e-4, 1e-9, 1e-15))
+    for cost in (analytical, fitted):
+        prefill_s = isolated_prefill(cost)
+        for length in (1, 37, 1000, 65_536, 999_999):
+            times = []
+            for tp in cost.tp_choices():
+                vectorised = cost.alone_prefill_times(length, tp)
+                for dop in range(1, len(cost.cluster.instances(tp)) + 1):
+                    times.append(cost.prefill_time([length], dop, tp))
+                    if (dop, tp) not in cost.prefill_fits:
+                        assert vectorised[dop - 1] == pytest.approx(times[-1], rel=1e-12)
+            assert prefill_s(length) == pytest.approx(min(times), rel=1e-12), length
+    assert isolated_prefill(fitted)(1000) == fitted.prefill_time([1000], 40, 1)  # the fit beats every other case

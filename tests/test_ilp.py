@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from espc import load_spec
@@ -245,8 +246,13 @@ def check_policy(c: Case, solution: ilp.MilpSolution) -> None:
         assert bucket.batch_tokens in (*ilp.BATCH_BUDGETS, ilp.ONE_PROMPT)
     # Each bucket's choice meets its TTFT bound with the queueing margin, in the fluid model.
     prefill_s = isolated_prefill(c.cost)
-    fluid_buckets = ilp.length_buckets(c.requests, c.spec.policy.length_buckets, c.cost.model.max_context)
-    assert [(b.low, b.high) for b in fluid_buckets] == [(b.low, b.high) for b in buckets]
+    # The buckets are the fluid model's, with the heavy tail split or (when that is infeasible) not.
+    bucketings = [
+        ilp.length_buckets(c.requests, c.spec.policy.length_buckets, c.cost.model.max_context, split_tail)
+        for split_tail in (True, False)
+    ]
+    ranges = [(b.low, b.high) for b in buckets]
+    fluid_buckets = next(fluid for fluid in bucketings if [(b.low, b.high) for b in fluid] == ranges)
     for bucket, fluid in zip(buckets, fluid_buckets):
         length = max(1, round(fluid.mean_prompt))
         seconds = c.cost.prefill_time([length] * max(1, bucket.batch_tokens // length), bucket.prefill_dop, 1)
@@ -382,3 +388,17 @@ def test_milp_reaches_the_enumerated_optimum(template, fields):
         "served": tuple(b.within_slo for b in policy.buckets),
     })
     assert held == pytest.approx(solution.rate, **PLANNER_TOLERANCES["milp_rate"])
+
+
+def test_a_heavy_tail_gets_buckets_of_its_own():
+    """Zipf(1.4) prompts: the last of 8 equal-count buckets spans 1K to 180K tokens, so it
+    is split at the 95th and 99th percentiles; uniform prompts keep 8 equal-count buckets."""
+    heavy = case(A800, lengths="zipf(1.4, 10, 200K)")
+    requests = generate(heavy.spec.workload, requests=1000)
+    prompts = np.array([r.prompt_len for r in requests])
+    lows = [b.low for b in ilp.length_buckets(requests, 8, heavy.cost.model.max_context)]
+    whole = ilp.length_buckets(requests, 8, heavy.cost.model.max_context, split_tail=False)
+    assert prompts.max() > ilp.TAIL_SPREAD * whole[-1].low
+    assert lows == [b.low for b in whole] + [int(q) + 1 for q in np.quantile(prompts, ilp.TAIL_QUANTILES)]
+    light = case(A800, lengths="uniform(1K, 8K)")
+    assert len(ilp.length_buckets(generate(light.spec.workload, requests=1000), 8, light.cost.model.max_context)) == 8

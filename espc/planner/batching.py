@@ -18,13 +18,14 @@ is at most the cap of its longest prompt's length bucket, its prompt tokens fit 
 token budget of that bucket (a batch of one prompt always fits) and the KV slots of its
 instances. The batches together use at most `instances` instances.
 
-The DP is exact over that space: dp[i][j] is the best cost of batching the i shortest
+The DP is exact over that space: dp[j][i] is the best cost of batching the i shortest
 prompts on at most j instances, and every (last batch start, dop) pair is considered — no
 pruning (the released LoongServe DP prunes and collapses every plan to one batch on all
 instances; see anchors/README.md). Batch times come from one vectorised prefix-sum pass
-per dop (`CostModel.prefill_segment_times`), so a decision over 256 prompts × 8 instances
-takes a few milliseconds. `brute_force_batches` enumerates the same space exhaustively and
-is what the tests check the DP against.
+per dop over the batches within budget (`CostModel.prefill_segment_times`), and each row
+dp[j] is an array step per dop over all of them, so a decision over 256 prompts × 8
+instances takes about 2 ms. `brute_force_batches` enumerates the same space exhaustively
+and is what the tests check the DP against.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ import numpy as np
 
 PrefillCost = Callable[[Sequence[int], int], float]
 """prefill seconds of a batch of prompt lengths at a dop."""
-SegmentCosts = Callable[[Sequence[int], int], np.ndarray]
-"""[k, i] = prefill seconds of lengths[k:i] at a dop (see CostModel.prefill_segment_times)."""
+SegmentCosts = Callable[[Sequence[int], int, np.ndarray, np.ndarray], np.ndarray]
+"""(lengths, dop, starts, ends) → [p] = prefill seconds of lengths[starts[p]:ends[p]] at the
+dop (see CostModel.prefill_segment_times)."""
 
 
 @dataclass(frozen=True)
@@ -97,63 +99,69 @@ def optimal_batches(problem: BatchingProblem, segment_costs: SegmentCosts) -> Ba
         return Batching((), 0.0)
     if m == 0:
         return None
+    starts, ends, offsets = _candidate_batches(problem)
+    top_dop = min(m, max(problem.max_dop))
     lengths = np.asarray(problem.lengths, dtype=float)
     prefix = np.concatenate(([0.0], np.cumsum(lengths)))
-    top_dop = min(m, max(problem.max_dop))
-    # cost[d - 1, k, i]: objective of the batch lengths[k:i] at dop d (inf when not allowed).
-    cost = np.full((top_dop, n + 1, n + 1), np.inf)
-    ends = np.arange(n + 1)
-    size = ends[None, :] - ends[:, None]
-    tokens = prefix[None, :] - prefix[:, None]
-    budget = np.concatenate(([0], problem.token_budget))[None, :]
-    allowed = (size == 1) | ((size > 1) & (tokens <= budget))
-    caps = np.concatenate(([0], problem.max_dop))[None, :]
+    tokens = prefix[ends] - prefix[starts]
+    sizes = (ends - starts).astype(float)
+    caps = np.asarray(problem.max_dop)[ends - 1]
+    # batch_cost[d - 1, p]: objective of candidate batch p at dop d (inf when not allowed).
+    batch_cost = np.empty((top_dop, len(starts)))
     for dop in range(1, top_dop + 1):
-        seconds = segment_costs(problem.lengths, dop)
-        usable = allowed & (caps >= dop)
+        usable = caps >= dop
         if problem.ring_slots is not None:
             usable &= tokens <= problem.ring_slots[dop - 1]
-        cost[dop - 1] = np.where(usable, seconds * (size + problem.instance_weight * dop), np.inf)
+        batch_cost[dop - 1] = segment_costs(problem.lengths, dop, starts, ends) * (sizes + problem.instance_weight * dop)
+        batch_cost[dop - 1, ~usable] = np.inf
 
-    # best[i, j]: optimum for the i shortest prompts on at most j instances. shifted[j, k, d - 1]
-    # holds best[k, j - d] so that each step is one array operation over (j, k, d).
-    best = np.full((n + 1, m + 1), np.inf)
-    best[0, :] = 0.0
-    shifted = np.full((m + 1, n + 1, top_dop), np.inf)
-    choice = np.zeros((n + 1, m + 1, 2), dtype=np.int64)  # (k, d) of the last batch
-    dops = np.arange(1, top_dop + 1)
-    js = np.arange(m + 1)
-    source = js[:, None] - dops[None, :]  # (j, d): the instances left before the batch
-    reachable = source >= 0
-    source = np.clip(source, 0, m)
-    by_end = np.ascontiguousarray(cost.transpose(2, 1, 0))  # [i, k, d - 1]
+    # best[j, i]: optimum for the i shortest prompts on at most j instances. A row is an
+    # array step per dop over every candidate batch: best[j - d, start] + its cost.
+    best = np.full((m + 1, n + 1), np.inf)
+    best[:, 0] = 0.0
+    for j in range(1, m + 1):
+        totals = best[j - 1][starts] + batch_cost[0]  # (row, then 1-d gather: 3× faster than [j - 1, starts])
+        for dop in range(2, min(j, top_dop) + 1):
+            np.minimum(totals, best[j - dop][starts] + batch_cost[dop - 1], out=totals)
+        best[j, 1:] = np.minimum(best[j - 1, 1:], np.minimum.reduceat(totals, offsets[:-1]))
 
-    def fill_shifted(k: int) -> None:
-        shifted[:, k, :] = np.where(reachable, best[k][source], np.inf)
-
-    fill_shifted(0)
-    # Only starts whose batch fits the budget can be finite; a binary search bounds them.
-    firsts = np.searchsorted(prefix, prefix[1:] - np.asarray(problem.token_budget, dtype=float), side="left")
-    for i in range(1, n + 1):
-        first = min(int(firsts[i - 1]), i - 1)
-        flat = (shifted[:, first:i, :] + by_end[i, first:i][None, :, :]).reshape(m + 1, -1)  # (j, k·d)
-        position = np.argmin(flat, axis=1)
-        best[i] = flat[js, position]
-        choice[i, :, 0] = first + position // top_dop
-        choice[i, :, 1] = position % top_dop + 1
-        fill_shifted(i)
-
-    j = int(np.argmin(best[n]))
-    if not math.isfinite(best[n, j]):
+    j = int(np.argmin(best[:, n]))  # the fewest instances that reach the optimum
+    if not math.isfinite(best[j, n]):
         return None
-    total = float(best[n, j])
+    total = float(best[j, n])
     batches = []
     i = n
     while i > 0:
-        k, dop = (int(x) for x in choice[i, j])
-        batches.append((k, i, dop))
-        i, j = k, j - dop
+        # The last batch: a (start, dop) whose total is best[j, i] (smallest start, then dop);
+        # none when fewer instances reach the same optimum.
+        group = slice(offsets[i - 1], offsets[i])
+        dops = min(j, top_dop)
+        before = best[j - dops : j][::-1]
+        totals = before[:, starts[group]] + batch_cost[:dops, group]  # [d - 1, p]
+        hits = np.argwhere(totals.T == best[j, i])
+        if len(hits) == 0:
+            j -= 1
+            continue
+        position, dop = int(hits[0, 0]), int(hits[0, 1]) + 1
+        start = int(starts[group][position])
+        batches.append((start, i, dop))
+        i, j = start, j - dop
     return Batching(tuple(reversed(batches)), total)
+
+
+def _candidate_batches(problem: BatchingProblem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every batch within its token budget as (starts, ends) over prompt indices, grouped by
+    end (1..n) with starts ascending: end i's batches are [offsets[i - 1], offsets[i]).
+    Lengths ascend, so a binary search over the prefix sums bounds each end's starts."""
+    n = len(problem.lengths)
+    prefix = np.concatenate(([0], np.cumsum(problem.lengths, dtype=np.int64)))
+    ends = np.arange(1, n + 1)
+    firsts = np.searchsorted(prefix, prefix[1:] - np.asarray(problem.token_budget, dtype=np.int64), side="left")
+    firsts = np.minimum(firsts, ends - 1)  # a batch of one prompt always fits
+    counts = ends - firsts
+    offsets = np.concatenate(([0], np.cumsum(counts)))
+    within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], counts)
+    return np.repeat(firsts, counts) + within, np.repeat(ends, counts), offsets
 
 
 def brute_force_batches(problem: BatchingProblem, prefill_cost: PrefillCost) -> Batching | None:

@@ -36,8 +36,8 @@ from espc.planner.strategies import BASELINES
 VERIFY_TOLERANCE = 0.08  # relative width of the goodput bisection while compiling
 TRIAL_REQUESTS = 300  # requests per simulated trial (at least; high rates simulate a window)
 TRIAL_WINDOW_S = 20.0  # seconds of arrivals a trial covers at high rates ...
-# ... up to this many requests. Lower caps make trials bursts that any strategy absorbs
-# within a loose TTFT bound (the tiny CPU spec's goodputs then grow without bound).
+# ... up to this many requests, unless that covers less than evaluation.MIN_SPAN_TTFTS
+# TTFT bounds of arrivals (a burst any strategy absorbs within a loose bound).
 MAX_TRIAL_REQUESTS = 3_000
 BASELINE_FINALISTS = 1  # configurations of a baseline family measured after screening
 SEARCHED_TPS = 2  # the local search starts from the best this many verified MILP policies

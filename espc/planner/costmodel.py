@@ -203,6 +203,9 @@ class CostModel:
         self.decode_fits = dict(sorted((decode_fits or {}).items()))
         self.device = _weakest_device(cluster)
         self._layouts: dict[int, _Layout] = {}
+        self._instance_kv_bytes: dict[int, int] = {}
+        self._group_bandwidths: dict[tuple[int, int], float] = {}
+        self._decode_terms: dict[tuple[int, int], _DecodeTerms] = {}
 
         m = model
         self.layer_matmul_params = m.hidden * m.head_dim * (2 * m.heads + 2 * m.kv_heads) + 3 * m.hidden * m.ffn
@@ -211,6 +214,7 @@ class CostModel:
         """Weights read by one forward pass: every matmul (the embedding is only gathered)."""
         self.attention_flops_per_pair = 4 * m.heads * m.head_dim * m.layers
         """QKᵀ and PV, 2 FLOPs per multiply-add, for one (query, key) pair over all layers."""
+        self._decode_flops_per_request = 2 * (m.layers * self.layer_matmul_params + self.lm_head_params)
 
     @classmethod
     def from_spec(cls, spec: Spec, parameters: CostParameters | None = None) -> CostModel:
@@ -225,8 +229,11 @@ class CostModel:
 
     def instance_kv_bytes_per_token(self, tp: int) -> int:
         """KV bytes one instance stores per token: tp > kv_heads replicates each KV head."""
-        self._check_tp(tp)
-        return self.kv_bytes_per_token * max(1, tp // self.model.kv_heads)
+        found = self._instance_kv_bytes.get(tp)  # (every simulated decode step asks)
+        if found is None:
+            self._check_tp(tp)
+            found = self._instance_kv_bytes[tp] = self.kv_bytes_per_token * max(1, tp // self.model.kv_heads)
+        return found
 
     def instance_memory(self, tp: int) -> float:
         """Bytes one instance may use: memory_fraction × device memory × tp."""
@@ -304,35 +311,45 @@ class CostModel:
             )
         )
 
+    def alone_prefill_times(self, length: int, tp: int) -> np.ndarray:
+        """Analytical seconds to prefill one prompt of `length` tokens alone at every dop of
+        tp (entry dop − 1), in one vectorised pass: `prefill_time([length], dop, tp)` where
+        no calibrated fit covers (dop, tp)."""
+        dops = np.arange(1, len(self._layout(tp).instances) + 1)
+        bandwidths = np.array([self._ring_bandwidth(int(dop), tp, None) for dop in dops])
+        return self._prefill_from_sums(
+            dops, tp, bandwidths, requests=1, tokens=length, cached=0, squares=length * length,
+            attention_s=self._attention_s(length, 0, dops, tp), dop_array=True,
+        )
+
     def prefill_segment_times(
-        self, lengths: Sequence[int], dop: int, tp: int, instances: Sequence[int] | None = None
+        self, lengths: Sequence[int], dop: int, tp: int, starts: np.ndarray, ends: np.ndarray,
+        instances: Sequence[int] | None = None,
     ) -> np.ndarray:
-        """Seconds of every contiguous batch of `lengths` (fresh prefills, no cached context):
-        entry [k, i] is `prefill_time(lengths[k:i], ...)` for k < i (0 elsewhere).
+        """Seconds of contiguous batches of `lengths` (fresh prefills, no cached context):
+        entry p is `prefill_time(lengths[starts[p]:ends[p]], ...)` (every batch non-empty).
 
         The batching DP reads O(n²) batches per dop, so they come from prefix sums in one
-        vectorised pass instead of n² calls."""
+        vectorised pass instead of a call per batch."""
         ring_bandwidth = self._ring_bandwidth(dop, tp, instances)
-        n = len(lengths)
         values = np.asarray(lengths, dtype=float)
         if np.any(values < 1):
             raise ValueError(f"every request of a prefill batch computes ≥ 1 token, got {int(values.min())}")
-        attention = np.array([self._attention_s(length, 0, dop, tp) for length in lengths], dtype=float)
+        if np.any(np.asarray(ends) <= np.asarray(starts)):
+            raise ValueError("every batch needs at least one request: ends must exceed starts")
 
-        def segment_sums(per_request: np.ndarray) -> np.ndarray:
+        def batch_sums(per_request: np.ndarray) -> np.ndarray:
             prefix = np.concatenate(([0.0], np.cumsum(per_request)))
-            return prefix[None, :] - prefix[:, None]
+            return prefix[ends] - prefix[starts]
 
-        requests = segment_sums(np.ones(n))
-        times = self._prefill_from_sums(
+        return self._prefill_from_sums(
             dop, tp, ring_bandwidth,
-            requests=requests,
-            tokens=segment_sums(values),
+            requests=(np.asarray(ends) - np.asarray(starts)).astype(float),
+            tokens=batch_sums(values),
             cached=0.0,
-            squares=segment_sums(values * values),
-            attention_s=segment_sums(attention),
+            squares=batch_sums(values * values),
+            attention_s=batch_sums(self._attention_s(values, 0, dop, tp)),
         )
-        return np.where(requests > 0, times, 0.0)
 
     def _attention_s(self, new: int, cached: int, dop: int, tp: int) -> float:
         """Attention seconds of one request's prefill (see the module docstring)."""
@@ -342,28 +359,30 @@ class CostModel:
             self.device.peak_flops * _mfu(p.attention_mfu, p.attention_half_tokens, new / dop)
         )
 
-    def _prefill_from_sums(self, dop, tp, ring_bandwidth, *, requests, tokens, cached, squares, attention_s):
-        """prefill_s from a batch's sums (floats or equally shaped numpy arrays): a fitted
-        (dop, tp) case reads (Σn, Σ(n² + 2nc)) or, dense, (Σn, Σn·Σ(n + c)), the analytical model the rest."""
-        fit = self.prefill_fits.get((dop, tp))
+    def _prefill_from_sums(self, dop, tp, ring_bandwidth, *, requests, tokens, cached, squares, attention_s, dop_array=False):
+        """prefill_s from a batch's sums (floats or equally shaped numpy arrays; with
+        `dop_array`, dop and ring_bandwidth are arrays too and only the analytical model
+        applies): a fitted (dop, tp) case reads (Σn, Σ(n² + 2nc)) or, dense, (Σn, Σn·Σ(n + c)),
+        the analytical model the rest."""
+        fit = None if dop_array else self.prefill_fits.get((dop, tp))
         if fit is not None:
             return fit.prefill(tokens, cached, squares)
         p, m = self.parameters, self.model
         linear_flops = 2 * m.layers * self.layer_matmul_params * tokens + 2 * self.lm_head_params * requests
-        with np.errstate(divide="ignore", invalid="ignore"):  # empty segments of a table
-            mfu = p.linear_mfu * tokens / (tokens + p.linear_half_tokens * dop)  # _mfu at tokens / dop
-            linear_s = np.maximum(linear_flops / (dop * tp) / (self.device.peak_flops * mfu), self._weight_stream_s(tp))
-        ring_block_bytes = (tokens + cached) / dop * self.instance_kv_bytes_per_token(tp) / m.layers
-        ring_s = (dop - 1) * (p.p2p_latency_s + ring_block_bytes / ring_bandwidth)
-        exposed_ring_s = np.maximum(0.0, ring_s - attention_s / m.layers)
-        per_layer_s = exposed_ring_s + self._allreduce_s(tokens / dop, tp)
+        mfu = p.linear_mfu * tokens / (tokens + p.linear_half_tokens * dop)  # _mfu at tokens / dop
+        linear_s = np.maximum(linear_flops / (dop * tp) / (self.device.peak_flops * mfu), self._weight_stream_s(tp))
+        per_layer_s = self._allreduce_s(tokens / dop, tp)
+        if dop_array or dop > 1:  # (a lone instance has no ring: the DP's large tables skip it)
+            ring_block_bytes = (tokens + cached) / dop * self.instance_kv_bytes_per_token(tp) / m.layers
+            ring_s = (dop - 1) * (p.p2p_latency_s + ring_block_bytes / ring_bandwidth)
+            per_layer_s = per_layer_s + np.maximum(0.0, ring_s - attention_s / m.layers)  # exposed ring time
         return self._overhead_s(dop) + linear_s + attention_s + m.layers * per_layer_s
 
     # ------------------------------------------------------------------------- decode
 
     def decode_time(self, context_lens: Sequence[int], dop: int, tp: int, instances: Sequence[int] | None = None) -> float:
         """Seconds for one decode step of requests with `context_lens` cached tokens each."""
-        if any(c < 0 for c in context_lens):
+        if context_lens and min(context_lens) < 0:
             raise ValueError(f"context lengths must be ≥ 0, got {min(context_lens)}")
         ring_bandwidth = self._ring_bandwidth(dop, tp, instances)
         if not context_lens:
@@ -374,20 +393,36 @@ class CostModel:
             return fit.decode(batch, sum(context_lens))
 
         p, m = self.parameters, self.model
-        devices = dop * tp
+        terms = self._decode_terms.get((dop, tp)) if instances is None else None
+        if terms is None:
+            terms = self._group_decode_terms(dop, tp, ring_bandwidth)
+            if instances is None:  # (every simulated decode step asks: the group's terms are kept)
+                self._decode_terms[(dop, tp)] = terms
         keys = sum(context_lens) + batch  # each new token's KV is written, then read with the rest
-        flops = 2 * (m.layers * self.layer_matmul_params + self.lm_head_params) * batch + self.attention_flops_per_pair * keys
-        compute_s = flops / devices / (self.device.peak_flops * _mfu(p.linear_mfu, p.linear_half_tokens, batch / dop))
-        kv_read_s = keys * self.instance_kv_bytes_per_token(tp) / devices / (self.device.memory_bandwidth * p.memory_efficiency)
-        memory_s = self._weight_stream_s(tp) + kv_read_s
-        partial_s = 0.0
-        if dop > 1:
+        flops = self._decode_flops_per_request * batch + self.attention_flops_per_pair * keys
+        compute_s = flops / terms.devices / (self.device.peak_flops * _mfu(p.linear_mfu, p.linear_half_tokens, batch / dop))
+        memory_s = terms.weight_stream_s + keys * terms.kv_read_s_per_key
+        per_layer_s = terms.partial_fixed_s + batch * terms.partial_s_per_request + self._allreduce_s(batch / dop, tp)
+        return terms.overhead_s + max(compute_s, memory_s) + m.layers * per_layer_s
+
+    def _group_decode_terms(self, dop: int, tp: int, ring_bandwidth: float) -> _DecodeTerms:
+        """What a decode step's time at (dop, tp) scales from (see `decode_time`)."""
+        p, m = self.parameters, self.model
+        devices = dop * tp
+        partial_fixed_s = partial_s_per_request = 0.0
+        if dop > 1:  # multi-master: queries out, partial outputs and log-sum-exps back
             q_bytes = m.heads * m.head_dim * m.dtype_bytes
             o_lse_bytes = q_bytes + m.heads * _LSE_BYTES
-            exchanged_bytes = batch * (dop - 1) / dop * (q_bytes + o_lse_bytes)
-            partial_s = 2 * p.p2p_latency_s + exchanged_bytes / ring_bandwidth
-        per_layer_s = partial_s + self._allreduce_s(batch / dop, tp)
-        return self._overhead_s(dop) + max(compute_s, memory_s) + m.layers * per_layer_s
+            partial_fixed_s = 2 * p.p2p_latency_s
+            partial_s_per_request = (dop - 1) / dop * (q_bytes + o_lse_bytes) / ring_bandwidth
+        return _DecodeTerms(
+            devices=devices,
+            kv_read_s_per_key=self.instance_kv_bytes_per_token(tp) / devices / (self.device.memory_bandwidth * p.memory_efficiency),
+            weight_stream_s=self._weight_stream_s(tp),
+            partial_fixed_s=partial_fixed_s,
+            partial_s_per_request=partial_s_per_request,
+            overhead_s=self._overhead_s(dop),
+        )
 
     # -------------------------------------------------------------------- calibration
 
@@ -544,14 +579,13 @@ class CostModel:
 
     def _ring_bandwidth(self, dop: int, tp: int, instances: Sequence[int] | None) -> float:
         """Achieved bytes/s of the slowest ring edge of the group (inf for a single instance)."""
+        if instances is None:
+            found = self._group_bandwidths.get((dop, tp))  # (every simulated iteration asks)
+            if found is None:
+                found = self._group_bandwidths[(dop, tp)] = self._default_ring_bandwidth(dop, tp)
+            return found
         self._check_group(dop, tp)
         layout = self._layout(tp)
-        if instances is None:
-            if dop == 1:
-                return float("inf")
-            if dop <= layout.max_per_node:
-                return tp * self.device.link_bandwidth * self.parameters.link_efficiency
-            return self._network_bandwidth() * self.parameters.link_efficiency
         if len(instances) != dop or len(set(instances)) != dop:
             raise ValueError(f"instances {list(instances)} must name dop({dop}) distinct instances")
         for index in instances:
@@ -562,6 +596,15 @@ class CostModel:
         ring = [layout.instances[i] for i in instances]
         slowest = min(self._instance_bandwidth(a, b) for a, b in zip(ring, ring[1:] + ring[:1]))
         return slowest * self.parameters.link_efficiency
+
+    def _default_ring_bandwidth(self, dop: int, tp: int) -> float:
+        """_ring_bandwidth of a group placed within a node when one node has room for it."""
+        self._check_group(dop, tp)
+        if dop == 1:
+            return float("inf")
+        if dop <= self._layout(tp).max_per_node:
+            return tp * self.device.link_bandwidth * self.parameters.link_efficiency
+        return self._network_bandwidth() * self.parameters.link_efficiency
 
     def _network_bandwidth(self) -> float:
         assert self.cluster.inter_node_bandwidth is not None, "validated: multi-node clusters have a network"
@@ -582,6 +625,18 @@ class CostModel:
     def _overhead_s(self, dop: int) -> float:
         p = self.parameters
         return p.iteration_overhead_s + (dop - 1) * p.instance_overhead_s + self.model.layers * p.layer_overhead_s
+
+
+class _DecodeTerms(NamedTuple):
+    """A decode group's constants at (dop, tp): devices, seconds per KV key read, weight
+    streaming, multi-master exchange (fixed and per request, per layer) and overhead."""
+
+    devices: int
+    kv_read_s_per_key: float
+    weight_stream_s: float
+    partial_fixed_s: float
+    partial_s_per_request: float
+    overhead_s: float
 
 
 def _mfu(peak_fraction: float, half_tokens: float, tokens: float) -> float:

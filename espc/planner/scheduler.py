@@ -130,6 +130,12 @@ class ElasticScheduler(Scheduler):
         self.prefilling_on: dict[int, LengthBucket] = {}
         self.name = name or f"elastic(tp={policy.tp})"
         self._decode_spread = functools.lru_cache(maxsize=None)(self._decode_spread_uncached)
+        # Every queued request's priority reads its deadline on every decision, and lending
+        # asks how long the head request's prefill takes.
+        self._ttft_s = functools.lru_cache(maxsize=1 << 16)(self._ttft_s_uncached)
+        self._alone_prefill_s = functools.lru_cache(maxsize=1 << 16)(
+            lambda length, dop: deployment.cost.prefill_time([length], dop, deployment.tp)
+        )
 
     # ------------------------------------------------------------------------ interface
 
@@ -203,7 +209,10 @@ class ElasticScheduler(Scheduler):
         for request in state.running.values():
             if not request.kv:
                 continue
-            newest = max(request.kv, key=lambda instance: request.kv[instance][-1][1])
+            if len(request.kv) == 1:  # (most requests: the iteration-time common case)
+                newest = next(iter(request.kv))
+            else:
+                newest = max(request.kv, key=lambda instance: request.kv[instance][-1][1])
             reserve[newest] = reserve.get(newest, 0) + self._future_tokens(request)
         return reserve
 
@@ -211,8 +220,10 @@ class ElasticScheduler(Scheduler):
         return max(self.policy.reserve_output_tokens - request.generated, 1)
 
     def _deadline(self, request: RequestState) -> float:
-        arrival = request.request.arrival_s
-        return arrival + self.slo.ttft.target(self.prefill_s(request.request.prompt_len))
+        return request.request.arrival_s + self._ttft_s(request.request.prompt_len)
+
+    def _ttft_s_uncached(self, prompt_len: int) -> float:
+        return self.slo.ttft.target(self.prefill_s(prompt_len))
 
     def _queue(self, state: ClusterState) -> list[RequestState]:
         """Waiting requests by priority: starved ones first (FCFS), then earliest deadline;
@@ -268,7 +279,6 @@ class ElasticScheduler(Scheduler):
         need = head.prefill_target
         if sum(max(room.room(i), 0) for i in free_instances) >= need:
             return [], math.inf
-        cost, tp = self.deployment.cost, self.deployment.tp
         slack = {id(g): self._group_slack(state, g) for g in groups if g.ready(state.idle)}
         candidates = sorted((g for g in groups if id(g) in slack), key=lambda g: -slack[id(g)])
         lent: list[_DecodeGroup] = []
@@ -276,7 +286,7 @@ class ElasticScheduler(Scheduler):
         for group in candidates:
             pool += sorted(group.instances)
             dop = min(len(pool), self.policy.bucket(need).prefill_dop)
-            predicted = cost.prefill_time([need], dop, tp)
+            predicted = self._alone_prefill_s(need, dop)
             if slack[id(group)] < LEND_SAFETY * predicted:
                 break  # later groups have less slack
             lent.append(group)
@@ -379,13 +389,15 @@ class ElasticScheduler(Scheduler):
             ordered = sorted(chosen[:count], key=lambda r: (r.prefill_target, r.id))
             problem = BatchingProblem(
                 tuple(r.prefill_target for r in ordered),
-                tuple(dop_limits(r)[1] for r in ordered),
+                tuple(limits_by_length[r.prefill_target][1] for r in ordered),  # admitted: all eligible
                 tuple(self.policy.bucket(r.prefill_target).batch_tokens for r in ordered),
                 len(pool),
                 self.policy.instance_weight,
                 ring_slots,
             )
-            return ordered, problem, optimal_batches(problem, lambda lengths, dop: cost.prefill_segment_times(lengths, dop, tp))
+            return ordered, problem, optimal_batches(
+                problem, lambda lengths, dop, starts, ends: cost.prefill_segment_times(lengths, dop, tp, starts, ends)
+            )
 
         # Fewer prompts never make batching infeasible, so the lowest-priority requests that
         # do not fit (too many batches for the pool) wait, found by bisection — after the
@@ -435,35 +447,39 @@ class ElasticScheduler(Scheduler):
         decoding = {i for r in state.running.values() if r.decoding for i in r.kv_tokens}
         for use_reserve in (True, False):
             taken: dict[int, int] = {}
+            left = {i: room.room(i, use_reserve) for i in ring}  # less what `taken` holds
 
-            def left(instance: int) -> int:
-                return room.room(instance, use_reserve) - taken.get(instance, 0)
+            def take(instance: int, tokens: int) -> None:
+                taken[instance] = taken.get(instance, 0) + tokens
+                left[instance] -= tokens
 
             plan: list[tuple[Retention, ...]] = []
             for request in sorted(requests, key=lambda r: -r.prefill_target):
                 length = request.prefill_target
-                order = sorted(ring, key=lambda i: (i not in decoding, -left(i), i))
-                whole = [i for i in order if left(i) >= length]
+                whole = min(
+                    (i for i in ring if left[i] >= length), key=lambda i: (i not in decoding, -left[i], i), default=None
+                )
                 pieces: list[Retention] = []
                 spread = self._decode_spread(length, len(ring))
-                roomiest = sorted(ring, key=lambda i: (-left(i), i))[:spread]
-                if spread > 1 and all(left(i) >= -(-length // spread) for i in roomiest):
+                by_room = sorted(ring, key=lambda i: (-left[i], i))
+                roomiest = by_room[:spread]
+                if spread > 1 and all(left[i] >= -(-length // spread) for i in roomiest):
                     # A long request keeps its KV on enough instances to decode within TPOT.
                     bounds = [length * part // spread for part in range(spread + 1)]
                     for instance, start, end in zip(sorted(roomiest), bounds, bounds[1:]):
                         pieces.append(Retention(instance, TokenRange(start, end)))
-                        taken[instance] = taken.get(instance, 0) + end - start
-                elif whole:
-                    pieces.append(Retention(whole[0], TokenRange(0, length)))
-                    taken[whole[0]] = taken.get(whole[0], 0) + length
+                        take(instance, end - start)
+                elif whole is not None:
+                    pieces.append(Retention(whole, TokenRange(0, length)))
+                    take(whole, length)
                 else:
                     start = 0
-                    for instance in sorted(ring, key=lambda i: (-left(i), i)):
-                        size = min(left(instance), length - start)
+                    for instance in by_room:
+                        size = min(left[instance], length - start)
                         if size <= 0:
                             continue
                         pieces.append(Retention(instance, TokenRange(start, start + size)))
-                        taken[instance] = taken.get(instance, 0) + size
+                        take(instance, size)
                         start += size
                         if start == length:
                             break
