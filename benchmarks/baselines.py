@@ -8,10 +8,9 @@ goodput (req/s at which ≥ 90% of requests meet both SLOs) of a strategy's best
 configuration, as mean ± spread over seeds; the real traces (../shared/traces, or
 $ESPC_TRACES) are skipped with a note when absent. A trace is replayed with its own
 arrivals, rescaled to each trial's rate, so seeds change nothing: it runs once. Strategies
-are tuned as their authors ship them (see espc.planner.strategies.candidates); families
-are searched per cell. One worker process (--jobs) evaluates every strategy of a
-(workload, seed), so configurations the families share (best-static searches static-sp's
-and static-tp's) are simulated once.
+are tuned as their authors ship them (see espc.planner.strategies.candidates) at the
+spec's tp, except best-static, which searches every tp; families are searched per cell.
+One worker process (--jobs) evaluates every strategy of a (workload, seed).
 """
 
 from __future__ import annotations
@@ -70,18 +69,32 @@ def available_workloads(names: list[str]) -> list[str]:
     return workloads
 
 
+def strategy_spec(spec: Spec, strategy: str) -> Spec:
+    """best-static searches every tp ("every SP/TP split", as LoongServe's reviewers asked),
+    so the spec's tp is lifted for it; the other baselines run at the spec's tp."""
+    if strategy != "best-static" or spec.cluster.tp is None:
+        return spec
+    data = spec.model_dump(mode="json")
+    data["cluster"]["tp"] = None
+    return validate_spec(data, {}, "benchmark")
+
+
 def _cell(workload: str, seed: int, strategies: list[str], requests: int) -> list[dict]:
     spec = workload_spec(workload)
-    evaluator = Evaluator(spec, base_dir=SPEC.parent, requests=requests)
+    evaluators: dict[int | None, Evaluator] = {}
     cells = []
     for strategy in strategies:
         started = time.perf_counter()
-        found = evaluator.strategy_goodput(strategy, seed)
+        measured = strategy_spec(spec, strategy)
+        if measured.cluster.tp not in evaluators:
+            evaluators[measured.cluster.tp] = Evaluator(measured, base_dir=SPEC.parent, requests=requests)
+        found = evaluators[measured.cluster.tp].strategy_goodput(strategy, seed)
         cells.append({
             "workload": workload, "strategy": strategy, "seed": seed, "goodput": found.goodput.rate,
             "configuration": found.configuration, "configurations_searched": found.configurations_searched,
             "simulations": len(found.goodput.trials), "seconds": time.perf_counter() - started,
-            "requests": requests, "max_trial_requests": None,  # the trial shape (policy_quality.py --baselines)
+            "requests": requests, "max_trial_requests": None,  # the trial shape (--reuse)
+            "tp": measured.cluster.tp,  # None: every tp searched
         })
     return cells
 
@@ -91,8 +104,15 @@ def seeds_of(workload: str, seeds: int) -> range:
     return range(1) if workload in TRACE_FILES else range(seeds)
 
 
-def _order(cell: dict) -> tuple:
+def cell_key(cell: dict) -> tuple:
     return cell["workload"], cell["strategy"], cell["seed"]
+
+
+def save(path: Path | None, results: list[dict]) -> None:
+    """Every cell so far, in a stable order (nothing without a path)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(sorted(results, key=cell_key), indent=2))
 
 
 def _format(rates: list[float]) -> str:
@@ -117,7 +137,7 @@ def main() -> None:
     workloads = available_workloads(arguments.workloads.split(";"))
     strategies = arguments.strategies.split(",")
     reused = {
-        _order(cell): cell for path in arguments.reuse for cell in json.loads(path.read_text())
+        cell_key(cell): cell for path in arguments.reuse for cell in json.loads(path.read_text())
         if cell.get("requests") == arguments.requests and cell.get("max_trial_requests") is None
     }
     # ShareGPT's cells are the longest (its goodput is ~100× the others', so are its trials):
@@ -138,8 +158,7 @@ def main() -> None:
         futures = [pool.submit(_cell, *cell) for cell in cells]
         for done, future in enumerate(as_completed(futures), 1):
             results += future.result()
-            if arguments.json:  # after every cell, so that an interrupted run keeps what it measured
-                arguments.json.write_text(json.dumps(sorted(results, key=_order), indent=2))
+            save(arguments.json, results)  # after every cell, so that an interrupted run keeps what it measured
             for cell in future.result():
                 print(
                     f"[{done}/{len(cells)} {time.perf_counter() - started:6.0f}s] {cell['workload']:10s} "
@@ -148,6 +167,7 @@ def main() -> None:
                     flush=True,
                 )
 
+    save(arguments.json, results)
     print(f"\nP90 goodput (req/s, mean ± stdev over seeds), {SPEC.name}, at least {arguments.requests} "
           f"requests and {DEFAULT_WINDOW_S:g} s of arrivals per trial")
     header = f"{'workload':22s}{'seeds':>6s}" + "".join(f"{s:>18s}" for s in strategies)

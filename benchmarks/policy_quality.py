@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from baselines import SPEC, TRACE_FILES, available_workloads, seeds_of, workload_spec
+from baselines import SPEC, TRACE_FILES, available_workloads, cell_key, save, seeds_of, strategy_spec, workload_spec
 from espc.frontend.loader import validate_spec
 from espc.frontend.spec import Spec
 from espc.planner.artifact import spec_hash
@@ -96,6 +96,7 @@ def _cell(workload: str, strategy: str, seed: int, requests: int, search_seconds
             extra["compile_seconds"] = compiled.compile_seconds
             extra["search_seconds"] = search_seconds
         else:
+            spec = strategy_spec(spec, strategy)
             evaluator = Evaluator(spec, base_dir=SPEC.parent, requests=requests, max_trial_requests=max_trial)
         found = evaluator.strategy_goodput(strategy, seed)
         if workload == ADVERSARIAL and strategy == "elastic" and found.goodput.rate:
@@ -119,12 +120,8 @@ def measured_cells(paths: list[Path], requests: int, max_trial: int | None, sear
         for cell in json.loads(path.read_text()):
             same_trials = cell.get("requests") == requests and cell.get("max_trial_requests") == max_trial
             if same_trials and cell.get("search_seconds", search_seconds) == search_seconds:
-                cells[_order(cell)] = cell
+                cells[cell_key(cell)] = cell
     return cells
-
-
-def _order(cell: dict) -> tuple:
-    return cell["workload"], cell["strategy"], cell["seed"]
 
 
 def _format(rates: list[float]) -> str:
@@ -183,15 +180,14 @@ def main() -> None:
         for done, future in enumerate(as_completed(futures), 1):
             cell = future.result()
             results.append(cell)
-            if arguments.json:  # after every cell, so that an interrupted run keeps what it measured
-                arguments.json.parent.mkdir(parents=True, exist_ok=True)
-                arguments.json.write_text(json.dumps(sorted(results, key=_order), indent=2))
+            save(arguments.json, results)  # after every cell, so that an interrupted run keeps what it measured
             print(
                 f"[{done}/{len(cells)} {time.perf_counter() - started:6.0f}s] {cell['workload']:20s} {cell['strategy']:13s} "
                 f"seed {cell['seed']}: {cell['goodput']:.3f} req/s ({cell['configuration']}, {cell['seconds']:.0f} s)",
                 flush=True,
             )
 
+    save(arguments.json, results)
     print(f"\nP90 goodput (req/s), {SPEC.name}, {arguments.seeds} seed(s) (traces: one replay), "
           f"at least {arguments.requests} requests per trial")
     header = f"{'workload':22s}" + "".join(f"{s:>16s}" for s in strategies) + f"{'elastic/best':>14s}"
