@@ -108,6 +108,13 @@ def cell_key(cell: dict) -> tuple:
     return cell["workload"], cell["strategy"], cell["seed"]
 
 
+def same_shape(cell: dict, requests: int, max_trial: int | None) -> bool:
+    """Whether a cell of an earlier run was measured as this run would: the trial shape,
+    and the tps searched (best-static's every tp, the others' the spec's)."""
+    searched_tp = strategy_spec(load_spec(SPEC), cell["strategy"]).cluster.tp
+    return cell.get("requests") == requests and cell.get("max_trial_requests") == max_trial and cell.get("tp") == searched_tp
+
+
 def save(path: Path | None, results: list[dict]) -> None:
     """Every cell so far, in a stable order (nothing without a path)."""
     if path is not None:
@@ -129,7 +136,7 @@ def main() -> None:
     parser.add_argument("--strategies", default=",".join(BASELINES))
     parser.add_argument(
         "--reuse", type=Path, nargs="+", default=[],
-        help="take the cells these JSON files of earlier runs measured with the same --requests",
+        help="take the cells these JSON files of earlier runs measured the same way (see same_shape)",
     )
     parser.add_argument("--json", type=Path, help="also write every cell to this file")
     arguments = parser.parse_args()
@@ -138,7 +145,7 @@ def main() -> None:
     strategies = arguments.strategies.split(",")
     reused = {
         cell_key(cell): cell for path in arguments.reuse for cell in json.loads(path.read_text())
-        if cell.get("requests") == arguments.requests and cell.get("max_trial_requests") is None
+        if same_shape(cell, arguments.requests, None)
     }
     # ShareGPT's cells are the longest (its goodput is ~100× the others', so are its trials):
     # submitted first, they do not leave one worker running alone at the end.

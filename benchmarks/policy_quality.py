@@ -37,7 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from baselines import SPEC, TRACE_FILES, available_workloads, cell_key, save, seeds_of, strategy_spec, workload_spec
+from baselines import (
+    SPEC, TRACE_FILES, available_workloads, cell_key, same_shape, save, seeds_of, strategy_spec, workload_spec,
+)
 from espc.frontend.loader import validate_spec
 from espc.frontend.spec import Spec
 from espc.planner.artifact import spec_hash
@@ -97,6 +99,7 @@ def _cell(workload: str, strategy: str, seed: int, requests: int, search_seconds
             extra["search_seconds"] = search_seconds
         else:
             spec = strategy_spec(spec, strategy)
+            extra["tp"] = spec.cluster.tp  # None: every tp searched
             evaluator = Evaluator(spec, base_dir=SPEC.parent, requests=requests, max_trial_requests=max_trial)
         found = evaluator.strategy_goodput(strategy, seed)
         if workload == ADVERSARIAL and strategy == "elastic" and found.goodput.rate:
@@ -118,8 +121,8 @@ def measured_cells(paths: list[Path], requests: int, max_trial: int | None, sear
     cells = {}
     for path in paths:
         for cell in json.loads(path.read_text()):
-            same_trials = cell.get("requests") == requests and cell.get("max_trial_requests") == max_trial
-            if same_trials and cell.get("search_seconds", search_seconds) == search_seconds:
+            same_search = cell.get("search_seconds", search_seconds) == search_seconds  # elastic's compile
+            if same_search and (cell["strategy"] == "elastic" or same_shape(cell, requests, max_trial)):
                 cells[cell_key(cell)] = cell
     return cells
 
