@@ -2,7 +2,7 @@
 
     python benchmarks/policy_quality.py [--seeds 5] [--requests 300] [--jobs 2] [--search-seconds 20]
         [--workloads "mixed;leval;..."] [--adversarial] [--max-trial-requests N]
-        [--reuse benchmarks/results/baselines.json ...] [--json benchmarks/results/policy_quality.json]
+        [--reuse benchmarks/results/baselines.json ...] [--report] [--json benchmarks/results/policy_quality.json]
 
 For specs/lwm7b-a800x8.toml (LWM-Text-1M on 8 × A800, LoongServe's SLO), per workload and
 seed: `espc compile` with strategy elastic on that workload (tp left to the compiler, as
@@ -15,7 +15,9 @@ published (3.85× vs chunked on mixed, 5.81× vs disaggregated on leval) beside 
 A trace replays the same for every seed, so it runs once (benchmarks/baselines.py).
 `--reuse` takes the cells earlier runs of either script measured with the same trial
 shape from their JSON, so that only the missing ones are measured (`--strategies ""`
-measures elastic alone).
+measures elastic alone). `--report` measures nothing: it prints the table of the reused
+cells, each workload over the seeds its elastic cells measured (runs over different seed
+counts per workload merge this way).
 
 `--adversarial` adds a trace of short (2K) and long (200K) prompts strictly alternating,
 so that each arrival undoes what the previous one made the scheduler want: elastic's
@@ -88,9 +90,12 @@ def _cell(workload: str, strategy: str, seed: int, requests: int, search_seconds
         extra: dict = {}
         if strategy == "elastic":
             spec = elastic_spec(spec)
-            compiled = compile_spec(
+            result = compile_spec(
                 spec, spec_hash(spec), SPEC.parent, CompileOptions(search_seconds=search_seconds, trial_requests=requests, seed=seed)
-            ).policy
+            )
+            compiled = result.policy
+            extra["compile_trials"] = [[trial.stage, trial.label, trial.goodput_rps] for trial in result.trials]
+            extra["elastic_policy"] = str(compiled.elastic)
             evaluator = Evaluator(
                 spec, base_dir=SPEC.parent, requests=requests, elastic=compiled.elastic, max_trial_requests=max_trial
             )
@@ -156,8 +161,11 @@ def main() -> None:
         "--reuse", type=Path, nargs="+", default=[],
         help="take the cells these JSON files (of this script or benchmarks/baselines.py) measured with the same trial shape",
     )
+    parser.add_argument("--report", action="store_true", help="measure nothing: the table of every --reuse cell")
     parser.add_argument("--json", type=Path, help="also write every cell to this file")
     arguments = parser.parse_args()
+    if arguments.report and not arguments.reuse:
+        parser.error("--report prints the cells of --reuse files: give at least one")
 
     workloads = available_workloads(arguments.workloads.split(";"))
     if arguments.adversarial:
@@ -165,7 +173,12 @@ def main() -> None:
     strategies = ["elastic", *filter(None, arguments.strategies.split(","))]
     reused = measured_cells(arguments.reuse, arguments.requests, arguments.max_trial_requests, arguments.search_seconds)
     cells, results = [], []
-    for w in workloads:
+    if arguments.report:  # each row over the seeds its elastic cells measured, so that a row compares like with like
+        elastic_seeds = {(w, seed) for w, s, seed in reused if s == "elastic"}
+        results = [
+            cell for (w, s, seed), cell in sorted(reused.items()) if w in workloads and s in strategies and (w, seed) in elastic_seeds
+        ]
+    for w in workloads if not arguments.report else ():
         for s in strategies:
             for seed in seeds_of(w, arguments.seeds):
                 if w == ADVERSARIAL and s not in ("elastic", "best-static"):
@@ -191,13 +204,14 @@ def main() -> None:
             )
 
     save(arguments.json, results)
-    print(f"\nP90 goodput (req/s), {SPEC.name}, {arguments.seeds} seed(s) (traces: one replay), "
+    print(f"\nP90 goodput (req/s, mean ± stdev over seeds), {SPEC.name} (traces: one replay), "
           f"at least {arguments.requests} requests per trial")
-    header = f"{'workload':22s}" + "".join(f"{s:>16s}" for s in strategies) + f"{'elastic/best':>14s}"
+    header = f"{'workload':22s}{'seeds':>6s}" + "".join(f"{s:>16s}" for s in strategies) + f"{'elastic/best':>14s}"
     print(header)
     print("-" * len(header))
     for workload in workloads:
-        row = f"{workload:22s}"
+        seeds = len({c["seed"] for c in results if c["workload"] == workload and c["strategy"] == "elastic"})
+        row = f"{workload:22s}{seeds:6d}"
         for strategy in strategies:
             row += f"{_format([c['goodput'] for c in results if c['workload'] == workload and c['strategy'] == strategy]):>16s}"
         elastic = _mean(results, workload, "elastic")

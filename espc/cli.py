@@ -141,7 +141,7 @@ def compile_(
     spec_file: SpecFile,
     output: Annotated[Path, typer.Option("-o", "--output", help="artifact directory to write")],
     search_seconds: Annotated[
-        float, typer.Option(help="time budget of the local search around the MILP policy (0: none)")
+        float, typer.Option(help="time budget of the local search around the MILP and static-seed policies (0: no search, no seeds)")
     ] = CompileOptions.search_seconds,
     requests: Annotated[int, typer.Option(help="requests per simulated trial (at least)")] = TRIAL_REQUESTS,
     seed: Annotated[Optional[int], typer.Option(help="workload seed of the trials (default: the spec's)")] = None,

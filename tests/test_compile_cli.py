@@ -75,7 +75,8 @@ def test_compile_writes_the_artifact_and_prints_the_policy(compiled):
 def test_dump_ir_prints_every_stage_deterministically(compiled, tmp_path):
     spec, out, first = compiled
     dump = dump_of(first.stdout)
-    stages = ["== stage milp: tp=1 ==", "== stage verify: 1 trial(s) ==", "== stage search: 0 trial(s) ==",
+    stages = ["== stage milp: tp=1 ==", "== stage verify: 1 trial(s) ==", "== stage seed: 0 trial(s) ==",
+              "== stage search: 0 trial(s) ==",
               "== stage strategies: predicted P90 goodput ==", "== stage choose: policy.json"]
     positions = [dump.index(stage) for stage in stages]
     assert positions == sorted(positions)

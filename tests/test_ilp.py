@@ -402,3 +402,36 @@ def test_a_heavy_tail_gets_buckets_of_its_own():
     assert lows == [b.low for b in whole] + [int(q) + 1 for q in np.quantile(prompts, ilp.TAIL_QUANTILES)]
     light = case(A800, lengths="uniform(1K, 8K)")
     assert len(ilp.length_buckets(generate(light.spec.workload, requests=1000), 8, light.cost.model.max_context)) == 8
+
+
+def test_tpot_feasibility_counts_requests_not_bucket_means():
+    """TPOT is infeasible exactly when more of the sample's requests than the attainment's
+    slack cannot decode within the bound even alone on every instance (brute force over the
+    requests) — including bounds where a heavy bucket's mean context cannot, but most of
+    its requests can (the bucket is then best effort, not the whole tp infeasible)."""
+    base = case(A800, lengths="zipf(1.0, 1K, 200K)", ttft="max(25x prefill, 60s)", buckets=8)
+    tp, instances = 1, base.instances
+
+    def best_decode_s(context: int) -> float:
+        return min(base.cost.decode_time([context], d, tp) for d in range(1, instances + 1))
+
+    contexts = [round(r.prompt_len + r.output_len / 2) for r in base.requests]
+    slack = 1 - base.spec.slo.attainment
+    buckets = ilp.length_buckets(base.requests, 8, base.cost.model.max_context)
+    bounds = sorted({float(np.quantile([best_decode_s(c) for c in contexts], q)) for q in (0.8, 0.86, 0.92, 0.97)})
+    regimes = set()
+    for bound in bounds:
+        tpot = f"{math.ceil(bound * 1e7) / 10:.1f}us"
+        c = case(A800, lengths="zipf(1.0, 1K, 200K)", ttft="max(25x prefill, 60s)", buckets=8, tpot=tpot)
+        limit = c.spec.slo.tpot.target()
+        missing = sum(best_decode_s(context) > limit for context in contexts) / len(contexts)
+        mean_hopeless = sum(
+            b.share for b in buckets if best_decode_s(round(b.mean_prompt + b.mean_output / 2)) > limit
+        )
+        regimes.add((missing > slack, mean_hopeless > slack))
+        if missing > slack:
+            with pytest.raises(ilp.InfeasibleSLO, match=r"^TPOT .* is infeasible"):
+                c.solve()
+        else:
+            c.solve().policy.verify(instances)
+    assert (False, True) in regimes and (True, True) in regimes, regimes

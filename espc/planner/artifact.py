@@ -425,7 +425,8 @@ def render_report(
 
     lines += ["", "## Search trials", ""]
     if result.trials:
-        lines.append("Every candidate simulated: `verify` runs each MILP policy, `search` its neighbours "
+        lines.append("Every candidate simulated: `verify` runs each MILP policy, `seed` the elastic equivalents of the "
+                     "best screened static groupings, `search` the neighbours of the best two "
                      "(kept when the goodput improves by more than the bisection tolerance).")
         lines.append("")
         lines += _table(("#", "stage", "candidate", "goodput (req/s)"),
@@ -521,7 +522,7 @@ def _timeless_policy(policy: Policy) -> dict[str, Any]:
 
 def render_ir(result: CompileResult) -> str:
     """Every stage's output of a compile, in order, as deterministic text (`--dump-ir`):
-    the MILP solution per tp, the simulated trials (verify, search) and the final Policy.
+    the MILP solution per tp, the simulated trials (verify, seed, search) and the final Policy.
     Wall-clock times are left out; everything else is printed in full precision."""
     lines = []
     for solution in result.milp:
@@ -536,7 +537,7 @@ def render_ir(result: CompileResult) -> str:
         ]
     if not result.milp:
         lines += ["== stage milp: skipped (the spec's strategy is a baseline) ==", ""]
-    for stage in ("verify", "search"):
+    for stage in ("verify", "seed", "search"):
         trials = [(index, trial) for index, trial in enumerate(result.trials) if trial.stage == stage]
         lines.append(f"== stage {stage}: {len(trials)} trial(s) ==")
         lines += [f"{index:4d}  {trial.label:40s} {trial.goodput_rps!r} req/s" for index, trial in trials]

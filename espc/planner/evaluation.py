@@ -210,6 +210,25 @@ class Evaluator:
         assert best is not None
         return StrategyRun(strategy, best[1].label, searched, best[2], best[3])
 
+    def screen(
+        self, strategy: str, seed: int | None = None, on_progress: Callable[[str], None] | None = None,
+        start_rate: float | None = None,
+    ) -> list[tuple[float, Candidate]]:
+        """Every configuration of `strategy` with its screened goodput, best first: short
+        trials (SCREEN_REQUESTS, at most SCREEN_WINDOW_S of arrivals) and a loose tolerance."""
+        screened: list[tuple[float, Candidate]] = []
+        for candidate in self.candidates(strategy):
+            if on_progress:
+                on_progress(f"screening {candidate.label}")
+            requests = min(SCREEN_REQUESTS, self.requests or SCREEN_REQUESTS)
+            # The family's configurations have goodputs of one magnitude: start from the best.
+            start = max((rate for rate, _ in screened), default=None) or start_rate
+            found = self.goodput(
+                candidate, seed, requests, SCREEN_TOLERANCE, start_rate=start, window_s=min(self.window_s, SCREEN_WINDOW_S),
+            )
+            screened.append((found.rate, candidate))
+        return sorted(screened, key=lambda pair: -pair[0])
+
     def strategy_goodput(
         self, strategy: str, seed: int | None = None, on_progress: Callable[[str], None] | None = None,
         finalists: int = FINALISTS, start_rate: float | None = None,
@@ -218,19 +237,7 @@ class Evaluator:
         the bisections start from `start_rate` (the workload's rate by default)."""
         family = self.candidates(strategy)
         if len(family) > 1:
-            screened: list[tuple[float, Candidate]] = []
-            for candidate in family:
-                if on_progress:
-                    on_progress(f"screening {candidate.label}")
-                requests = min(SCREEN_REQUESTS, self.requests or SCREEN_REQUESTS)
-                # The family's configurations have goodputs of one magnitude: start from the best.
-                start = max((rate for rate, _ in screened), default=None) or start_rate
-                found = self.goodput(
-                    candidate, seed, requests, SCREEN_TOLERANCE, start_rate=start,
-                    window_s=min(self.window_s, SCREEN_WINDOW_S),
-                )
-                screened.append((found.rate, candidate))
-            screened.sort(key=lambda pair: -pair[0])
+            screened = self.screen(strategy, seed, on_progress, start_rate)
             measured_candidates = [(candidate, rate) for rate, candidate in screened[:finalists]]
         else:
             measured_candidates = [(family[0], start_rate)]

@@ -25,7 +25,8 @@ prompt L_k, mean output O_k):
                                      `policy.length_buckets` > 1 / (1 − attainment)).
                                      Buckets whose typical request cannot decode within the
                                      TPOT bound even spread over every instance are best
-                                     effort by force (InfeasibleSLO past the slack).
+                                     effort by force (InfeasibleSLO when more of the
+                                     sample's requests than the slack cannot).
 
 Products of the rate with a one-hot choice are linearised exactly (McCormick with a binary):
 w[k,o] = r·x[k,o] and v[j] = r·u[j], with 0 ≤ w ≤ R·x, w ≤ r, w ≥ r − R·(1 − x).
@@ -52,6 +53,7 @@ has the last word (see `espc.planner.compiler`).
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections.abc import Sequence
@@ -150,17 +152,21 @@ def solve(
     count, max_context = policy_spec.length_buckets, cost.model.max_context
     whole = length_buckets(requests, count, max_context, split_tail=False)
     split = length_buckets(requests, count, max_context)
+    contexts = sorted(round(r.prompt_len + r.output_len / 2) for r in requests)
     if split != whole:
         try:
-            return _solve(cost, tp, split, slo, policy_spec, prefill_s)
+            return _solve(cost, tp, split, contexts, slo, policy_spec, prefill_s)
         except InfeasibleSLO:
             pass
-    return _solve(cost, tp, whole, slo, policy_spec, prefill_s)
+    return _solve(cost, tp, whole, contexts, slo, policy_spec, prefill_s)
 
 
 def _solve(
-    cost: CostModel, tp: int, buckets: list[Bucket], slo: SLOSpec, policy_spec: PolicySpec, prefill_s
+    cost: CostModel, tp: int, buckets: list[Bucket], contexts: Sequence[int], slo: SLOSpec, policy_spec: PolicySpec,
+    prefill_s,
 ) -> MilpSolution:
+    """`solve` on these buckets; `contexts`: the sample's mean decode contexts (prompt +
+    half the output), sorted."""
     instances = len(cost.cluster.instances(tp))
     capacity = cost.kv_capacity_tokens(tp)
     max_dop = min(instances, policy_spec.max_dop or instances)
@@ -253,16 +259,19 @@ def _solve(
     served = cp.Variable(len(buckets), boolean=True, name="served")
     # A bucket whose typical request cannot decode within the TPOT bound even alone, with
     # its KV spread over every instance (multi-master), is best effort whatever the policy.
-    hopeless = [
-        k for k, b in enumerate(buckets)
-        if min(cost.decode_time([round(b.mean_prompt + b.mean_output / 2)], d, tp) for d in range(1, max_dop + 1)) > tpot_s
-    ]
+    def decodable(context: int) -> bool:
+        return min(cost.decode_time([context], d, tp) for d in range(1, max_dop + 1)) <= tpot_s
+
+    hopeless = [k for k, b in enumerate(buckets) if not decodable(round(b.mean_prompt + b.mean_output / 2))]
     hopeless_share = float(shares[hopeless].sum()) if hopeless else 0.0
-    if hopeless_share > slo_slack:
-        first = buckets[hopeless[0]]
+    # The slack is spent by requests, not buckets: a heavy tail's bucket mean can be hopeless
+    # while most of its requests are not (decode time grows with the context).
+    first_hopeless = bisect.bisect_left(contexts, True, key=lambda context: not decodable(context))
+    hopeless_requests = (len(contexts) - first_hopeless) / max(len(contexts), 1)
+    if hopeless_requests > slo_slack:
         raise InfeasibleSLO(
-            f"TPOT {slo.tpot.shorthand()} is infeasible for prompts of {first.low:,}+ tokens at tp({tp}) "
-            f"({hopeless_share:.1%} of the workload; attainment {slo.attainment:.0%} leaves {slo_slack:.1%})"
+            f"TPOT {slo.tpot.shorthand()} is infeasible for decode contexts of {contexts[first_hopeless]:,}+ tokens "
+            f"at tp({tp}) ({hopeless_requests:.1%} of the workload; attainment {slo.attainment:.0%} leaves {slo_slack:.1%})"
         )
     constraints += [served[k] == 0 for k in hopeless]
     served_work = cp.Variable(len(buckets), nonneg=True, name="served_work")

@@ -436,6 +436,16 @@ BASELINES = ("static-tp", "static-sp", "chunked", "disaggregated", "best-static"
 
 
 @dataclass(frozen=True)
+class StaticLayout:
+    """A static configuration's instance groups: `groups` SP group sizes at `tp`; with a
+    `long_threshold`, prompts of at least that many tokens go to the largest group."""
+
+    tp: int
+    groups: tuple[int, ...]
+    long_threshold: int | None = None
+
+
+@dataclass(frozen=True)
 class Candidate:
     """One concrete configuration of a strategy; `make` builds a fresh scheduler per run
     (schedulers keep per-run routing state)."""
@@ -446,6 +456,7 @@ class Candidate:
     # What the scheduler is, across strategies: static-sp, static-tp and best-static share
     # deployments, and an evaluation of one stands for the others.
     key: str = ""
+    layout: StaticLayout | None = None  # the static strategies' groups (compile seeds elastic with them)
 
     def identity(self) -> str:
         return self.key or f"{self.strategy}: {self.label}"
@@ -478,7 +489,7 @@ def candidates(
         groups = (1,) * deployment.num_instances
         return [Candidate(
             strategy, f"tp={node_tp}", lambda: StaticScheduler(deployment, groups, name=f"static-tp(tp={node_tp})"),
-            key=_static_key(deployment, groups),
+            key=_static_key(deployment, groups), layout=StaticLayout(node_tp, groups),
         )]
     if strategy == "chunked":
         deployment = Deployment.build(cost, node_tp, kv_capacity)
@@ -521,7 +532,7 @@ def _static_candidate(strategy: str, deployment: Deployment, groups: tuple[int, 
         label += f", long ≥ {threshold:,}"
     return Candidate(
         strategy, label, lambda: StaticScheduler(deployment, groups, threshold, name=f"{strategy}({label})"),
-        key=_static_key(deployment, groups, threshold),
+        key=_static_key(deployment, groups, threshold), layout=StaticLayout(deployment.tp, groups, threshold),
     )
 
 
