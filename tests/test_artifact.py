@@ -2,6 +2,7 @@
 
 The policies here are built by hand (no compile), so the whole file runs in seconds."""
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -15,7 +16,7 @@ from espc.planner.artifact import (
 )
 from espc.planner.compiler import CompileResult, Trial
 from espc.planner.policy import (
-    POLICY_SCHEMA_VERSION, ElasticPolicy, LengthBucket, Policy, SolverStats, StrategyPrediction,
+    POLICY_SCHEMA_VERSION, ElasticPolicy, LengthBucket, Policy, PolicyError, SolverStats, StrategyPrediction,
 )
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
@@ -84,6 +85,48 @@ def load_error(directory: Path) -> str:
     return str(caught.value)
 
 
+# ------------------------------------------------------------------- instance classes
+
+
+def with_classes(policy: Policy, *classes: tuple[int, ...] | None) -> Policy:
+    """`policy` (4 instances) with bucket i on instances classes[i], its caps cut to fit."""
+    buckets = []
+    for bucket, members in zip(policy.elastic.buckets, classes):
+        size = 4 if members is None else len(members)
+        buckets.append(dataclasses.replace(
+            bucket, instances=members, max_instances=min(bucket.max_instances, size),
+            prefill_dop=min(bucket.prefill_dop, size),
+        ))
+    return dataclasses.replace(policy, elastic=dataclasses.replace(policy.elastic, buckets=tuple(buckets)))
+
+
+def test_instance_classes_round_trip_through_json(spec):
+    policy = with_classes(make_result(spec).policy, (2, 3), (2, 3), (0, 1))
+    policy.verify(4)
+    loaded = Policy.from_json(json.loads(json.dumps(policy.to_json())))
+    assert loaded == policy and loaded.elastic.buckets[2].instances == (0, 1)
+    assert loaded.elastic.instance_classes() == ((2, 3), (0, 1))
+    assert "≤ 2 instances at once of instances 0–1" in str(loaded)
+
+
+@pytest.mark.parametrize("classes, message", [
+    (((0, 1), (1, 2), (3,)), "instances 0–1 and 1–2 overlap"),
+    (((0, 1), (2, 3), None), "some buckets name their instances and others do not"),
+    (((0, 1), (2, 3), (3, 4)), "instances 3–4 outside 0..3"),
+    (((0, 1), (2, 3), (3, 2)), "not a non-empty increasing list"),
+])
+def test_inconsistent_instance_classes_are_named(spec, classes, message):
+    with pytest.raises(PolicyError, match=message):
+        with_classes(make_result(spec).policy, *classes).verify(4)
+
+
+def test_a_cap_beyond_the_class_is_named(spec):
+    policy = make_result(spec).policy
+    buckets = (*policy.elastic.buckets[:2], dataclasses.replace(policy.elastic.buckets[2], instances=(0, 1, 2)))
+    with pytest.raises(PolicyError, match=r"max_instances 4 > its 3 instances"):
+        dataclasses.replace(policy.elastic, buckets=buckets).verify(4)
+
+
 # ------------------------------------------------------------------------------ spec hash
 
 
@@ -141,8 +184,8 @@ def test_report_has_every_section(artifact):
     for needle in [
         "## Chosen strategy", "**elastic** (tp=1): highest simulated P90 goodput",
         "| elastic | tp=1 | 12.5 | 1.00× | 3 |", "| chunked | chunked(tp=1, 2048 tokens) | 9.25 | 0.74× | 1 |",
-        "## Elastic policy (tp=1)", "| 1 | [64, 512) | 30.0% | 2 | 8,192 | 3 | yes |",
-        "| 2 | [512, 4,097) | 20.0% | 4 | 16,384 | 4 | best effort |",
+        "## Elastic policy (tp=1)", "| 1 | [64, 512) | 30.0% | 2 | 8,192 | 3 | any | yes |",
+        "| 2 | [512, 4,097) | 20.0% | 4 | 16,384 | 4 | any | best effort |",
         "## Thresholds", "past 65,536 KV tokens per instance", "## Solver and prediction vs simulation",
         "| MILP predicted rate | 10 req/s |", "| simulated / MILP | 1.25× |",
         "## Search trials", "| 1 | search | bucket 2 ≤ 3 instances | 12.5 |",

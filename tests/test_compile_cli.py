@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from espc.cli import app
 from espc.planner.artifact import load_artifact
+from espc.planner.policy import format_instances
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 TINY = SPECS / "tiny-cpu.toml"
@@ -105,6 +106,7 @@ def test_inspect_tables(compiled):
         cells = [cell.strip() for cell in row.strip("│ ").split("│")]
         assert cells == [str(index), f"[{bucket.low:,}, {bucket.high:,})", f"{bucket.share:.1%}", str(bucket.prefill_dop),
                          f"{bucket.batch_tokens:,}", str(bucket.max_instances),
+                         "any" if bucket.instances is None else format_instances(bucket.instances),
                          "yes" if bucket.within_slo else "best effort"]
     assert f"instance weight (batching DP) │ {policy.elastic.instance_weight:g} requests" in result.stdout
 

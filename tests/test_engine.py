@@ -3,9 +3,10 @@
 Numerics: greedy tokens and per-step logits of the engine equal a single-process float64
 reference of the same weights, for prompts of odd lengths on the GQA tiny model, under
 plans of every shape the runtime executes — DoP 1, 2 and 4 (static-sp), scale-up decoding
-(the compiled elastic scheduler), prefill on 4 instances retained on 2 (scale-down) with a
-migration between generated tokens (a scripted scheduler), disaggregated prefill/decode —
-and, on a Hugging Face checkpoint, equal transformers' own greedy generation.
+(the compiled elastic scheduler, and one with instance classes), prefill on 4 instances
+retained on 2 (scale-down) with a migration between generated tokens (a scripted
+scheduler), disaggregated prefill/decode — and, on a Hugging Face checkpoint, equal
+transformers' own greedy generation.
 
 Lifecycle and faults: start/stop leaves no process behind; cancellation and streaming free
 KV; a killed or stopped worker fails the requests that depended on it, with an error, while
@@ -26,6 +27,7 @@ from tolerances import TOLERANCES
 
 from espc import load_spec
 from espc.planner.costmodel import CostModel
+from espc.planner.metrics import isolated_prefill
 from espc.planner.plan import (
     DecodeBatch,
     DecodeItem,
@@ -36,6 +38,8 @@ from espc.planner.plan import (
     TokenRange,
     even_retention,
 )
+from espc.planner.policy import ElasticPolicy, LengthBucket
+from espc.planner.scheduler import ElasticScheduler
 from espc.planner.strategies import Deployment, Scheduler
 from espc.runtime.driver import FinishEvent, TokenEvent
 from espc.runtime.engine import Engine, EngineError
@@ -109,6 +113,22 @@ def scripted(spec):
     return ScriptedScheduler(Deployment.build(cost, 1, KV_CAPACITY))
 
 
+# Instance classes: the two short prompts on instances 2-3, the two long ones on instances
+# 0-1 (DoP ≤ 2); past 16 tokens per instance, decoding scales up within the class.
+PARTITION = {(2, 3): (7, 13), (0, 1): (33, 61)}
+
+
+def partitioned(spec):
+    cost = CostModel.from_spec(spec)
+    policy = ElasticPolicy(
+        tp=1,
+        buckets=(LengthBucket(0, 20, 0.5, 1, 2_048, 2, instances=(2, 3)), LengthBucket(20, 4_096, 0.5, 2, 2_048, 2, instances=(0, 1))),
+        instance_weight=0.0, decode_instance_tokens=16, reserve_output_tokens=NEW_TOKENS, scale_up=True, migration=True,
+        cooldown_iterations=2, migration_max_stall_s=1.0, starvation_bound_s=30.0,
+    )
+    return ElasticScheduler(Deployment.build(cost, 1, KV_CAPACITY), policy, spec.slo, isolated_prefill(cost))
+
+
 @pytest.mark.parametrize(
     "how",
     [
@@ -118,8 +138,9 @@ def scripted(spec):
         {"strategy": "disaggregated", "configuration": "tp=1, 2P+2D"},
         {"strategy": "elastic"},
         {"scheduler": scripted},
+        {"scheduler": partitioned},
     ],
-    ids=["dop1", "dop2", "dop4", "disaggregated", "elastic", "scale-down+migration"],
+    ids=["dop1", "dop2", "dop4", "disaggregated", "elastic", "scale-down+migration", "instance-classes"],
 )
 def test_greedy_tokens_and_logits_equal_the_float64_reference(spec, reference, how):
     how = dict(how)
@@ -133,12 +154,19 @@ def test_greedy_tokens_and_logits_equal_the_float64_reference(spec, reference, h
         timeline = engine.result().timeline
     assert_matches_reference(reference, PROMPTS, completions)
     assert stats["kv_used_tokens"] == [0, 0, 0, 0]
-    if "scheduler" in how:  # the shapes the script promises actually ran
+    if isinstance(how.get("scheduler"), ScriptedScheduler):  # the shapes the script promises actually ran
         assert any(b.phase == "prefill" and len(b.instances) == 4 for b in timeline)
         assert stats["migrated_tokens"] > 0
         assert any(b.phase == "decode" and b.instances == (0, 2) for b in timeline)
     if how.get("strategy") == "disaggregated":
         assert stats["migrated_tokens"] > 0
+    if isinstance(how.get("scheduler"), ElasticScheduler):  # each request ran within its class only
+        lengths = {index: len(prompt) for index, prompt in enumerate(PROMPTS)}
+        for batch in timeline:
+            for members, prompt_lens in PARTITION.items():
+                ids = {i for i, length in lengths.items() if length in prompt_lens}
+                assert not ids.intersection(batch.request_ids) or set(batch.instances) <= set(members), batch
+        assert {i for b in timeline if b.phase == "prefill" for i in b.instances} == {0, 1, 2, 3}, timeline
 
 
 def test_hugging_face_checkpoint_generates_what_transformers_generates(spec, tmp_path):

@@ -91,9 +91,21 @@ class Observed(ElasticScheduler):
         # Every token accounted to a request is in some pool.
         assert sum(r.kv_len for r in state.running.values()) == sum(state.used)
         queue = self._queue(state)
+        placement = {r.id: self._placement(r) for r in queue}
+        kv_classes = {
+            r.id: set().union(*(self.class_of.get(i, {i}) for i in r.kv_tokens)) for r in state.running.values()
+        }
         plan = super().schedule(state)
         if plan is not None:
             prefills = [batch for batch in plan.batches if batch.phase == "prefill"]
+            # Instance classes: a prefill runs within its requests' class, and a decode token
+            # stays within the classes of the request's KV.
+            for batch in plan.batches:
+                for item in batch.items:
+                    if batch.phase == "prefill":
+                        assert placement[item.request_id] is None or set(batch.instances) <= placement[item.request_id]
+                    elif self.class_of:
+                        assert item.master in kv_classes[item.request_id], (item, kv_classes[item.request_id])
             self.decisions.append({
                 "now": state.now,
                 "queue": [r.id for r in queue],
@@ -102,6 +114,7 @@ class Observed(ElasticScheduler):
                 # it is urgent (see ElasticScheduler._prefills).
                 "urgent": [r.id for r in queue if self._urgent(state, r)],
                 "bucket": {r.id: self.policy.bucket(r.prefill_target) for r in queue},
+                "placement": placement,
                 "started": [item.request_id for batch in prefills for item in batch.items if item.request_id in state.waiting],
             })
         return plan
@@ -117,10 +130,17 @@ def policies(draw, capacity: int) -> ElasticPolicy:
     edges = sorted(set(draw(st.lists(st.integers(1, 400), max_size=2))))
     lows = [0, *edges]
     highs = [*edges, 100_000]
+    # Instance classes (half the policies): the instances split in two at a random point.
+    split = draw(st.one_of(st.none(), st.integers(1, INSTANCES - 1)))
+    classes = [None] if split is None else [tuple(range(split)), tuple(range(split, INSTANCES))]
     buckets = []
     for low, high in zip(lows, highs):
-        dop = draw(st.integers(1, INSTANCES))
-        buckets.append(LengthBucket(low, high, 1 / len(lows), dop, draw(st.integers(1, 1_500)), draw(st.integers(dop, INSTANCES))))
+        members = draw(st.sampled_from(classes))
+        size = INSTANCES if members is None else len(members)
+        dop = draw(st.integers(1, size))
+        buckets.append(LengthBucket(
+            low, high, 1 / len(lows), dop, draw(st.integers(1, 1_500)), draw(st.integers(dop, size)), instances=members,
+        ))
     return ElasticPolicy(
         tp=1,
         buckets=tuple(buckets),
@@ -157,8 +177,9 @@ def cases(draw):
 def assert_starved_requests_are_bypassed_at_most_once(decisions: list[dict]) -> None:
     """The fairness bound, read off the decisions: a request behind a starved one (queued
     ≥ starvation_bound_s, within its TTFT deadline) of the same length bucket — of any
-    bucket once the starved one is urgent — may start first at one decision at most (the
-    starved one then waits one prefill longer than its turn), never again."""
+    bucket of its placement (instance class) once the starved one is urgent — may start
+    first at one decision at most (the starved one then waits one prefill longer than its
+    turn), never again. Other classes dispatch their own queues on their own instances."""
     bypassed: dict[int, list[tuple[float, list[int]]]] = {}
     for decision in decisions:
         started = set(decision["started"])
@@ -166,6 +187,7 @@ def assert_starved_requests_are_bypassed_at_most_once(decisions: list[dict]) -> 
             if starved in started:
                 continue
             behind = decision["queue"][decision["queue"].index(starved) + 1:]
+            behind = [r for r in behind if decision["placement"][r] == decision["placement"][starved]]
             if starved not in decision["urgent"]:
                 behind = [r for r in behind if decision["bucket"][r] == decision["bucket"][starved]]
             bypassing = sorted(started.intersection(behind))
@@ -203,7 +225,8 @@ def assert_safe_and_reported(requests: tuple[Request, ...], capacity: int, polic
 def assert_everything_that_fits_completes(requests: tuple[Request, ...], capacity: int, policy: ElasticPolicy) -> None:
     _, result = run(requests, capacity, policy)
     for record, request in zip(result.records, requests):
-        if request.prompt_len + request.output_len <= capacity * INSTANCES:
+        members = policy.bucket(request.prompt_len).instances  # its instance class, if any
+        if request.prompt_len + request.output_len <= capacity * (INSTANCES if members is None else len(members)):
             assert record.completed, (record, capacity)
         else:
             assert record.rejected is not None and "KV slots" in record.rejected, record

@@ -31,7 +31,7 @@ from pydantic import ValidationError
 
 from espc import __version__
 from espc.frontend.spec import Spec
-from espc.planner.policy import POLICY_SCHEMA_VERSION, Policy, PolicyError
+from espc.planner.policy import POLICY_SCHEMA_VERSION, Policy, PolicyError, format_instances
 
 MANIFEST_VERSION = 1
 POLICY_FILE = "policy.json"
@@ -276,8 +276,8 @@ def _tokens(value: int) -> str:
 
 
 def bucket_rows(policy: Policy) -> list[tuple[str, ...]]:
-    """(bucket, prompt tokens, share, DoP cap, batch tokens, max instances, within SLO)
-    per length bucket — "best effort" where the compiler gives the bucket's requests up
+    """(bucket, prompt tokens, share, DoP cap, batch tokens, max instances, instances,
+    within SLO) per length bucket — "best effort" where the compiler gives the bucket's requests up
     within the attainment's slack; shared by report.md and `espc inspect`."""
     if policy.elastic is None:
         return []
@@ -286,12 +286,15 @@ def bucket_rows(policy: Policy) -> list[tuple[str, ...]]:
         rows.append((
             str(index), f"[{bucket.low:,}, {bucket.high:,})", f"{bucket.share:.1%}", str(bucket.prefill_dop),
             _tokens(bucket.batch_tokens), str(bucket.max_instances),
-            "yes" if getattr(bucket, "within_slo", True) else "best effort",
+            "any" if bucket.instances is None else format_instances(bucket.instances),
+            "yes" if bucket.within_slo else "best effort",
         ))
     return rows
 
 
-BUCKET_COLUMNS = ("bucket", "prompt tokens", "share", "DoP cap", "batch tokens", "max instances", "within SLO")
+BUCKET_COLUMNS = (
+    "bucket", "prompt tokens", "share", "DoP cap", "batch tokens", "max instances", "instances", "within SLO",
+)
 
 
 def threshold_rows(policy: Policy) -> list[tuple[str, str]]:

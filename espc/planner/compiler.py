@@ -5,11 +5,13 @@
     verify     simulate each MILP policy's P90 goodput; the simulator, not the fluid model,
                ranks them
     seed       (when searching) screen best-static's groupings and simulate the elastic
-               policies that route as the best SEED_LAYOUTS of them do: the fluid model
-               misprices heavy tails, and elastic's policy space contains static length
-               routing, so the search also starts from it
-    search     local search around the best two policies so far: per-bucket instance caps
-               and DoP caps ± 1, the batching DP's instance weight × ½ / × 2 — kept when the
+               policies that route as the best SEED_LAYOUTS of them do, partitioned into
+               instance classes as the groups are and shared: the fluid model misprices
+               heavy tails, and elastic's policy space contains static length routing and
+               partitions, so the search also starts from them
+    search     local search around the best two policies so far: one instance moved between
+               instance classes or the classes dropped, per-bucket instance caps and DoP
+               caps ± 1, the batching DP's instance weight × ½ / × 2 — kept when the
                simulated goodput improves by more than the bisection tolerance, within a
                time budget shared between them
     strategies with strategy = "auto", every baseline's goodput on the same workload, seed
@@ -32,10 +34,12 @@ from pathlib import Path
 from espc import __version__
 from espc.frontend.spec import Spec
 from espc.planner.costmodel import CostModel
-from espc.planner.evaluation import Evaluator
+from espc.planner.evaluation import FINALISTS, Evaluator
 from espc.planner.ilp import MilpSolution
-from espc.planner.policy import POLICY_SCHEMA_VERSION, ElasticPolicy, LengthBucket, Policy, StrategyPrediction
-from espc.planner.strategies import BASELINES, StaticLayout
+from espc.planner.policy import (
+    POLICY_SCHEMA_VERSION, ElasticPolicy, LengthBucket, Policy, StrategyPrediction, format_instances,
+)
+from espc.planner.strategies import BASELINES, Deployment, StaticLayout
 
 VERIFY_TOLERANCE = 0.08  # relative width of the goodput bisection while compiling
 TRIAL_REQUESTS = 300  # requests per simulated trial (at least; high rates simulate a window)
@@ -46,7 +50,10 @@ TRIAL_REQUESTS = 300  # requests per simulated trial (at least; high rates simul
 # (a burst any strategy absorbs within a loose bound).
 MAX_TRIAL_REQUESTS = 3_000
 BASELINE_FINALISTS = 1  # configurations of a baseline family measured after screening
-SEED_LAYOUTS = 2  # static groupings, best screened first, whose elastic equivalents are simulated
+# Static groupings, best screened first, whose elastic equivalents are simulated: as many
+# as best-static's measurement takes from the same screen, so that elastic starts from
+# the grouping that best-static ends up with (the screen's ranking is noisy).
+SEED_LAYOUTS = FINALISTS
 SEARCH_STARTS = 2  # the local search starts from the best this many verified policies
 
 Progress = Callable[[str, str], None]
@@ -155,20 +162,33 @@ def compile_spec(
     return CompileResult(policy, tuple(milp), tuple(trials))
 
 
-def static_equivalent(layout: StaticLayout, template: ElasticPolicy, prompt_lens: Sequence[int]) -> ElasticPolicy:
+def static_equivalent(
+    layout: StaticLayout, template: ElasticPolicy, prompt_lens: Sequence[int], instance_tokens: int,
+    partitioned: bool = True,
+) -> ElasticPolicy:
     """The elastic policy that routes as the static `layout` does, with `template`'s decode,
     admission and migration settings. The short class keeps `template`'s length buckets
     below the layout's threshold (and their batch budgets) and prefills on one instance at a
-    time, on any instance (elastic lends the long class's instances while they are idle).
-    The long class is one bucket — an instance cap holds per bucket — whose prompts span up
-    to the large group's size and hold at most that many instances at once. A layout of
-    equal groups spans up to their size in every bucket."""
+    time. The long class is one bucket — an instance cap holds per bucket — whose prompts
+    span up to the large group's size and hold at most that many instances at once. It
+    starts at the layout's threshold or at the first prompt that a short group's KV
+    (`instance_tokens` per instance) cannot hold with its expected output, whichever is
+    shorter: StaticScheduler sends those to the large group too.
+
+    `partitioned`: each class keeps to its instances as the static layout's groups do (the
+    long class to the large groups', StaticScheduler's first instances; the short class to
+    the rest), so no short request's KV sits where a long prompt must prefill. Otherwise
+    the short class may use any instance (elastic lends the long class's while they are
+    idle). A layout of equal groups spans up to their size in every bucket, on any instance."""
     if layout.tp != template.tp:
         raise ValueError(f"layout tp={layout.tp} and template tp={template.tp} differ")
     instances = sum(layout.groups)
     largest = max(layout.groups)
     end = template.buckets[-1].high
-    threshold = layout.long_threshold if layout.long_threshold is not None and layout.long_threshold < end else None
+    threshold = layout.long_threshold
+    if threshold is not None:
+        threshold = min(threshold, min(layout.groups) * instance_tokens - template.reserve_output_tokens + 1)
+    threshold = threshold if threshold is not None and threshold < end else None
 
     def share(low: int, high: int) -> float:
         return sum(1 for length in prompt_lens if low <= length < high) / max(len(prompt_lens), 1)
@@ -180,14 +200,28 @@ def static_equivalent(layout: StaticLayout, template: ElasticPolicy, prompt_lens
             for bucket in template.buckets
         ]
         return dataclasses.replace(template, buckets=tuple(buckets))
+    starts = [sum(layout.groups[:index]) for index in range(len(layout.groups))]
+    long_class = tuple(
+        instance for start, size in zip(starts, layout.groups) if size == largest for instance in range(start, start + size)
+    )
+    short_class = tuple(instance for instance in range(instances) if instance not in long_class)
+    if not partitioned or not short_class:
+        long_class = short_class = None
+    short_cap = instances if short_class is None else len(short_class)
+    long_cap = largest if long_class is None else len(long_class)
     edges = sorted({bucket.low for bucket in template.buckets if bucket.low < threshold} | {threshold})
     buckets = [
-        LengthBucket(low, high, share(low, high), 1, template.bucket(low).batch_tokens, instances, template.bucket(low).within_slo)
+        LengthBucket(
+            low, high, share(low, high), 1, template.bucket(low).batch_tokens, short_cap, template.bucket(low).within_slo,
+            short_class,
+        )
         for low, high in zip(edges, edges[1:])
     ]
     long = template.bucket(threshold)
     within_slo = all(bucket.within_slo for bucket in template.buckets if bucket.high > threshold)
-    buckets.append(LengthBucket(threshold, end, share(threshold, end), largest, long.batch_tokens, largest, within_slo))
+    buckets.append(
+        LengthBucket(threshold, end, share(threshold, end), largest, long.batch_tokens, long_cap, within_slo, long_class)
+    )
     return dataclasses.replace(template, buckets=tuple(buckets))
 
 
@@ -196,24 +230,32 @@ def _static_seeds(
     progress: Progress,
 ) -> list[tuple[float, ElasticPolicy]]:
     """The verified elastic equivalents of the best SEED_LAYOUTS screened best-static groupings
-    at a tp the MILP solved (its policy is the template), other than the `known` policies."""
+    at a tp the MILP solved (its policy is the template), partitioned and not (which wins
+    depends on the workload: a partition keeps long prompts' instances free of short
+    requests' KV, sharing lends them while idle), other than the `known` policies."""
     templates = {solution.tp: solution.policy for solution in milp}
     prompt_lens = [request.prompt_len for request in evaluator.workload(requests=evaluator.spec.workload.requests)]
     screened = evaluator.screen("best-static", seed, lambda message: progress("seed", f"best-static: {message}"))
     seeds: list[tuple[float, ElasticPolicy]] = []
+    layouts = 0
     for screened_rate, candidate in screened:
         layout = candidate.layout
-        if len(seeds) == SEED_LAYOUTS:
+        if layouts == SEED_LAYOUTS:
             break
         if layout is None or layout.tp not in templates:
             continue
-        policy = static_equivalent(layout, templates[layout.tp], prompt_lens)
-        if _behaviour(policy) in {_behaviour(other) for other in [*known, *(seeded for _, seeded in seeds)]}:
-            continue
-        progress("seed", f"simulating the elastic equivalent of {candidate.label}")
-        rate = _goodput(evaluator, policy, seed, start_rate=screened_rate)
-        trials.append(Trial("seed", f"as static {candidate.label}", rate))
-        seeds.append((rate, policy))
+        layouts += 1
+        instance_tokens = Deployment.build(evaluator.cost, layout.tp, evaluator.kv_capacity).capacity[0]
+        for partitioned in (True, False):
+            policy = static_equivalent(layout, templates[layout.tp], prompt_lens, instance_tokens, partitioned)
+            if _behaviour(policy) in {_behaviour(other) for other in [*known, *(seeded for _, seeded in seeds)]}:
+                continue
+            variant = ", partitioned" if policy.instance_classes() else "" if partitioned else ", shared"
+            label = f"as static {candidate.label}{variant}"
+            progress("seed", f"simulating the elastic equivalent {label}")
+            rate = _goodput(evaluator, policy, seed, start_rate=screened_rate)
+            trials.append(Trial("seed", label, rate))
+            seeds.append((rate, policy))
     return seeds
 
 
@@ -229,12 +271,15 @@ def _goodput(evaluator: Evaluator, policy: ElasticPolicy, seed: int, start_rate:
 
 
 def _neighbours(policy: ElasticPolicy, instances: int) -> Iterator[tuple[str, ElasticPolicy]]:
-    """Policies one step from `policy`, the longest buckets first (they matter most)."""
+    """Policies one step from `policy`: the instance classes' (one instance moves, or the
+    classes are dropped), then each bucket's, the longest buckets first (they matter most)."""
+    yield from _class_moves(policy)
     buckets = list(policy.buckets)
     for index in reversed(range(len(buckets))):
         bucket = buckets[index]
+        size = instances if bucket.instances is None else len(bucket.instances)
         for cap in (bucket.max_instances - 1, bucket.max_instances + 1):
-            if max(1, bucket.prefill_dop) <= cap <= instances:
+            if max(1, bucket.prefill_dop) <= cap <= size:
                 changed = buckets.copy()
                 changed[index] = dataclasses.replace(bucket, max_instances=cap)
                 yield f"bucket {index} ≤ {cap} instances", dataclasses.replace(policy, buckets=tuple(changed))
@@ -246,6 +291,33 @@ def _neighbours(policy: ElasticPolicy, instances: int) -> Iterator[tuple[str, El
     for factor in (0.5, 2.0):
         weight = round(policy.instance_weight * factor, 3) if policy.instance_weight else factor / 2
         yield f"instance weight {weight:g}", dataclasses.replace(policy, instance_weight=weight)
+
+
+def _class_moves(policy: ElasticPolicy) -> Iterator[tuple[str, ElasticPolicy]]:
+    """The policy with one instance moved from one class to another (the giver's instance
+    nearest the taker's; caps and DoPs shrink with the giver), and without classes."""
+    classes = policy.instance_classes()
+    if not classes:
+        return
+    yield "instances shared", dataclasses.replace(
+        policy, buckets=tuple(dataclasses.replace(bucket, instances=None) for bucket in policy.buckets)
+    )
+    for giver in classes:
+        for taker in classes:
+            if giver is taker or len(giver) < 2:
+                continue
+            moved = min(giver, key=lambda i: (min(abs(i - j) for j in taker), i))
+            renamed = {giver: tuple(i for i in giver if i != moved), taker: tuple(sorted((*taker, moved)))}
+
+            def moved_bucket(bucket: LengthBucket) -> LengthBucket:
+                members = renamed.get(bucket.instances, bucket.instances)
+                cap = min(bucket.max_instances, len(members))
+                return dataclasses.replace(bucket, instances=members, max_instances=cap, prefill_dop=min(bucket.prefill_dop, cap))
+
+            yield (
+                f"instance {moved} from instances {format_instances(giver)} to {format_instances(taker)}",
+                dataclasses.replace(policy, buckets=tuple(moved_bucket(bucket) for bucket in policy.buckets)),
+            )
 
 
 def _local_search(

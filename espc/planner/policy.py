@@ -7,7 +7,10 @@ the `ElasticPolicy` the per-iteration scheduler follows:
 - per prompt-length bucket: the most instances one prefill batch may span (its DoP cap),
   the token budget of a batch whose longest prompt falls in the bucket, and the most
   instances that the bucket's prefills may hold at once (so long prompts cannot take every
-  instance away from short ones — the elastic form of best-static's length routing);
+  instance away from short ones — the elastic form of best-static's length routing) and,
+  optionally, the instances its requests prefill and decode on (an instance class: the
+  elastic form of best-static's partition, so that a long-prompt class keeps instances
+  no short request's KV occupies);
 - `instance_weight`: what holding an instance costs the batching DP, in requests' worth
   of waiting (the busier the cluster is expected to be, the more an instance is worth);
 - decode scale-up: an instance takes new decode tokens until it holds
@@ -30,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-POLICY_SCHEMA_VERSION = 1
+POLICY_SCHEMA_VERSION = 2
 # The share of the TPOT bound a decode step leaves for prefills that pause it: the MILP
 # picks decode thresholds and the scheduler spreads long requests' KV by it.
 DECODE_STALL_SHARE = 0.3
@@ -53,14 +56,33 @@ class LengthBucket:
     # False: best effort — the compiler expects these requests to miss their SLOs (they fit
     # in the attainment's slack) and caps them so that they cannot crowd the others out.
     within_slo: bool = True
+    # The instances this bucket's requests prefill and keep KV on (its instance class);
+    # None: any instance. A request its class cannot hold goes anywhere.
+    instances: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.instances is not None:  # JSON gives a list
+            object.__setattr__(self, "instances", tuple(self.instances))
 
     def __str__(self) -> str:
         return (
             f"[{self.low:,}, {self.high:,}) share {self.share:.1%}: dop ≤ {self.prefill_dop}, "
             + ("one prompt per batch" if self.batch_tokens == 1 else f"batch ≤ {self.batch_tokens:,} tokens")
             + f", ≤ {self.max_instances} instances at once"
+            + ("" if self.instances is None else f" of instances {format_instances(self.instances)}")
             + ("" if self.within_slo else ", best effort")
         )
+
+
+def format_instances(instances: tuple[int, ...]) -> str:
+    """Instance numbers as ranges: (0, 1, 2, 5) → "0–2, 5"."""
+    runs: list[list[int]] = []
+    for instance in instances:
+        if runs and runs[-1][1] == instance - 1:
+            runs[-1][1] = instance
+        else:
+            runs.append([instance, instance])
+    return ", ".join(str(first) if first == last else f"{first}–{last}" for first, last in runs)
 
 
 @dataclass(frozen=True)
@@ -85,6 +107,11 @@ class ElasticPolicy:
         index = bisect.bisect_right(self._lows, prompt_len) - 1
         return self.buckets[max(index, 0)]
 
+    def instance_classes(self) -> tuple[tuple[int, ...], ...]:
+        """The buckets' distinct instance sets, in bucket order; () when every bucket may use
+        any instance."""
+        return tuple(dict.fromkeys(bucket.instances for bucket in self.buckets if bucket.instances is not None))
+
     def verify(self, instances: int | None = None) -> None:
         problems = []
         if not self.buckets:
@@ -101,6 +128,17 @@ class ElasticPolicy:
                 problems.append(f"bucket [{bucket.low}, {bucket.high}): max_instances {bucket.max_instances} < dop {bucket.prefill_dop}")
             if bucket.batch_tokens < 1:
                 problems.append(f"bucket [{bucket.low}, {bucket.high}): batch_tokens {bucket.batch_tokens} < 1")
+            problems += _instance_problems(bucket, instances)
+        classes = self.instance_classes()
+        if classes and any(bucket.instances is None for bucket in self.buckets):
+            problems.append("some buckets name their instances and others do not: name them in every bucket or in none")
+        for index, first in enumerate(classes):
+            for second in classes[index + 1:]:
+                if set(first) & set(second):
+                    problems.append(
+                        f"instances {format_instances(first)} and {format_instances(second)} overlap: "
+                        "buckets share their instances entirely or not at all"
+                    )
         if self.tp < 1 or self.instance_weight < 0 or self.decode_instance_tokens < 1 or self.reserve_output_tokens < 0:
             problems.append("tp, instance_weight, decode_instance_tokens or reserve_output_tokens out of range")
         if problems:
@@ -120,6 +158,23 @@ class ElasticPolicy:
         )
         lines.append(f"  starvation bound {self.starvation_bound_s:g} s")
         return "\n".join(lines)
+
+
+def _instance_problems(bucket: LengthBucket, instances: int | None) -> list[str]:
+    if bucket.instances is None:
+        return []
+    where = f"bucket [{bucket.low}, {bucket.high})"
+    members = bucket.instances
+    if not members or list(members) != sorted(set(members)):
+        return [f"{where}: instances {list(members)} are not a non-empty increasing list"]
+    problems = []
+    if members[0] < 0:
+        problems.append(f"{where}: negative instance {members[0]}")
+    if instances is not None and members[-1] >= instances:
+        problems.append(f"{where}: instances {format_instances(members)} outside 0..{instances - 1}")
+    if bucket.max_instances > len(members):
+        problems.append(f"{where}: max_instances {bucket.max_instances} > its {len(members)} instances")
+    return problems
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,9 @@ LoongServe lacks (SLO input, hysteresis, staging memory, a fairness bound):
    bound goes first and is never bypassed. A request is admitted only when the cluster
    can hold its prompt plus the output it is expected to generate on top of what every
    running request is still expected to add (memory admission counting future KV).
+   A policy with instance classes (buckets that name their instances) has one queue per
+   class, each dispatched on its class's instances only, and refuses a request its class
+   cannot hold (the elastic form of a static partition).
 2. Elastic instance allocation. Prefills get the idle instances that hold no decoding KV.
    Instances of a decode group are lent to a prefill only when every request decoding on
    them is far enough ahead of its TPOT pace to absorb the prefill (SLO-aware), and only
@@ -21,11 +24,12 @@ LoongServe lacks (SLO input, hysteresis, staging memory, a fairness bound):
    enough of them for a long request to decode within its TPOT bound. Scale-up:
    a decode token goes to the request's least-loaded instance; past the policy's
    `decode_instance_tokens` (or when full) it goes to a free instance instead, which joins
-   the decode group (multi-master decoding, no KV moves). Explicit migration: when
-   requests wait and no instance is free, a small KV fragment that pins an instance to a
-   decode group moves to another instance of the group, if the move pauses its request
-   for less than `migration_max_stall_s` and the request was not moved within
-   `cooldown_iterations` (hysteresis: alternating traffic cannot make it thrash).
+   the decode group (multi-master decoding, no KV moves; within the group's instance
+   classes). Explicit migration: when requests wait and no instance is free, a small KV
+   fragment that pins an instance to a decode group moves to another instance of the
+   group, if the move pauses its request for less than `migration_max_stall_s` and the
+   request was not moved within `cooldown_iterations` (hysteresis: alternating traffic
+   cannot make it thrash).
    Migration staging space is reserved on the destination (IterationPlan.verify checks it).
 
 A decode group is a connected set of instances sharing decoding requests' KV; a decode
@@ -56,7 +60,7 @@ from espc.planner.plan import (
     Retention,
     TokenRange,
 )
-from espc.planner.policy import DECODE_STALL_SHARE, ElasticPolicy, LengthBucket
+from espc.planner.policy import DECODE_STALL_SHARE, ElasticPolicy, LengthBucket, format_instances
 from espc.planner.strategies import Deployment, Scheduler
 
 # A decode group is lent to a prefill only if its tightest request keeps this much of its
@@ -136,8 +140,25 @@ class ElasticScheduler(Scheduler):
         self._alone_prefill_s = functools.lru_cache(maxsize=1 << 16)(
             lambda length, dop: deployment.cost.prefill_time([length], dop, deployment.tp)
         )
+        self.class_of = {i: frozenset(members) for members in policy.instance_classes() for i in members}
 
     # ------------------------------------------------------------------------ interface
+
+    def admit(self, state: ClusterState, request: RequestState) -> str | None:
+        """Refuses, besides what the cluster cannot hold, what the request's instance class
+        cannot: a class is the elastic form of a static group, and best-static refuses what
+        its groups cannot hold too."""
+        reason = super().admit(state, request)
+        placement = self._placement(request)
+        if reason is None and placement is not None:
+            needed = request.request.prompt_len + request.request.output_len
+            held = sum(self.deployment.capacity[i] for i in placement)
+            if needed > held:
+                reason = (
+                    f"needs {needed:,} KV slots, more than the {held:,} of its instance class "
+                    f"(instances {format_instances(tuple(sorted(placement)))})"
+                )
+        return reason
 
     def schedule(self, state: ClusterState) -> IterationPlan | None:
         if not state.idle:
@@ -147,19 +168,21 @@ class ElasticScheduler(Scheduler):
         free_instances = [i for i in sorted(state.idle) if i not in held]
         room = _Room(state, self._reserve(state))
 
-        queue = self._queue(state)
-        lent: list[_DecodeGroup] = []
-        stall_budget_s = math.inf
-        if queue:
-            lent, stall_budget_s = self._groups_to_lend(state, queue[0], free_instances, groups, room)
-        lent_instances = {i for group in lent for i in group.instances}
-        prefill_pool = free_instances + sorted(lent_instances)
-        prefill_batches = []
-        if queue and prefill_pool:
-            prefill_batches = self._prefills(state, queue, prefill_pool, room, lent_instances, stall_budget_s)
+        # Each instance class (the policy's instance sets, disjoint) dispatches its own queue
+        # on its own instances; a policy without classes has one queue over every instance.
+        prefill_batches: list[PrefillBatch] = []
+        for placement, queue in self._queues_by_placement(self._queue(state)):
+            class_free = [i for i in free_instances if placement is None or i in placement]
+            class_groups = [g for g in groups if placement is None or g.instances <= placement]
+            lent, stall_budget_s = self._groups_to_lend(state, queue[0], class_free, class_groups, room)
+            lent_instances = {i for group in lent for i in group.instances}
+            pool = class_free + sorted(lent_instances)
+            if pool:
+                prefill_batches += self._prefills(state, queue, pool, room, lent_instances, stall_budget_s, placement)
 
         used = {i for batch in prefill_batches for i in batch.instances}
-        migrations = self._migrations(state, groups, queue, free_instances, room) if self.policy.migration else []
+        queued = bool(state.waiting)
+        migrations = self._migrations(state, groups, queued, free_instances, room) if self.policy.migration else []
         migrating = {migration.request_id for migration in migrations}
         spare = [i for i in free_instances if i not in used]
         decode_batches, frees = [], []
@@ -242,6 +265,22 @@ class ElasticScheduler(Scheduler):
 
         return sorted(state.waiting.values(), key=priority)
 
+    def _placement(self, request: RequestState) -> frozenset[int] | None:
+        """The instances the request prefills on: its prompt's bucket's class (by the prompt,
+        not the prefill target, so that a preempted request keeps its class); None: any."""
+        members = self.policy.bucket(request.request.prompt_len).instances
+        return None if members is None else self.class_of[members[0]]
+
+    def _queues_by_placement(self, queue: list[RequestState]) -> list[tuple[frozenset[int] | None, list[RequestState]]]:
+        """The priority queue split by instance class, each part in priority order and the
+        parts by their most urgent request; one part without classes."""
+        if not self.class_of:
+            return [(None, queue)] if queue else []
+        parts: dict[frozenset[int] | None, list[RequestState]] = {}
+        for request in queue:
+            parts.setdefault(self._placement(request), []).append(request)
+        return list(parts.items())
+
     def _starved(self, state: ClusterState, request: RequestState) -> bool:
         arrival = request.request.arrival_s
         return state.now - arrival >= self.policy.starvation_bound_s and state.now <= self._deadline(request)
@@ -297,10 +336,15 @@ class ElasticScheduler(Scheduler):
 
     # ------------------------------------------------------------------- prefill batches
 
-    def _admitted(self, state: ClusterState, queue: Iterable[RequestState], pool: list[int], room: _Room) -> list[RequestState]:
-        """Dispatching: queue order, while the cluster holds their future KV and the pool
-        their prompts; a starved request that does not fit stops everyone behind it."""
-        cluster_room = sum(state.free(i) for i in range(state.num_instances)) - sum(room.reserve.values())
+    def _admitted(
+        self, state: ClusterState, queue: Iterable[RequestState], pool: list[int], room: _Room,
+        placement: frozenset[int] | None,
+    ) -> list[RequestState]:
+        """Dispatching: queue order, while the cluster (the requests' instance class) holds
+        their future KV and the pool their prompts; a starved request that does not fit
+        stops everyone behind it."""
+        instances = range(state.num_instances) if placement is None else placement
+        cluster_room = sum(state.free(i) - room.reserve.get(i, 0) for i in instances)
         pool_room = sum(max(room.room(i), 0) for i in pool)
         max_budget = max(bucket.batch_tokens for bucket in self.policy.buckets)
         batch_room = len(pool) * max_budget
@@ -322,10 +366,11 @@ class ElasticScheduler(Scheduler):
 
     def _prefills(
         self, state: ClusterState, queue: list[RequestState], pool: list[int], room: _Room, lent: set[int],
-        stall_budget_s: float,
+        stall_budget_s: float, placement: frozenset[int] | None,
     ) -> list[PrefillBatch]:
-        """Admit, batch by the DP, place the batches on rings and plan their retention. A
-        batch on lent instances must finish within `stall_budget_s` (the decodes it pauses)."""
+        """Admit the queue's requests (all of one placement), batch them by the DP, place
+        the batches on rings of `pool` and plan their retention. A batch on lent instances
+        must finish within `stall_budget_s` (the decodes it pauses)."""
         for instance in [i for i in self.prefilling_on if i in state.idle]:
             del self.prefilling_on[instance]
         in_use = {bucket: 0 for bucket in self.policy.buckets}
@@ -370,7 +415,7 @@ class ElasticScheduler(Scheduler):
                         return
                     blocked.add(bucket)
 
-        chosen = self._admitted(state, admissible(), pool, room)
+        chosen = self._admitted(state, admissible(), pool, room, placement)
         cost, tp = self.deployment.cost, self.deployment.tp
         if lent and chosen:
             # The decodes on lent instances pause for the whole batch: admit no more prompts
@@ -519,8 +564,10 @@ class ElasticScheduler(Scheduler):
         victims: list[int] = []
         for request in ready:
             master = self._master(state, request, room, threshold)
-            if master is None and self.policy.scale_up and spare:
-                master = max(spare, key=lambda i: (room.room(i, False), -i))
+            # Scale-up stays within the instance classes the group's KV lies in.
+            joinable = [i for i in spare if self._joinable(instances, i)] if master is None and self.policy.scale_up else []
+            if joinable:
+                master = max(joinable, key=lambda i: (room.room(i, False), -i))
                 if room.room(master, False) < 1:
                     master = None
                 else:
@@ -539,6 +586,12 @@ class ElasticScheduler(Scheduler):
             return None, victims
         return DecodeBatch(tuple(sorted(instances)), tuple(items)), victims
 
+    def _joinable(self, group: set[int], instance: int) -> bool:
+        """Whether `instance` may join a decode group: any may without instance classes."""
+        if not self.class_of:
+            return True
+        return any(instance in self.class_of.get(member, (member,)) for member in group)
+
     @staticmethod
     def _master(state: ClusterState, request: RequestState, room: _Room, threshold: int | None) -> int | None:
         """The request's instance with the most free slots (under `threshold` tokens in use)."""
@@ -555,12 +608,11 @@ class ElasticScheduler(Scheduler):
     # ------------------------------------------------------------------------ migrations
 
     def _migrations(
-        self, state: ClusterState, groups: list[_DecodeGroup], queue: list[RequestState], free_instances: list[int],
-        room: _Room,
+        self, state: ClusterState, groups: list[_DecodeGroup], queued: bool, free_instances: list[int], room: _Room,
     ) -> list[Migration]:
-        """Free an instance for the queue by moving the small KV fragment pinning it to its
-        decode group (see the module docstring)."""
-        if not queue or free_instances:
+        """Free an instance for queued requests by moving the small KV fragment pinning it to
+        its decode group (see the module docstring)."""
+        if not queued or free_instances:
             return []
         cost, tp, policy = self.deployment.cost, self.deployment.tp, self.policy
         for group in groups:
