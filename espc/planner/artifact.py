@@ -277,8 +277,9 @@ def _tokens(value: int) -> str:
 
 def bucket_rows(policy: Policy) -> list[tuple[str, ...]]:
     """(bucket, prompt tokens, share, DoP cap, batch tokens, max instances, instances,
-    within SLO) per length bucket — "best effort" where the compiler gives the bucket's requests up
-    within the attainment's slack; shared by report.md and `espc inspect`."""
+    within SLO) per length bucket — "any" where the bucket names no instances, "best
+    effort" where the compiler gives the bucket's requests up within the attainment's
+    slack; shared by report.md and `espc inspect`."""
     if policy.elastic is None:
         return []
     rows = []

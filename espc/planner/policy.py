@@ -57,7 +57,7 @@ class LengthBucket:
     # in the attainment's slack) and caps them so that they cannot crowd the others out.
     within_slo: bool = True
     # The instances this bucket's requests prefill and keep KV on (its instance class);
-    # None: any instance. A request its class cannot hold goes anywhere.
+    # None: any instance. The scheduler refuses a request its class cannot hold.
     instances: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
