@@ -8,7 +8,7 @@ goodput (req/s at which ≥ 90% of requests meet both SLOs) of a strategy's best
 configuration, as mean ± spread over seeds; the real traces (../shared/traces, or
 $ESPC_TRACES) are skipped with a note when absent. A trace is replayed with its own
 arrivals, rescaled to each trial's rate, so seeds change nothing: it runs once. Strategies
-are tuned as their authors ship them (see espc.planner.strategies.candidates) at the
+are tuned as their authors ship them (see espc.planner.sim.strategies.candidates) at the
 spec's tp, except best-static, which searches every tp; families are searched per cell.
 One worker process (--jobs) evaluates every strategy of a (workload, seed).
 """
@@ -26,8 +26,8 @@ from pathlib import Path
 from espc import load_spec
 from espc.frontend.loader import validate_spec
 from espc.frontend.spec import Spec
-from espc.planner.evaluation import DEFAULT_WINDOW_S, Evaluator, override_workload
-from espc.planner.strategies import BASELINES
+from espc.planner.compile.evaluation import DEFAULT_WINDOW_S, Evaluator, override_workload
+from espc.planner.sim.strategies import BASELINES
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "specs" / "lwm7b-a800x8.toml"

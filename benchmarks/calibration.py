@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from espc import load_spec
-from espc.planner.costmodel import CostModel, anchor_table, format_anchor_table
+from espc.planner.sim.costmodel import CostModel, anchor_table, format_anchor_table
 
 SPEC = Path(__file__).resolve().parent.parent / "specs" / "lwm7b-a800x8.toml"
 RATIO_CONFIGS = ((1, 1), (1, 8), (2, 4), (4, 2), (8, 1))

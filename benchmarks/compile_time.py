@@ -5,7 +5,7 @@
 
 specs/lwm7b-a800x8.toml (tp 2) with its node of 8 A800 repeated, so the cluster has
 exactly N elastic instances (2N devices). Each compile runs the whole pipeline of
-`espc.planner.compiler` — workload sample, MILP, simulation of the MILP policy, local
+`espc.planner.compile.compiler` — workload sample, MILP, simulation of the MILP policy, local
 search (`--search-seconds`), and with strategy auto every baseline family — and the table
 shows the seconds per stage. Targets (planner issue): ≤ 10 s for 8 instances, ≤ 60 s for 64.
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 
 from espc.frontend.loader import load_spec, validate_spec
 from espc.frontend.spec import Spec
-from espc.planner.artifact import spec_hash
-from espc.planner.compiler import CompileOptions, compile_spec
+from espc.planner.compile.artifact import spec_hash
+from espc.planner.compile.compiler import CompileOptions, compile_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "specs" / "lwm7b-a800x8.toml"

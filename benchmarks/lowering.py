@@ -22,9 +22,9 @@ from espc.backend.dump import representative_plan
 from espc.backend.lower import Lowering
 from espc.frontend.loader import load_spec
 from espc.frontend.spec import ModelSpec
-from espc.planner.evaluation import Evaluator
+from espc.planner.compile.evaluation import Evaluator
 from espc.planner.plan import IterationPlan, Migration, TokenRange
-from espc.planner.simulator import simulate
+from espc.planner.sim.simulator import simulate
 from espc.runtime.model import build_model
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -44,10 +44,10 @@ from baselines import (
 )
 from espc.frontend.loader import validate_spec
 from espc.frontend.spec import Spec
-from espc.planner.artifact import spec_hash
-from espc.planner.compiler import CompileOptions, compile_spec
-from espc.planner.evaluation import Evaluator, override_workload
-from espc.planner.strategies import BASELINES, candidates
+from espc.planner.compile.artifact import spec_hash
+from espc.planner.compile.compiler import CompileOptions, compile_spec
+from espc.planner.compile.evaluation import Evaluator, override_workload
+from espc.planner.sim.strategies import BASELINES, candidates
 
 WORKLOADS = ("mixed", "zipf(1.0, 10, 200K)", "zipf(1.2, 10, 200K)", "zipf(1.4, 10, 200K)", "leval", "lveval", "sharegpt")
 PUBLISHED = {("mixed", "chunked"): 3.85, ("leval", "disaggregated"): 5.81}  # LoongServe, anchors/README.md
@@ -229,7 +229,7 @@ def main() -> None:
                 f"\nadversarial trace, seed {cell['seed']}: {cell['migrated_requests_per_100_iterations']:.2f} migrated "
                 f"requests per 100 iterations, {cell['migrated_bytes'] / 1e9:.2f} GB moved at elastic's goodput"
             )
-    print("\nhow the baselines are tuned (espc.planner.strategies.candidates):")
+    print("\nhow the baselines are tuned (espc.planner.sim.strategies.candidates):")
     print(textwrap.indent(inspect.getdoc(candidates), "  "))
     print("\ncompiled elastic policies (seed 0):")
     for cell in sorted(results, key=lambda c: c["workload"]):

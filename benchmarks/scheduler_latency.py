@@ -32,10 +32,10 @@ import time
 from pathlib import Path
 
 from espc import parse_spec
-from espc.planner.cluster_state import ClusterState
-from espc.planner.evaluation import Evaluator
-from espc.planner.scheduler import ElasticScheduler
-from espc.planner.strategies import Deployment
+from espc.planner.sim.cluster_state import ClusterState
+from espc.planner.compile.evaluation import Evaluator
+from espc.planner.compile.scheduler import ElasticScheduler
+from espc.planner.sim.strategies import Deployment
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "scheduler_latency.json"

@@ -62,8 +62,8 @@ THREADS = 1
 
 def calibrate(spec, arguments) -> tuple[object, dict]:
     """(cost model, what it came from)."""
-    from espc.planner.calibration import format_calibration, load_calibration, write_calibration
-    from espc.planner.costmodel import CostModel
+    from espc.planner.sim.calibration import format_calibration, load_calibration, write_calibration
+    from espc.planner.sim.costmodel import CostModel
 
     if arguments.analytical:
         return CostModel.from_spec(spec), {"source": "analytical (CostModel.from_spec)"}
@@ -95,8 +95,8 @@ def calibrate(spec, arguments) -> tuple[object, dict]:
 def choose_candidate(spec, evaluator, arguments) -> tuple[object, object, dict]:
     """(candidate, policy or None, description) of what both the simulator and the engine serve."""
     if arguments.compile:
-        from espc.planner.artifact import spec_hash
-        from espc.planner.compiler import CompileOptions, compile_spec
+        from espc.planner.compile.artifact import spec_hash
+        from espc.planner.compile.compiler import CompileOptions, compile_spec
 
         print(f"compiling (search {arguments.search_seconds:g} s) ...", flush=True)
         started = time.perf_counter()
@@ -188,7 +188,7 @@ class Observer:
 
 def replay(spec, policy, candidate, requests, warmup, arguments) -> tuple[object, list[dict], dict]:
     """Run the trace on the engine: (SimulationResult of the timed requests, iteration rows, info)."""
-    from espc.planner.simulator import SimulationResult
+    from espc.planner.sim.simulator import SimulationResult
     from espc.runtime.engine import Engine
     from espc.runtime.sampling import SamplingParams
 
@@ -283,8 +283,8 @@ def simulate_with_overhead(candidate, requests, overhead: dict[str, float], eval
     """Diagnostic only: the same simulation with `overhead[phase] + overhead["gap"]` added to
     every batch's predicted seconds (the scheduler's decisions are unchanged: it plans with
     the cost model; only the simulator's clock uses batch_seconds)."""
-    from espc.planner.metrics import summarize
-    from espc.planner.simulator import simulate
+    from espc.planner.sim.metrics import summarize
+    from espc.planner.sim.simulator import simulate
 
     scheduler = candidate.make()
     predicted = scheduler.batch_seconds
@@ -435,10 +435,10 @@ def main() -> None:
     from rich.console import Console
 
     from espc import load_spec
-    from espc.planner.evaluation import Evaluator
-    from espc.planner.metrics import summarize
-    from espc.planner.report import summary_table
-    from espc.planner.workload import generate
+    from espc.planner.compile.evaluation import Evaluator
+    from espc.planner.sim.metrics import summarize
+    from espc.planner.compile.report import summary_table
+    from espc.planner.sim.workload import generate
 
     started = time.perf_counter()
     load = os.getloadavg()

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from espc import parse_spec
-from espc.planner.evaluation import Evaluator
+from espc.planner.compile.evaluation import Evaluator
 
 SPEC = """
 [model]

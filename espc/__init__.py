@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import os
 
-__version__ = "0.1.0"  # before the imports below: the planner records it in every policy
-
-from espc.frontend.errors import SpecError  # noqa: E402
-from espc.frontend.loader import load_spec, parse_spec  # noqa: E402
-from espc.frontend.spec import Spec  # noqa: E402
-from espc.planner.policy import Policy  # noqa: E402
+from espc._version import __version__
+from espc.frontend.errors import SpecError
+from espc.frontend.loader import load_spec, parse_spec
+from espc.frontend.spec import Spec
+from espc.planner.compile.policy import Policy
 
 
 def compile(  # noqa: A001 — `espc.compile` is the public name (see DESIGN.md)
@@ -33,14 +32,14 @@ def compile(  # noqa: A001 — `espc.compile` is the public name (see DESIGN.md)
     """`espc compile` as a function: the Policy for a Spec (or a spec file), and with
     `output` the verified artifact directory too. `calibration`: a file `espc profile` wrote
     for this spec's model and cluster; the cost model uses its fits. Raises SpecError for a
-    bad spec file, espc.planner.calibration.CalibrationError for a bad or mismatched
-    calibration file and espc.planner.ilp.InfeasibleSLO when the SLOs cannot be met."""
+    bad spec file, espc.planner.sim.calibration.CalibrationError for a bad or mismatched
+    calibration file and espc.planner.compile.ilp.InfeasibleSLO when the SLOs cannot be met."""
     # The planner pulls in cvxpy and numpy: imported here so that `import espc` stays light.
     from pathlib import Path
 
-    from espc.planner.artifact import spec_hash, write_artifact
-    from espc.planner.calibration import load_calibration
-    from espc.planner.compiler import CompileOptions, compile_spec
+    from espc.planner.compile.artifact import spec_hash, write_artifact
+    from espc.planner.sim.calibration import load_calibration
+    from espc.planner.compile.compiler import CompileOptions, compile_spec
 
     spec_path = None
     if not isinstance(spec, Spec):

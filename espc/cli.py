@@ -25,17 +25,17 @@ from espc.frontend.errors import SpecError
 from espc.frontend.loader import load_spec
 from espc.frontend.spec import Spec
 from espc.frontend.writer import to_dsl, to_toml
-from espc.planner.artifact import (
+from espc.planner.compile.artifact import (
     MANIFEST_FILE, POLICY_FILE, Artifact, ArtifactError, open_artifact, plot_policy, render_ir, spec_hash, write_artifact,
 )
-from espc.planner.compiler import TRIAL_REQUESTS, CompileOptions, compile_spec
-from espc.planner.costmodel import CostModel
-from espc.planner.evaluation import DEFAULT_WINDOW_S, Evaluator, compare_strategies, override_workload
-from espc.planner.ilp import InfeasibleSLO
-from espc.planner.policy import Policy, PolicyError
-from espc.planner.report import plot_results, render_comparison, render_policy
-from espc.planner.strategies import BASELINES
-from espc.planner.workload import TraceError
+from espc.planner.compile.compiler import TRIAL_REQUESTS, CompileOptions, compile_spec
+from espc.planner.sim.costmodel import CostModel
+from espc.planner.compile.evaluation import DEFAULT_WINDOW_S, Evaluator, compare_strategies, override_workload
+from espc.planner.compile.ilp import InfeasibleSLO
+from espc.planner.compile.policy import Policy, PolicyError
+from espc.planner.compile.report import plot_results, render_comparison, render_policy
+from espc.planner.sim.strategies import BASELINES
+from espc.planner.sim.workload import TraceError
 
 app = typer.Typer(
     name="espc",
@@ -152,7 +152,7 @@ def compile_(
     spec = _load(spec_file)
     calibrated = None
     if calibration is not None:
-        from espc.planner.calibration import CalibrationError, load_calibration
+        from espc.planner.sim.calibration import CalibrationError, load_calibration
 
         try:
             calibrated = load_calibration(calibration, spec)
@@ -560,9 +560,9 @@ def run(
 def _replay_workload(loaded: Artifact, trace, rate, requests, seed, overrides, as_json: bool, plot: Path | None) -> None:
     from rich.progress import Progress
 
-    from espc.planner.metrics import isolated_prefill, summarize
-    from espc.planner.report import summary_table
-    from espc.planner.workload import generate
+    from espc.planner.sim.metrics import isolated_prefill, summarize
+    from espc.planner.compile.report import summary_table
+    from espc.planner.sim.workload import generate
     from espc.runtime.driver import EngineError
     from espc.runtime.engine import Engine
     from espc.runtime.replay import replay
@@ -634,7 +634,7 @@ def profile(
     from rich.progress import Progress
 
     from espc.backend.harness import HarnessError  # torch loads only for this verb
-    from espc.planner.calibration import format_calibration, write_calibration
+    from espc.planner.sim.calibration import format_calibration, write_calibration
     from espc.runtime.profile import Grid
     from espc.runtime.profile import profile as measure
 

@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from espc.frontend.loader import parse_spec
-from espc.planner.batching import Batching, BatchingProblem, brute_force_batches, optimal_batches
-from espc.planner.costmodel import CostModel
+from espc.planner.compile.batching import Batching, BatchingProblem, brute_force_batches, optimal_batches
+from espc.planner.sim.costmodel import CostModel
 from tolerances import PLANNER_TOLERANCES
 
 # ----------------------------------------------------------------------------- cost functions

@@ -12,8 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from espc.cli import app
-from espc.planner.artifact import load_artifact
-from espc.planner.policy import format_instances
+from espc.planner.compile.artifact import load_artifact
+from espc.planner.compile.policy import format_instances
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 TINY = SPECS / "tiny-cpu.toml"

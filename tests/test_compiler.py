@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 
 from espc import load_spec
-from espc.planner.artifact import spec_hash
-from espc.planner.compiler import SEED_LAYOUTS, CompileOptions, compile_spec, static_equivalent
-from espc.planner.policy import ElasticPolicy, LengthBucket
-from espc.planner.strategies import StaticLayout
+from espc.planner.compile.artifact import spec_hash
+from espc.planner.compile.compiler import SEED_LAYOUTS, CompileOptions, compile_spec, static_equivalent
+from espc.planner.compile.policy import ElasticPolicy, LengthBucket
+from espc.planner.sim.strategies import StaticLayout
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 TINY = SPECS / "tiny-cpu.toml"

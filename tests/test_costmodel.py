@@ -10,7 +10,7 @@ import pytest
 from espc import load_spec
 from espc.frontend.loader import validate_spec
 from espc.frontend.spec import ClusterSpec, ModelSpec
-from espc.planner.costmodel import (
+from espc.planner.sim.costmodel import (
     LOONGSERVE_ANCHORS,
     CostModel,
     CostParameters,
@@ -18,7 +18,7 @@ from espc.planner.costmodel import (
     anchor_table,
     format_anchor_table,
 )
-from espc.planner.metrics import isolated_prefill
+from espc.planner.sim.metrics import isolated_prefill
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 

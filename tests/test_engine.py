@@ -26,8 +26,8 @@ import torch
 from tolerances import TOLERANCES
 
 from espc import load_spec
-from espc.planner.costmodel import CostModel
-from espc.planner.metrics import isolated_prefill
+from espc.planner.sim.costmodel import CostModel
+from espc.planner.sim.metrics import isolated_prefill
 from espc.planner.plan import (
     DecodeBatch,
     DecodeItem,
@@ -38,9 +38,9 @@ from espc.planner.plan import (
     TokenRange,
     even_retention,
 )
-from espc.planner.policy import ElasticPolicy, LengthBucket
-from espc.planner.scheduler import ElasticScheduler
-from espc.planner.strategies import Deployment, Scheduler
+from espc.planner.compile.policy import ElasticPolicy, LengthBucket
+from espc.planner.compile.scheduler import ElasticScheduler
+from espc.planner.sim.strategies import Deployment, Scheduler
 from espc.runtime.driver import FinishEvent, TokenEvent
 from espc.runtime.engine import Engine, EngineError
 from espc.runtime.model import build_model

@@ -1,7 +1,7 @@
 """The policy MILP: valid policies, infeasible SLOs named, and the optimum of the fluid
 model checked by enumerating every choice on small clusters.
 
-The reference below rebuilds the fluid model of `espc.planner.ilp` from the module's
+The reference below rebuilds the fluid model of `espc.planner.compile.ilp` from the module's
 constants (options per bucket, decode thresholds, the per-request work, KV and migration
 terms) and maximises the rate by enumeration: for fixed one-hot choices and caps every
 constraint bounds the rate linearly, so the best rate is a minimum of ratios. It checks
@@ -27,11 +27,11 @@ import pytest
 from espc import load_spec
 from espc.frontend.loader import parse_spec
 from espc.frontend.spec import Spec
-from espc.planner import ilp
-from espc.planner.costmodel import CostModel
-from espc.planner.evaluation import Evaluator
-from espc.planner.metrics import isolated_prefill
-from espc.planner.workload import Request, generate
+from espc.planner.compile import ilp
+from espc.planner.sim.costmodel import CostModel
+from espc.planner.compile.evaluation import Evaluator
+from espc.planner.sim.metrics import isolated_prefill
+from espc.planner.sim.workload import Request, generate
 from tolerances import PLANNER_TOLERANCES
 
 TINY = """

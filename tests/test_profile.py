@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 import espc
 from espc.cli import app
 from espc.frontend.loader import load_spec
-from espc.planner.artifact import load_artifact
-from espc.planner.calibration import CalibrationError, Measurement, fit, load_calibration, write_calibration
-from espc.planner.costmodel import CostModel
+from espc.planner.compile.artifact import load_artifact
+from espc.planner.sim.calibration import CalibrationError, Measurement, fit, load_calibration, write_calibration
+from espc.planner.sim.costmodel import CostModel
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 TINY = SPECS / "tiny-cpu.toml"

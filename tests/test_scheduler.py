@@ -25,15 +25,15 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from espc.frontend.loader import parse_spec
-from espc.planner.cluster_state import ClusterState
-from espc.planner.costmodel import CostModel
-from espc.planner.ilp import solve
-from espc.planner.metrics import isolated_prefill
-from espc.planner.policy import ElasticPolicy, LengthBucket
-from espc.planner.scheduler import ElasticScheduler
-from espc.planner.simulator import SimulationResult, simulate
-from espc.planner.strategies import Deployment
-from espc.planner.workload import Request, generate
+from espc.planner.sim.cluster_state import ClusterState
+from espc.planner.sim.costmodel import CostModel
+from espc.planner.compile.ilp import solve
+from espc.planner.sim.metrics import isolated_prefill
+from espc.planner.compile.policy import ElasticPolicy, LengthBucket
+from espc.planner.compile.scheduler import ElasticScheduler
+from espc.planner.sim.simulator import SimulationResult, simulate
+from espc.planner.sim.strategies import Deployment
+from espc.planner.sim.workload import Request, generate
 
 INSTANCES = 4
 SPEC = """

@@ -9,12 +9,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from espc.frontend.loader import load_spec, parse_spec
-from espc.planner.evaluation import Evaluator
-from espc.planner.costmodel import CostModel, LinearFit
-from espc.planner.metrics import find_goodput, summarize
-from espc.planner.simulator import simulate
-from espc.planner.strategies import ChunkedScheduler, Deployment, DisaggregatedScheduler, StaticScheduler
-from espc.planner.workload import Request
+from espc.planner.compile.evaluation import Evaluator
+from espc.planner.sim.costmodel import CostModel, LinearFit
+from espc.planner.sim.metrics import find_goodput, summarize
+from espc.planner.sim.simulator import simulate
+from espc.planner.sim.strategies import ChunkedScheduler, Deployment, DisaggregatedScheduler, StaticScheduler
+from espc.planner.sim.workload import Request
 
 SPEC = """
 [model]

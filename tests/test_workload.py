@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from espc.frontend.presets import DATASET_INPUT_RANGES
 from espc.frontend.spec import WorkloadSpec
-from espc.planner.workload import (
+from espc.planner.sim.workload import (
     DATASETS,
     MIXED_PARTS,
     Request,

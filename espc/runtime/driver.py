@@ -38,11 +38,11 @@ import torch
 
 from espc.backend.lower import Lowering
 from espc.frontend.spec import Spec
-from espc.planner.cluster_state import ClusterState, RequestState
+from espc.planner.sim.cluster_state import ClusterState, RequestState
 from espc.planner.plan import DecodeBatch, IterationPlan, Migration, PrefillBatch, RequestId
-from espc.planner.simulator import BatchRecord, SimulationResult, request_record
-from espc.planner.strategies import Scheduler
-from espc.planner.workload import Request
+from espc.planner.sim.simulator import BatchRecord, SimulationResult, request_record
+from espc.planner.sim.strategies import Scheduler
+from espc.planner.sim.workload import Request
 from espc.runtime.kvpool import PagedKVTable
 from espc.runtime.model import build_model
 from espc.runtime.sampling import SamplingParams

@@ -26,9 +26,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
 from espc.frontend.spec import Spec
-from espc.planner.costmodel import CostModel
-from espc.planner.policy import Policy
-from espc.planner.strategies import Scheduler
+from espc.planner.sim.costmodel import CostModel
+from espc.planner.compile.policy import Policy
+from espc.planner.sim.strategies import Scheduler
 from espc.runtime.driver import Admission, Driver, DriverOptions, EngineError, FinishEvent, TokenEvent
 from espc.runtime.sampling import SamplingParams
 
@@ -134,7 +134,7 @@ class Engine:
     @classmethod
     def from_artifact(cls, path: str | os.PathLike, **overrides) -> Engine:
         """The engine of a compiled artifact directory (`espc compile -o DIR`)."""
-        from espc.planner.artifact import open_artifact
+        from espc.planner.compile.artifact import open_artifact
 
         artifact = open_artifact(path)
         return cls(artifact.spec, artifact.policy, base_dir=artifact.base_dir, **overrides)
@@ -287,7 +287,7 @@ class Engine:
         return self._on_loop(self._driver.stats) if self._started and self._driver.running else self._driver.stats()
 
     def result(self):
-        """Every request served so far as a SimulationResult (see espc.planner.metrics)."""
+        """Every request served so far as a SimulationResult (see espc.planner.sim.metrics)."""
         return self._on_loop(self._driver.result) if self._started and self._driver.running else self._driver.result()
 
     def batch_costs(self) -> list:
@@ -307,7 +307,7 @@ def admission(spec: Spec, scheduler: Scheduler) -> Admission:
     serving = spec.serving
     target = None
     if serving.reject_unreachable_ttft:
-        from espc.planner.metrics import isolated_prefill
+        from espc.planner.sim.metrics import isolated_prefill
 
         isolated = isolated_prefill(scheduler.deployment.cost)
 
@@ -320,7 +320,7 @@ def admission(spec: Spec, scheduler: Scheduler) -> Admission:
 def build_scheduler(spec: Spec, policy: Policy | None, base_dir: Path | None, options: EngineOptions):
     """The scheduler the artifact was compiled for (or `options.strategy`), sized to the
     runtime's KV capacity: the same object the simulator drives."""
-    from espc.planner.evaluation import Evaluator
+    from espc.planner.compile.evaluation import Evaluator
 
     strategy = options.strategy or (policy.strategy if policy else spec.policy.strategy)
     if strategy == "auto":

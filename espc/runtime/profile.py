@@ -17,7 +17,7 @@ counts. Grid, per dop from 1 to the number of instances:
 - the runtime's own time per iteration (`measure_dispatch`), through a real Engine against
   the grid's fit: the fits add it, so the simulator charges what a runtime iteration lasts.
 
-`espc.planner.calibration.fit` fits the cost model on the medians.
+`espc.planner.sim.calibration.fit` fits the cost model on the medians.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import torch
 
 from espc.backend.harness import Harness, RankResult
 from espc.frontend.spec import Spec
-from espc.planner.calibration import Calibration, Measurement, fit
-from espc.planner.costmodel import CostModel
+from espc.planner.sim.calibration import Calibration, Measurement, fit
+from espc.planner.sim.costmodel import CostModel
 from espc.planner.plan import (
     DecodeBatch,
     DecodeItem,
@@ -168,7 +168,7 @@ def measure_dispatch(spec: Spec, workers_only: CostModel, repeats: int) -> dict[
     step; prefill, the median batch time plus the gap before that instance's next batch
     minus the predicted prefill. The fits add these, so the simulator charges what a
     runtime iteration lasts."""
-    from espc.planner.strategies import Deployment, StaticScheduler
+    from espc.planner.sim.strategies import Deployment, StaticScheduler
     from espc.runtime.engine import Engine
     from espc.runtime.sampling import SamplingParams
 

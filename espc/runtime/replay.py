@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from espc.planner.simulator import SimulationResult
-from espc.planner.workload import Request
+from espc.planner.sim.simulator import SimulationResult
+from espc.planner.sim.workload import Request
 from espc.runtime.engine import Engine
 from espc.runtime.sampling import SamplingParams
 

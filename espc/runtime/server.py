@@ -51,7 +51,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, Vali
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-import espc
+from espc._version import __version__
 from espc.runtime.driver import EngineError, FinishEvent, TokenEvent
 from espc.runtime.engine import Engine
 from espc.runtime.sampling import SamplingParams
@@ -473,7 +473,7 @@ def create_app(engine: Engine, *, model_name: str | None = None) -> FastAPI:
     created = int(time.time())
     metrics = ServerMetrics()
     app = FastAPI(
-        title="espc", version=espc.__version__,
+        title="espc", version=__version__,
         description=f"OpenAI-compatible completions of {served}, served by espc's elastic sequence-parallel runtime.",
     )
     app.state.engine, app.state.metrics = engine, metrics

@@ -1,6 +1,6 @@
 """The artifact directory `espc compile` writes, and its verified loading.
 
-    policy.json      the Policy (espc.planner.policy), JSON, sorted keys
+    policy.json      the Policy (espc.planner.compile.policy), JSON, sorted keys
     spec.lock.json   the normalised spec it was compiled from, its hash, the espc version, the
                      compile options and the calibration file (`espc profile`) it used, if any
     report.md        the compile report for people: chosen strategy and why, predicted goodput
@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from espc import __version__
+from espc._version import __version__
 from espc.frontend.spec import Spec
-from espc.planner.policy import POLICY_SCHEMA_VERSION, Policy, PolicyError, format_instances
+from espc.planner.compile.policy import POLICY_SCHEMA_VERSION, Policy, PolicyError, format_instances
 
 MANIFEST_VERSION = 1
 POLICY_FILE = "policy.json"
@@ -45,8 +45,8 @@ _REQUIRED = (POLICY_FILE, LOCK_FILE)
 _RECOMPILE = "recompile with `espc compile SPEC -o DIR`"
 
 if TYPE_CHECKING:  # the compiler pulls in the solver; loading an artifact does not need it
-    from espc.planner.calibration import Calibration
-    from espc.planner.compiler import CompileOptions, CompileResult
+    from espc.planner.sim.calibration import Calibration
+    from espc.planner.compile.compiler import CompileOptions, CompileResult
 
 
 class ArtifactError(Exception):

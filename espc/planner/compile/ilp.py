@@ -48,7 +48,7 @@ moves one fragment.
 Then `instance_weight` for the batching DP is the queue length an M/M/1 server at the
 solved load would see, ρ_solved / (1 − ρ_solved), and admission reserves the mean output.
 The MILP is solved per tp; compile keeps the tp with the highest rate. The simulator then
-has the last word (see `espc.planner.compiler`).
+has the last word (see `espc.planner.compile.compiler`).
 """
 
 from __future__ import annotations
@@ -63,9 +63,9 @@ import cvxpy as cp
 import numpy as np
 
 from espc.frontend.spec import PolicySpec, SLOSpec
-from espc.planner.costmodel import CostModel
-from espc.planner.policy import DECODE_STALL_SHARE, ElasticPolicy, LengthBucket, SolverStats
-from espc.planner.workload import Request
+from espc.planner.sim.costmodel import CostModel
+from espc.planner.compile.policy import DECODE_STALL_SHARE, ElasticPolicy, LengthBucket, SolverStats
+from espc.planner.sim.workload import Request
 
 LOAD_CEILING = 0.85  # ρ: queues explode as the load approaches 1
 QUEUEING_MARGIN = 1.0  # a request may wait about one batch before its own

@@ -16,7 +16,7 @@ LoongServe lacks (SLO input, hysteresis, staging memory, a fairness bound):
    them is far enough ahead of its TPOT pace to absorb the prefill (SLO-aware), and only
    when the free instances cannot take the next request themselves.
 3. Batching. The chosen prompts are split into batches, each with its own degree of
-   parallelism, by the exact DP in `espc.planner.batching` (DoP caps and token budgets
+   parallelism, by the exact DP in `espc.planner.compile.batching` (DoP caps and token budgets
    per length bucket from the policy).
 4. Scaling. Proactive scale-down: after a prefill, each request's KV is retained on as few
    ring instances as hold it, preferring instances already decoding (so others stay free
@@ -47,8 +47,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from espc.frontend.spec import SLOSpec
-from espc.planner.batching import Batching, BatchingProblem, optimal_batches
-from espc.planner.cluster_state import ClusterState, RequestState
+from espc.planner.compile.batching import Batching, BatchingProblem, optimal_batches
+from espc.planner.sim.cluster_state import ClusterState, RequestState
 from espc.planner.plan import (
     Batch,
     DecodeBatch,
@@ -60,8 +60,8 @@ from espc.planner.plan import (
     Retention,
     TokenRange,
 )
-from espc.planner.policy import DECODE_STALL_SHARE, ElasticPolicy, LengthBucket, format_instances
-from espc.planner.strategies import Deployment, Scheduler
+from espc.planner.compile.policy import DECODE_STALL_SHARE, ElasticPolicy, LengthBucket, format_instances
+from espc.planner.sim.strategies import Deployment, Scheduler
 
 # A decode group is lent to a prefill only if its tightest request keeps this much of its
 # slack after the predicted prefill time (the cost model's error margin).

@@ -27,7 +27,7 @@ from espc.planner.plan import (
     PrefillItem,
     TokenRange,
 )
-from espc.planner.workload import Request
+from espc.planner.sim.workload import Request
 
 
 @dataclass(eq=False)

@@ -18,14 +18,14 @@ from pathlib import Path
 
 from espc.frontend.loader import validate_spec
 from espc.frontend.spec import GammaArrival, PoissonArrival, Spec
-from espc.planner.costmodel import CostModel
-from espc.planner import ilp
-from espc.planner.metrics import Goodput, Summary, find_goodput, isolated_prefill, summarize
-from espc.planner.policy import ElasticPolicy
-from espc.planner.scheduler import ElasticScheduler
-from espc.planner.simulator import SimulationResult, simulate
-from espc.planner.strategies import Candidate, Deployment, candidates
-from espc.planner.workload import Request, generate, mean_rate
+from espc.planner.sim.costmodel import CostModel
+from espc.planner.compile import ilp
+from espc.planner.sim.metrics import Goodput, Summary, find_goodput, isolated_prefill, summarize
+from espc.planner.compile.policy import ElasticPolicy
+from espc.planner.compile.scheduler import ElasticScheduler
+from espc.planner.sim.simulator import SimulationResult, simulate
+from espc.planner.sim.strategies import Candidate, Deployment, candidates
+from espc.planner.sim.workload import Request, generate, mean_rate
 
 # A goodput trial simulates at least this many seconds of arrivals by default: a short
 # burst of requests arriving "at once" fits any cluster, so a fixed request count would

@@ -22,7 +22,7 @@ the `ElasticPolicy` the per-iteration scheduler follows:
 - the fairness bound: a request queued longer than `starvation_bound_s` is not bypassed.
 
 Serialisation is JSON only (`to_json` / `from_json`); the artifact directory around it
-(manifest, lock file, report) is `espc.planner.artifact`.
+(manifest, lock file, report) is `espc.planner.compile.artifact`.
 """
 
 from __future__ import annotations

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from espc.frontend.spec import PolicySpec
-from espc.planner.cluster_state import ClusterState, RequestState
-from espc.planner.costmodel import CostModel
+from espc.planner.sim.cluster_state import ClusterState, RequestState
+from espc.planner.sim.costmodel import CostModel
 from espc.planner.plan import (
     Batch,
     DecodeBatch,

@@ -1,7 +1,7 @@
 """`espc compile`: Spec → Policy, as one flat pipeline of named stages.
 
     workload   sample the declared workload (seeded)
-    milp       the elastic-policy MILP for every tp the spec allows (espc.planner.ilp)
+    milp       the elastic-policy MILP for every tp the spec allows (espc.planner.compile.ilp)
     verify     simulate each MILP policy's P90 goodput; the simulator, not the fluid model,
                ranks them
     seed       (when searching) screen best-static's groupings and simulate the elastic
@@ -31,15 +31,15 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from espc import __version__
+from espc._version import __version__
 from espc.frontend.spec import Spec
-from espc.planner.costmodel import CostModel
-from espc.planner.evaluation import FINALISTS, Evaluator
-from espc.planner.ilp import MilpSolution
-from espc.planner.policy import (
+from espc.planner.sim.costmodel import CostModel
+from espc.planner.compile.evaluation import FINALISTS, Evaluator
+from espc.planner.compile.ilp import MilpSolution
+from espc.planner.compile.policy import (
     POLICY_SCHEMA_VERSION, ElasticPolicy, LengthBucket, Policy, StrategyPrediction, format_instances,
 )
-from espc.planner.strategies import BASELINES, Deployment, StaticLayout
+from espc.planner.sim.strategies import BASELINES, Deployment, StaticLayout
 
 VERIFY_TOLERANCE = 0.08  # relative width of the goodput bisection while compiling
 TRIAL_REQUESTS = 300  # requests per simulated trial (at least; high rates simulate a window)

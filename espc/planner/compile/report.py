@@ -10,10 +10,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from espc.planner.artifact import BUCKET_COLUMNS, Artifact, bucket_rows, solver_rows, threshold_rows
-from espc.planner.evaluation import Comparison
-from espc.planner.metrics import LatencyStats, Summary
-from espc.planner.simulator import SimulationResult
+from espc.planner.compile.artifact import BUCKET_COLUMNS, Artifact, bucket_rows, solver_rows, threshold_rows
+from espc.planner.compile.evaluation import Comparison
+from espc.planner.sim.metrics import LatencyStats, Summary
+from espc.planner.sim.simulator import SimulationResult
 
 
 # Drawing more bars than this makes matplotlib crawl; later batches are left out and the

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from espc.frontend.spec import SLOSpec
-from espc.planner.costmodel import CostModel
-from espc.planner.simulator import RequestRecord, SimulationResult
+from espc.planner.sim.costmodel import CostModel
+from espc.planner.sim.simulator import RequestRecord, SimulationResult
 
 # Prompt-length buckets for the per-length table: where long requests starve shows up.
 LENGTH_BUCKETS = (0, 1_024, 8_192, 32_768, 131_072, 524_288)

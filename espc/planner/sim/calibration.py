@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from espc import __version__
+from espc._version import __version__
 from espc.frontend.spec import Spec
-from espc.planner.costmodel import CostModel, fit_relative
+from espc.planner.sim.costmodel import CostModel, fit_relative
 
 CALIBRATION_KIND = "espc-calibration"
 CALIBRATION_SCHEMA = 1

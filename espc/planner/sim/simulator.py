@@ -16,10 +16,10 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from espc.planner.cluster_state import ClusterState, RequestState
+from espc.planner.sim.cluster_state import ClusterState, RequestState
 from espc.planner.plan import DecodeBatch, PrefillBatch
-from espc.planner.strategies import Scheduler
-from espc.planner.workload import Request
+from espc.planner.sim.strategies import Scheduler
+from espc.planner.sim.workload import Request
 
 # Event priorities at one instant.
 _BATCH_DONE, _MIGRATION_DONE, _ARRIVAL = 0, 1, 2
