@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TINY_SPEC := specs/tiny-cpu.toml
 
-.PHONY: run test venv
+.PHONY: run test lint venv
 
 venv: $(VENV)/.installed
 
@@ -31,3 +31,8 @@ run: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# Lint and import order (ruff), type hints in basic mode (mypy): settings in pyproject.toml.
+lint: venv
+	$(BIN)/ruff check espc tests benchmarks
+	$(BIN)/mypy

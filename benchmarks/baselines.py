@@ -20,8 +20,11 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+
+import numpy as np
 
 from espc import load_spec
 from espc.frontend.loader import validate_spec
@@ -56,6 +59,19 @@ def workload_spec(workload: str) -> Spec:
     if workload in TRACE_FILES:
         return override_workload(spec, trace=TRACES / TRACE_FILES[workload])
     return override_workload(spec, lengths=workload)
+
+
+def write_azure_csv(path: Path, arrivals: np.ndarray, prompts: Sequence[int], outputs: Sequence[int]) -> Path:
+    """Requests as an Azure LLM inference trace (TIMESTAMP, ContextTokens, GeneratedTokens):
+    how the benchmarks hand a workload they construct to the trace reader."""
+    start = np.datetime64("2026-01-01T00:00:00")
+    lines = ["TIMESTAMP,ContextTokens,GeneratedTokens"]
+    for arrival, prompt, output in zip(arrivals, prompts, outputs):
+        stamp = str(start + np.timedelta64(int(arrival * 1e7) * 100, "ns")).replace("T", " ")
+        stamp = stamp + "0" * (27 - len(stamp)) if "." in stamp else stamp + ".0000000"
+        lines.append(f"{stamp[:27]},{int(prompt)},{int(output)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def available_workloads(names: list[str]) -> list[str]:

@@ -22,10 +22,10 @@ from espc.backend.dump import representative_plan
 from espc.backend.lower import Lowering
 from espc.frontend.loader import load_spec
 from espc.frontend.spec import ModelSpec
+from espc.model.llama import build_model
 from espc.planner.compile.evaluation import Evaluator
 from espc.planner.plan import IterationPlan, Migration, TokenRange
 from espc.planner.sim.simulator import simulate
-from espc.runtime.model import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SEGMENTS = (("static-sp", "tp=1, groups=2+2", 400), ("static-sp", "tp=1, groups=4", 300), ("disaggregated", "tp=1, 2P+2D", 300))

@@ -38,10 +38,19 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
-
 from baselines import (
-    SPEC, TRACE_FILES, available_workloads, cell_key, same_shape, save, seeds_of, strategy_spec, workload_spec,
+    SPEC,
+    TRACE_FILES,
+    available_workloads,
+    cell_key,
+    same_shape,
+    save,
+    seeds_of,
+    strategy_spec,
+    workload_spec,
+    write_azure_csv,
 )
+
 from espc.frontend.loader import validate_spec
 from espc.frontend.spec import Spec
 from espc.planner.compile.artifact import spec_hash
@@ -65,16 +74,9 @@ def elastic_spec(spec: Spec) -> Spec:
 def adversarial_trace(directory: Path, requests: int, seed: int) -> Path:
     """Short and long prompts alternating at 1 req/s (Poisson), as an Azure-format CSV."""
     rng = np.random.default_rng(seed)
-    start = np.datetime64("2026-01-01T00:00:00")
     arrivals = np.cumsum(rng.exponential(1.0, requests))
-    path = directory / f"adversarial-{seed}.csv"
-    lines = ["TIMESTAMP,ContextTokens,GeneratedTokens"]
-    for index, arrival in enumerate(arrivals):
-        stamp = str(start + np.timedelta64(int(arrival * 1e7) * 100, "ns")).replace("T", " ")
-        stamp = stamp + "0" * (27 - len(stamp)) if "." in stamp else stamp + ".0000000"
-        lines.append(f"{stamp[:27]},{200_000 if index % 2 else 2_000},{int(rng.integers(32, 256))}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    prompts = [200_000 if index % 2 else 2_000 for index in range(requests)]
+    return write_azure_csv(directory / f"adversarial-{seed}.csv", arrivals, prompts, rng.integers(32, 256, requests))
 
 
 def _spec_for(workload: str, seed: int, requests: int, scratch: Path) -> Spec:
@@ -126,8 +128,14 @@ def measured_cells(paths: list[Path], requests: int, max_trial: int | None, sear
     cells = {}
     for path in paths:
         for cell in json.loads(path.read_text()):
-            same_search = cell.get("search_seconds", search_seconds) == search_seconds  # elastic's compile
-            if same_search and (cell["strategy"] == "elastic" or same_shape(cell, requests, max_trial)):
+            # Elastic's trial shape too (its compile searched with it), then its search budget;
+            # the baselines' tps searched as well (same_shape).
+            if cell["strategy"] == "elastic":
+                same = cell.get("search_seconds") == search_seconds and (
+                    cell.get("requests"), cell.get("max_trial_requests")) == (requests, max_trial)
+            else:
+                same = same_shape(cell, requests, max_trial)
+            if same:
                 cells[cell_key(cell)] = cell
     return cells
 

@@ -159,14 +159,13 @@ class InProcessGraph:
     """The runtime's lowering and paged KV table, executed in this process (DoP 1, rank 0)."""
 
     def __init__(self, spec, model):
+        from espc.backend.kvpool import PagedKVTable, pool_tensor
         from espc.backend.lower import Lowering
-        from espc.runtime.kvpool import PagedKVTable
 
         self.spec = spec
         self.lowering = Lowering(model, attention=spec.runtime.attention)
         self.table = PagedKVTable(KV_CAPACITY, spec.runtime.kv_block_size, 4)
-        m = spec.model
-        self.pool = torch.empty((m.layers, 2, self.table.num_slots, m.kv_heads, m.head_dim), dtype=model.dtype)
+        self.pool = pool_tensor(spec.model, self.table.num_slots, model.dtype)
         self.iteration = 0
         self.request = 0
 
@@ -246,8 +245,8 @@ def time_engine(engine, prompt: list[int], steps: int, worker_log: list) -> dict
 
 
 def measure_model(name: str, spec, lengths: list[int], repeats: int, steps: int, rng: random.Random) -> list[dict]:
+    from espc.model.llama import build_model
     from espc.runtime.engine import Engine
-    from espc.runtime.model import build_model
 
     model = build_model(spec.model)  # the workers' weights: same seed, same dtype
     graph = InProcessGraph(spec, model)

@@ -32,9 +32,9 @@ import time
 from pathlib import Path
 
 from espc import parse_spec
-from espc.planner.sim.cluster_state import ClusterState
 from espc.planner.compile.evaluation import Evaluator
 from espc.planner.compile.scheduler import ElasticScheduler
+from espc.planner.sim.cluster_state import ClusterState
 from espc.planner.sim.strategies import Deployment
 
 ROOT = Path(__file__).resolve().parent.parent

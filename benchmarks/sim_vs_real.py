@@ -436,8 +436,8 @@ def main() -> None:
 
     from espc import load_spec
     from espc.planner.compile.evaluation import Evaluator
-    from espc.planner.sim.metrics import summarize
     from espc.planner.compile.report import summary_table
+    from espc.planner.sim.metrics import summarize
     from espc.planner.sim.workload import generate
 
     started = time.perf_counter()

@@ -38,20 +38,20 @@ def compile(  # noqa: A001 — `espc.compile` is the public name (see DESIGN.md)
     from pathlib import Path
 
     from espc.planner.compile.artifact import spec_hash, write_artifact
-    from espc.planner.sim.calibration import load_calibration
     from espc.planner.compile.compiler import CompileOptions, compile_spec
+    from espc.planner.sim.calibration import load_calibration
 
     spec_path = None
     if not isinstance(spec, Spec):
         spec_path = Path(spec)
         spec = load_spec(spec_path)
-    calibrated = load_calibration(calibration, spec) if calibration is not None else None
+    calibrated = load_calibration(Path(calibration), spec) if calibration is not None else None
     options = CompileOptions(search_seconds=search_seconds, trial_requests=requests, seed=seed)
     result = compile_spec(
         spec, spec_hash(spec), spec_path.parent if spec_path else None, options, cost=calibrated.cost if calibrated else None
     )
     if output is not None:
-        write_artifact(output, spec, result, spec_path, options=options, calibration=calibrated)
+        write_artifact(Path(output), spec, result, spec_path, options=options, calibration=calibrated)
     return result.policy
 
 

@@ -1,4 +1,4 @@
-from espc.cli import main
+from espc.cli.main import main
 
 # The guard matters: multiprocessing spawn re-imports the main module in every worker.
 if __name__ == "__main__":

@@ -12,11 +12,23 @@ import pytest
 from espc import __version__
 from espc.frontend.loader import load_spec, parse_spec
 from espc.planner.compile.artifact import (
-    ArtifactError, load_artifact, open_artifact, render_ir, render_report, spec_hash, write_artifact,
+    ArtifactError,
+    load_artifact,
+    open_artifact,
+    render_ir,
+    render_report,
+    spec_hash,
+    write_artifact,
 )
 from espc.planner.compile.compiler import CompileResult, Trial
 from espc.planner.compile.policy import (
-    POLICY_SCHEMA_VERSION, ElasticPolicy, LengthBucket, Policy, PolicyError, SolverStats, StrategyPrediction,
+    POLICY_SCHEMA_VERSION,
+    ElasticPolicy,
+    LengthBucket,
+    Policy,
+    PolicyError,
+    SolverStats,
+    StrategyPrediction,
 )
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"

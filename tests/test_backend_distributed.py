@@ -12,9 +12,11 @@ import functools
 
 import pytest
 import torch
+from tolerances import TOLERANCES
 
 from espc.backend.harness import Harness, HarnessError, expected_traffic
 from espc.frontend.spec import ModelSpec
+from espc.model.llama import build_model
 from espc.planner.plan import (
     DecodeBatch,
     DecodeItem,
@@ -25,8 +27,6 @@ from espc.planner.plan import (
     TokenRange,
     even_retention,
 )
-from espc.runtime.model import build_model
-from tolerances import TOLERANCES
 
 TINY = ModelSpec(preset="tiny", max_context=8192)
 WORLD = 4

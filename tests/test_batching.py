@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tolerances import PLANNER_TOLERANCES
 
 from espc.frontend.loader import parse_spec
 from espc.planner.compile.batching import Batching, BatchingProblem, brute_force_batches, optimal_batches
 from espc.planner.sim.costmodel import CostModel
-from tolerances import PLANNER_TOLERANCES
 
 # ----------------------------------------------------------------------------- cost functions
 
@@ -274,7 +274,7 @@ def test_dop_is_capped_by_the_bucket_of_the_longest_prompt():
     cost.per_instance, cost.fixed = 0.0, 0.0  # more instances are free: dop grows to its cap
     problem = BatchingProblem((10, 500), (4, 2), (10_000, 10_000), 8)
     found = optimal_batches(problem, cost.segments)
-    for first, end, dop in found.batches:
+    for _first, end, dop in found.batches:
         assert dop <= problem.max_dop[end - 1]
     check_against_brute_force(problem, cost, "caps")
 

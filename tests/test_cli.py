@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 import espc
-from espc.cli import app
+from espc.cli.main import app
 from espc.frontend.loader import load_spec, parse_spec
 from espc.frontend.spec import Spec
 

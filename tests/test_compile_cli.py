@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from espc.cli import app
+from espc.cli.main import app
 from espc.planner.compile.artifact import load_artifact
 from espc.planner.compile.policy import format_instances
 

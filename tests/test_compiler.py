@@ -6,8 +6,10 @@ from pathlib import Path
 import pytest
 
 from espc import load_spec
+from espc.frontend.loader import validate_spec
 from espc.planner.compile.artifact import spec_hash
-from espc.planner.compile.compiler import SEED_LAYOUTS, CompileOptions, compile_spec, static_equivalent
+from espc.planner.compile.compiler import SEED_LAYOUTS, CompileOptions, compile_spec, goodput_metric, static_equivalent
+from espc.planner.compile.evaluation import Evaluator
 from espc.planner.compile.policy import ElasticPolicy, LengthBucket
 from espc.planner.sim.strategies import StaticLayout
 
@@ -112,3 +114,22 @@ def test_the_search_starts_from_static_seeds_and_keeps_the_best_verified_policy(
     elastic = next(p for p in result.policy.predictions if p.strategy == "elastic")
     verified = [trial.goodput_rps for trial in result.trials if trial.stage in ("verify", "seed")]
     assert elastic.goodput_rps >= max(verified)
+    # The ablate stage measured the best policy without ESP's choices: the compiled policy is
+    # whichever of the two measured higher, and its prediction is that goodput.
+    searched = max(trial.goodput_rps for trial in result.trials if trial.stage != "ablate")
+    ablated = [trial.goodput_rps for trial in result.trials if trial.stage == "ablate"]
+    if result.policy.elastic.is_rigid() and ablated:
+        assert ablated[0] > searched and elastic.goodput_rps == ablated[0]
+    else:
+        assert elastic.goodput_rps == searched and all(rate <= searched for rate in ablated)
+
+
+def test_auto_goodput_metric_is_per_class_when_a_prompt_needs_several_instances():
+    spec = load_spec(TINY)
+    longest = max(r.prompt_len + r.output_len for r in Evaluator(spec, TINY.parent).workload())
+    assert goodput_metric(spec, Evaluator(spec, TINY.parent, kv_capacity=longest)) == "p90"
+    assert goodput_metric(spec, Evaluator(spec, TINY.parent, kv_capacity=longest - 1)) == "per-class"
+    pinned = validate_spec(spec.model_dump(mode="json") | {
+        "policy": spec.policy.model_dump(mode="json") | {"goodput_metric": "p90"}}, {}, "test")
+    assert goodput_metric(pinned, Evaluator(pinned, TINY.parent, kv_capacity=1)) == "p90"
+

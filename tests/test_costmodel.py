@@ -14,6 +14,7 @@ from espc.planner.sim.costmodel import (
     LOONGSERVE_ANCHORS,
     CostModel,
     CostParameters,
+    DecodeLoad,
     PrefillSums,
     anchor_table,
     format_anchor_table,
@@ -130,9 +131,39 @@ def test_decode_by_hand(toy):
     memory_s = (WEIGHT_BYTES / 2 + 404 * 512 / 4) / (1e11 * 0.5)
     q_bytes, o_lse_bytes = 4 * 16 * 4, 4 * 16 * 4 + 4 * 4
     partial_s = 2 * 2e-5 + 4 * (1 / 2) * (q_bytes + o_lse_bytes) / 1e10
+    # Each master merges its 2 requests' 2 fp32 partials (o and lse of 4 heads; 2 per device).
+    merge_s = 2 * 2 * 2 * (16 + 1) * 4 / (1e11 * 0.5)
     allreduce_s = 2 * (1e-5 + 2 * 64 * 4 / (1e10 * 0.5))
-    expected = 1e-3 + 5e-4 + 2e-4 + memory_s + 2 * (partial_s + allreduce_s)
+    expected = 1e-3 + 5e-4 + 2e-4 + memory_s + 2 * (partial_s + merge_s + allreduce_s)
     assert toy.decode_time([100] * 4, 2, 2) == pytest.approx(expected, rel=1e-12)
+
+
+def test_decode_step_is_priced_at_its_slowest_instance(toy):
+    # The even spread of decode_time, written as per-instance loads, costs the same.
+    even = [DecodeLoad(2, 200, 2, 2)] * 2
+    assert toy.decode_step_time(even, 2) == pytest.approx(toy.decode_time([100] * 4, 2, 2), rel=1e-12)
+
+    # One request of 1,000 cached tokens, all on instance 0, mastered by instance 1 (tp 1,
+    # instances 0 and 1 of node0): instance 1 streams the weights and runs the layers;
+    # instance 0 reads the 1,000 keys for one query and sends (o, lse) back.
+    loads = [DecodeLoad(0, 1000, 0, 1), DecodeLoad(1, 0, 1, 0)]
+    q_bytes, partial_bytes = 4 * 16 * 4, 4 * 16 * 4 + 4 * 4
+    link_s = 1 / (1e10 * 0.5)
+    overhead_s = 1e-3 + 5e-4 + 2 * 1e-4
+    peer_memory_s = 1000 * 512 / (1e11 * 0.5)
+    peer_s = overhead_s + peer_memory_s + 2 * (2 * 2e-5 + partial_bytes * link_s)
+    master_memory_s = (WEIGHT_BYTES + 1 * 512) / (1e11 * 0.5)
+    master_merge_s = 2 * 4 * (16 + 1) * 4 / (1e11 * 0.5)
+    master_s = overhead_s + master_memory_s + 2 * (2 * 2e-5 + partial_bytes * link_s + master_merge_s)
+    assert q_bytes < partial_bytes  # each direction carries one message: the larger one sets the pace
+    assert toy.decode_step_time(loads, 1) == pytest.approx(max(peer_s, master_s), rel=1e-12)
+
+    # Skew: the same 4 × 100 tokens with all context on instance 0 is slower than spread
+    # evenly, and the slowest instance, not the mean, sets the step.
+    skewed = [DecodeLoad(2, 400, 0, 2), DecodeLoad(2, 0, 2, 0)]
+    assert toy.decode_step_time(skewed, 2) > toy.decode_step_time(even, 2)
+    assert toy.decode_step_time(skewed, 2) == max(toy.decode_step_time([load] * 2, 2) for load in skewed)
+    assert toy.decode_step_time([DecodeLoad(0, 0, 0, 0)] * 2, 2) == 0.0
 
 
 def test_decode_becomes_compute_bound_with_large_batches(testbed):

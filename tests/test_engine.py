@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tolerances import TOLERANCES
 
 from espc import load_spec
-from espc.planner.sim.costmodel import CostModel
-from espc.planner.sim.metrics import isolated_prefill
+from espc.model.llama import build_model
+from espc.planner.compile.policy import ElasticPolicy, LengthBucket
+from espc.planner.compile.scheduler import ElasticScheduler
 from espc.planner.plan import (
     DecodeBatch,
     DecodeItem,
@@ -38,12 +38,11 @@ from espc.planner.plan import (
     TokenRange,
     even_retention,
 )
-from espc.planner.compile.policy import ElasticPolicy, LengthBucket
-from espc.planner.compile.scheduler import ElasticScheduler
+from espc.planner.sim.costmodel import CostModel
+from espc.planner.sim.metrics import isolated_prefill
 from espc.planner.sim.strategies import Deployment, Scheduler
 from espc.runtime.driver import FinishEvent, TokenEvent
 from espc.runtime.engine import Engine, EngineError
-from espc.runtime.model import build_model
 from espc.runtime.sampling import SamplingParams
 
 TINY = Path(__file__).resolve().parent.parent / "specs" / "tiny-cpu.toml"

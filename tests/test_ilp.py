@@ -23,16 +23,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tolerances import PLANNER_TOLERANCES
 
 from espc import load_spec
 from espc.frontend.loader import parse_spec
 from espc.frontend.spec import Spec
 from espc.planner.compile import ilp
-from espc.planner.sim.costmodel import CostModel
 from espc.planner.compile.evaluation import Evaluator
+from espc.planner.sim.costmodel import CostModel
 from espc.planner.sim.metrics import isolated_prefill
 from espc.planner.sim.workload import Request, generate
-from tolerances import PLANNER_TOLERANCES
 
 TINY = """
 [model]

@@ -12,8 +12,7 @@ import pytest
 import torch
 from tolerances import TOLERANCES
 
-from espc.backend.kernels import attn_decode_partial, attn_merge, attn_partial
-from espc.backend.kernels import reference
+from espc.backend.kernels import attn_decode_partial, attn_merge, attn_partial, reference
 
 IMPLS = ["torch", "triton"]
 

@@ -1,6 +1,7 @@
-"""The driver's paged slot table (`espc.runtime.kvpool`): a stateful property test against a
-plain-Python model of who holds which positions in which slot, direct tests of the errors, and
-the backend's `SlotTable` contract (a lowered plan runs on it and matches the float64 model)."""
+"""The paged slot table of a rank's KV pool (`espc.backend.kvpool`): a stateful property test
+against a plain-Python model of who holds which positions in which slot, direct tests of the
+errors, and the backend's `SlotTable` contract (a lowered plan runs on it and matches the
+float64 model)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ import torch
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from tolerances import TOLERANCES
 
+from espc.backend.kvpool import KVPoolFull, PagedKVTable, pool_tensor
 from espc.backend.lower import Lowering
 from espc.frontend.spec import ModelSpec
+from espc.model.llama import build_model
 from espc.planner.plan import (
     DecodeBatch,
     DecodeItem,
@@ -23,9 +27,6 @@ from espc.planner.plan import (
     TokenRange,
     even_retention,
 )
-from espc.runtime.kvpool import KVPoolFull, PagedKVTable
-from espc.runtime.model import build_model
-from tolerances import TOLERANCES
 
 REQUESTS = st.integers(0, 4)
 POSITIONS = 96
@@ -231,7 +232,7 @@ def test_lowered_plans_run_on_the_table():
     model, reference = build_model(spec), build_model(spec, dtype=torch.float64)
     lowering = Lowering(model)
     table = PagedKVTable(capacity_tokens=64, page_size=16, max_requests=2)
-    pool = torch.zeros((spec.layers, 2, table.num_slots, spec.kv_heads, spec.head_dim))
+    pool = pool_tensor(spec, table.num_slots, torch.float32)
     sequences = {1: torch.arange(3, 40), 2: torch.tensor([7])}
     items = tuple(PrefillItem(r, 0, len(s), even_retention(0, len(s), (0,))) for r, s in sequences.items())
     prefill = IterationPlan(0, (PrefillBatch((0,), items),))

@@ -8,14 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from tolerances import TOLERANCES
 from typer.testing import CliRunner
 
 from espc.backend import ops
 from espc.backend.dump import representative_plan
-from espc.backend.harness import KVPool
+from espc.backend.kvpool import PagedKVTable, pool_tensor
 from espc.backend.lower import Lowering, Role
-from espc.cli import app
+from espc.cli.main import app
 from espc.frontend.spec import ModelSpec
+from espc.model.llama import build_model, rope_frequencies
 from espc.planner.plan import (
     DecodeBatch,
     DecodeItem,
@@ -28,8 +30,6 @@ from espc.planner.plan import (
     TokenRange,
     even_retention,
 )
-from espc.runtime.model import build_model, rope_frequencies
-from tolerances import TOLERANCES
 
 TINY = ModelSpec(preset="tiny")
 SPECS = Path(__file__).parent.parent / "specs"
@@ -46,6 +46,12 @@ def reference():
     return build_model(TINY, dtype=torch.float64)
 
 
+def kv_pool(tokens: int) -> tuple[PagedKVTable, torch.Tensor]:
+    """One rank's table for `tokens` tokens of up to 4 requests, and its pool tensor."""
+    table = PagedKVTable(tokens, page_size=16, max_requests=4)
+    return table, pool_tensor(TINY, table.num_slots, torch.float32)
+
+
 def prefill_plan(ring, lengths: dict[int, int], keep_on=None, iteration=0) -> IterationPlan:
     items = tuple(PrefillItem(r, 0, n, even_retention(0, n, keep_on or ring)) for r, n in lengths.items())
     return IterationPlan(iteration, (PrefillBatch(tuple(ring), items),))
@@ -59,23 +65,23 @@ def assert_matches(row: torch.Tensor, expected: torch.Tensor) -> None:
 
 def test_single_instance_prefill_then_decode_matches_reference(model, reference):
     lowering = Lowering(model)
-    pool = KVPool(TINY, 512, torch.float32)
+    table, pool = kv_pool(512)
     generator = torch.Generator().manual_seed(0)
     sequences = {r: torch.randint(0, 256, (n,), generator=generator) for r, n in {1: 1, 2: 37, 3: 300}.items()}
     with torch.inference_mode():
         program = lowering.lower(prefill_plan((0,), {r: len(s) for r, s in sequences.items()}))
-        logits = program.run(0, pool.tensor, pool, sequences)
+        logits = program.run(0, pool, table, sequences)
         for request, sequence in sequences.items():
             assert_matches(logits[request], reference(sequence)[-1])
         for step in range(2):
             new = {r: torch.randint(0, 256, (1,), generator=generator) for r in sequences}
             items = tuple(DecodeItem(r, 0, ((0, len(s)),)) for r, s in sequences.items())
             program = lowering.lower(IterationPlan(1 + step, (DecodeBatch((0,), items),)))
-            logits = program.run(0, pool.tensor, pool, new)
+            logits = program.run(0, pool, table, new)
             for request in sequences:
                 sequences[request] = torch.cat((sequences[request], new[request]))
                 assert_matches(logits[request], reference(sequences[request])[-1])
-    assert pool.held() == {r: (TokenRange(0, len(s)),) for r, s in sequences.items()}
+    assert table.held() == {r: (TokenRange(0, len(s)),) for r, s in sequences.items()}
 
 
 def test_graph_structure_depends_only_on_the_plan_shape(model):
@@ -123,9 +129,9 @@ def test_striped_layout_inputs_and_retention_rows(model):
     retention = (Retention(9, TokenRange(0, 6)), Retention(7, TokenRange(6, 11)))
     plan = IterationPlan(0, (PrefillBatch(ring, (PrefillItem(3, 0, 11, retention), PrefillItem(5, 0, 2, even_retention(0, 2, (4,))))),))
     program = lowering.lower(plan)
-    pool = KVPool(TINY, 64, torch.float32)
+    table, pool = kv_pool(64)
     tokens = {3: torch.arange(100, 111), 5: torch.arange(200, 202)}
-    inputs = program.inputs(7, pool, tokens, pool.tensor)  # ring position 1
+    inputs = program.inputs(7, table, tokens, pool)  # ring position 1
     assert inputs["pos"].tolist() == [1, 4, 7, 10, 1]
     assert inputs["seq"].tolist() == [0, 0, 0, 0, 1]
     assert inputs["tokens"].tolist() == [101, 104, 107, 110, 201]
@@ -138,28 +144,27 @@ def test_striped_layout_inputs_and_retention_rows(model):
     assert inputs["keep2_index"].tolist() == [2]
     assert inputs["last_index"].tolist() == [3, 4]  # token 10 of request 3 and token 1 of request 5
     assert program.outputs(7) == (3, 5)
-    assert pool.held() == {3: (TokenRange(6, 11),)}
+    assert table.held() == {3: (TokenRange(6, 11),)}
 
 
 def test_decode_inputs_check_shards_against_the_pool(model):
     lowering = Lowering(model)
-    pool = KVPool(TINY, 64, torch.float32)
-    pool.allocate(1, torch.arange(0, 10))
+    table, pool = kv_pool(64)
+    table.allocate(1, torch.arange(0, 10))
     plan = IterationPlan(0, (DecodeBatch((0, 1), (DecodeItem(1, 1, ((0, 12), (1, 3))),)),))
     program = lowering.lower(plan)
     with pytest.raises(ValueError, match="request 1: the plan gives instance 0 a shard of 12 tokens but its pool holds 10"):
-        program.inputs(0, pool, {}, pool.tensor)
+        program.inputs(0, table, {}, pool)
 
 
 def test_migration_source_sends_its_tokens_in_position_order(model):
-    pool = KVPool(TINY, 64, torch.float32)
-    pool.allocate(1, torch.tensor([5, 2, 3, 4]))
+    table, pool = kv_pool(64)
+    table.allocate(1, torch.tensor([5, 2, 3, 4]))
     plan = IterationPlan(0, (), (Migration(1, 0, 1, TokenRange(2, 5)),))
     program = Lowering(model).lower(plan)
-    inputs = program.inputs(0, pool, {}, pool.tensor)
+    inputs = program.inputs(0, table, {}, pool)
     assert inputs["mig_out0_slots"].tolist() == [1, 2, 3] and inputs["mig_out0_peer"] == 1
-    program.release(0, pool)
-    assert pool.held() == {1: (TokenRange(5, 6),)}
+    assert table.held() == {1: (TokenRange(5, 6),)}  # the source released what it packs
 
 
 def test_clear_errors(model):

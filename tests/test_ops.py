@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.fx as fx
+from tolerances import TOLERANCES
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.node import _side_effectful_functions
 
 from espc.backend import ops
 from espc.backend.harness import free_port
-from tolerances import TOLERANCES
 
 espc = torch.ops.espc
 LONG = torch.int64

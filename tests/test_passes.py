@@ -14,6 +14,7 @@ from espc.backend import ops
 from espc.backend.lower import CommMeta, Lowering, Program, RankBinding, Role, _build, bind
 from espc.backend.passes import PIPELINE, CommError, check_comm, comm_ops, dce, overlap
 from espc.frontend.spec import ModelSpec
+from espc.model.llama import build_model
 from espc.planner.plan import (
     DecodeBatch,
     DecodeItem,
@@ -24,7 +25,6 @@ from espc.planner.plan import (
     TokenRange,
     even_retention,
 )
-from espc.runtime.model import build_model
 
 TINY = ModelSpec(preset="tiny")
 ATTN = torch.ops.espc.attn_partial.default

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 import espc
-from espc.cli import app
+from espc.cli.main import app
 from espc.frontend.loader import load_spec
 from espc.planner.compile.artifact import load_artifact
 from espc.planner.sim.calibration import CalibrationError, Measurement, fit, load_calibration, write_calibration
@@ -70,11 +70,12 @@ def test_quick_profile_fits_finite_positive_coefficients_that_predict_the_measur
         coefficients = (fitted.alpha_s, fitted.beta_s, fitted.gamma_s)
         assert all(math.isfinite(c) and c >= 0 for c in coefficients) and fitted.alpha_s > 0
     p = cost.parameters
-    assert p.migration_bandwidth > 0 and p.migration_latency_s >= 0
+    # A busy machine can hide the bandwidth behind the latency: then the link's is kept.
+    assert (p.migration_bandwidth is None or p.migration_bandwidth > 0) and p.migration_latency_s >= 0
     # Loose: the quick grid is small and the CPUs are shared with other processes.
     errors = [error for _, _, error in loaded.errors()]
     assert len(errors) == 18
-    for measurement, predicted, error in loaded.errors():
+    for measurement, predicted, _error in loaded.errors():
         assert predicted > 0 and 1 / 3 < predicted / measurement.seconds < 3, (measurement, predicted)
     assert sum(map(abs, errors)) / len(errors) < 0.3
 
@@ -235,6 +236,9 @@ def test_fit_measures_migration_latency_and_bandwidth():
     assert cost.parameters.migration_bandwidth == pytest.approx(2e9)
     assert cost.migration_time(1000, src=0, dst=3, tp=1) == pytest.approx(5e-4 + 1000 * kv / 2e9)
     assert "migration_bandwidth: link × link_efficiency" in str(CostModel.from_spec(spec))
+    # All latency (the larger move even measured faster, as under load): the latency is
+    # fitted alone and the bandwidth stays the link's.
     flat = synthetic("migration", 2, [(16,), (2048,)], lambda b: 2e-3 - b[0] * 1e-7)
-    with pytest.raises(ValueError, match=r"migration time does not grow with its size \(8192 B: 1.998 ms"):
-        fit(spec, flat, {})
+    flat_cost = fit(spec, flat, {}).cost
+    assert flat_cost.parameters.migration_bandwidth is None
+    assert 2e-3 - 2048e-7 < flat_cost.parameters.migration_latency_s < 2e-3

@@ -7,8 +7,8 @@ properties below can be read off a run:
 - every request is reported exactly once: completed, or refused with a reason — and a
   request that fits the cluster always completes (nothing is lost or stuck);
 - KV is never over-committed (the pool before each decision, and each plan's peak);
-- the fairness bound: a starved request (queued for at least `starvation_bound_s`, still
-  within its TTFT deadline) is never bypassed by a request behind it in the queue;
+- the fairness bound: a starved request (queued for at least `starvation_bound_s`) is
+  never bypassed by a request behind it in the queue;
 - runs are deterministic.
 
 Times are the tiny model's (milliseconds), so arrivals within ~0.1 s contend for the
@@ -25,12 +25,12 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from espc.frontend.loader import parse_spec
-from espc.planner.sim.cluster_state import ClusterState
-from espc.planner.sim.costmodel import CostModel
 from espc.planner.compile.ilp import solve
-from espc.planner.sim.metrics import isolated_prefill
 from espc.planner.compile.policy import ElasticPolicy, LengthBucket
 from espc.planner.compile.scheduler import ElasticScheduler
+from espc.planner.sim.cluster_state import ClusterState
+from espc.planner.sim.costmodel import CostModel
+from espc.planner.sim.metrics import isolated_prefill
 from espc.planner.sim.simulator import SimulationResult, simulate
 from espc.planner.sim.strategies import Deployment
 from espc.planner.sim.workload import Request, generate
@@ -107,6 +107,7 @@ class Observed(ElasticScheduler):
                     elif self.class_of:
                         assert item.master in kv_classes[item.request_id], (item, kv_classes[item.request_id])
             self.decisions.append({
+                "esp_choices": esp_choices(plan, state, max(self.deployment.capacity)),
                 "now": state.now,
                 "queue": [r.id for r in queue],
                 "starved": [r.id for r in queue if self._starved(state, r)],
@@ -118,6 +119,25 @@ class Observed(ElasticScheduler):
                 "started": [item.request_id for batch in prefills for item in batch.items if item.request_id in state.waiting],
             })
         return plan
+
+
+def esp_choices(plan, state: ClusterState, capacity: int) -> list[str]:
+    """What in `plan` only elastic SP does: a prefill on more instances than its longest
+    prompt's KV needs, a decode token on an instance holding none of its request's KV
+    (scale-up), a migration."""
+    choices = []
+    for batch in plan.batches:
+        if batch.phase == "prefill":
+            needed = max(-(-(item.end - item.start) // capacity) for item in batch.items)
+            if len(batch.instances) > max(needed, 1):
+                choices.append(f"prefill on {len(batch.instances)} instances, {needed} needed")
+        else:
+            for item in batch.items:
+                held = state.running[item.request_id].kv_tokens
+                if held and item.master not in held:
+                    choices.append(f"request {item.request_id} scaled up to instance {item.master}")
+    choices += [f"migration {migration}" for migration in plan.migrations]
+    return choices
 
 
 def scheduler(policy: ElasticPolicy, capacity: int) -> Observed:
@@ -176,7 +196,7 @@ def cases(draw):
 
 def assert_starved_requests_are_bypassed_at_most_once(decisions: list[dict]) -> None:
     """The fairness bound, read off the decisions: a request behind a starved one (queued
-    ≥ starvation_bound_s, within its TTFT deadline) of the same length bucket — of any
+    ≥ starvation_bound_s) of the same length bucket — of any
     bucket of its placement (instance class) once the starved one is urgent — may start
     first at one decision at most (the starved one then waits one prefill longer than its
     turn), never again. Other classes dispatch their own queues on their own instances."""
@@ -332,6 +352,37 @@ def test_a_batch_is_not_planned_beyond_the_kv_of_its_ring():
     assert [record.completed for record in result.records] == [True, True], result.records
 
 
+@PROPERTY
+@given(case=cases())
+def test_the_rigid_ablation_makes_none_of_esps_choices_and_still_serves_everything(case):
+    """ElasticPolicy.rigid: every prefill on the fewest instances its KV needs, no scale-up,
+    no migration — and, like the policy it ablates, safe and live."""
+    requests, capacity, policy = case
+    policy = policy or milp_policy()
+    rigid = policy.rigid()
+    assert rigid.is_rigid() and not rigid.scale_up and not rigid.migration
+    assert [(b.low, b.high, b.max_instances, b.instances) for b in rigid.buckets] == [
+        (b.low, b.high, b.max_instances, b.instances) for b in policy.buckets
+    ]
+    assert_safe_and_reported(requests, capacity, rigid)
+    assert_everything_that_fits_completes(requests, capacity, rigid)
+    observed, _ = run(requests, capacity, rigid)
+    assert [choice for decision in observed.decisions for choice in decision["esp_choices"]] == []
+
+
+def test_the_elastic_policy_makes_esps_choices_where_its_ablation_does_not():
+    """The same burst under the policy and its ablation: the policy spreads prefills and
+    scales decodes up (what the ablation property above counts would catch), the ablation
+    does neither."""
+    policy = ElasticPolicy(1, (LengthBucket(0, 100_000, 1.0, 4, 2_048, 4),), 0.0, 40, 1, True, True, 2, 1e-3, 1.0)
+    requests = tuple(Request(i, 0.001 * i, 60, 30) for i in range(3))
+    choices = {
+        name: [c for decision in run(requests, 400, p)[0].decisions for c in decision["esp_choices"]]
+        for name, p in (("elastic", policy), ("rigid", policy.rigid()))
+    }
+    assert choices["rigid"] == [] and choices["elastic"], choices
+
+
 def test_fcfs_with_a_bucket_cap_serves_the_head():
     """starvation_bound_s = 0: every request is starved at once, so the queue is FCFS and
     nobody may bypass request 0. Seven 1-token prompts in a bucket of 2-token batches that
@@ -356,9 +407,10 @@ def test_same_seed_same_metrics():
 @pytest.mark.parametrize("bound", [0.2, 0.4])
 def test_a_request_past_its_deadline_yields_only_to_requests_that_can_meet_theirs(bound):
     """Past its TTFT deadline a request can no longer meet its SLO: it yields to requests
-    that still can (EDF for goodput; the starvation bound protects requests within their
-    deadline, like long prompts with their long TTFT bounds), is served before any later
-    arrival that is late too, and is served. One instance, one prompt per batch. Request 1
+    that still can (EDF for goodput), is served before any later arrival that is late too,
+    and once queued for the starvation bound it goes first (the fairness bound holds for
+    late requests too: it starts by then, give or take the one prefill in flight).
+    One instance, one prompt per batch. Request 1
     (300 tokens, TTFT target ≈ 74 ms) arrives behind a burst of 40 short prompts with
     earlier deadlines (≈ 48 ms), then a steady stream of short prompts keeps the instance
     busy for 0.6 s."""
@@ -372,6 +424,9 @@ def test_a_request_past_its_deadline_yields_only_to_requests_that_can_meet_their
     result = simulate(observed, requests, check=True)
     victim = result.records[1]
     assert victim.completed
+    one_prefill_s = max(observed.prefill_s(10), observed.prefill_s(300))
+    assert victim.first_scheduled_s <= victim.arrival_s + bound + one_prefill_s, (
+        f"late request 1 waited {victim.first_scheduled_s - victim.arrival_s:.4f} s, past the {bound} s bound")
 
     def deadline(request: Request) -> float:
         return request.arrival_s + observed.slo.ttft.target(observed.prefill_s(request.prompt_len))

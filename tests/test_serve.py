@@ -426,7 +426,7 @@ def test_a_client_disconnect_cancels_its_request_and_frees_kv(served, client):
 def test_espc_serve_refuses_bad_arguments_before_starting_anything(tmp_path):
     from typer.testing import CliRunner
 
-    from espc.cli import app
+    from espc.cli.main import app
 
     runner = CliRunner()
     for args, message in [

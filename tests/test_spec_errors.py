@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from espc.cli import app
+from espc.cli.main import app
 
 # Line numbers of the TOML base, for reading the cases below:
 #   1 [model]         5 [cluster]      8 [[cluster.nodes]]   12 [slo]

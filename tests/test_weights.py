@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from tolerances import TOLERANCES
 
 from espc.frontend.spec import ModelSpec
-from espc.runtime.model import build_model
+from espc.model.llama import build_model
 from espc.runtime.weights import CheckpointError, load_model, model_spec_from_hf_config
 
 # A transformers >= 5 config.json of a tiny GQA model with odd sizes.

@@ -1,15 +1,17 @@
 """Run lowered plans in N gloo processes on the CPU, without the runtime.
 
 `Harness(spec, world)` spawns one process per rank (torch.multiprocessing, spawn), each with
-the random-weight model of the spec, a KV pool (`KVPool`) and a `Lowering`. `run(plan,
-tokens)` lowers and verifies the plan in the parent (so a bad plan fails before any rank
-waits on a message), sends it to every rank, and each rank lowers its own graph (cached),
-computes its inputs, executes, releases freed and migrated-away slots, and checks its comm
-counters against `expected_traffic` before answering. Any rank's error, or no answer within
-the timeout, tears the group down and raises: a test can never hang.
+the random-weight model of the spec, a KV pool (`espc.backend.kvpool`: the tensor and its
+paged table, as the runtime's) and a `Lowering`. `run(plan, tokens)` lowers and verifies the
+plan in the parent (so a bad plan fails before any rank waits on a message), sends it to
+every rank, and each rank lowers its own graph (cached), applies the plan to its table and
+executes (`Program.run`: frees, inputs, migrated-away slots, in the driver's order), and
+checks its comm counters against `expected_traffic` before answering. Any rank's error, or
+no answer within the timeout, tears the group down and raises: a test can never hang.
 
-The runtime's workers are built from the same pieces: `Lowering.lower(plan, ranks=(rank,),
-verify=False)` and `Program.run(rank, pool, table, tokens)`.
+The runtime is built from the same pieces, split across processes: the driver applies each
+plan to its tables (`Program.inputs`), a worker lowers its own rank with
+`Lowering.lower(plan, ranks=(rank,), verify=False)` and runs the graph on its pool.
 """
 
 from __future__ import annotations
@@ -28,64 +30,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from espc.backend import ops
+from espc.backend.kvpool import PagedKVTable, pool_tensor
 from espc.backend.lower import Lowering
 from espc.frontend.spec import ModelSpec
+from espc.model.llama import build_model
 from espc.planner.plan import DecodeBatch, IterationPlan, PrefillBatch, RequestId, TokenRange
-from espc.runtime.model import build_model
-
-_LONG = torch.int64
-
-
-class PoolFull(RuntimeError):
-    pass
-
-
-class KVPool:
-    """One rank's KV pool: the tensor [layers, 2, slots, kv_heads, head_dim] and a simple
-    token-granular slot table (a `SlotTable`; the runtime brings a paged allocator)."""
-
-    def __init__(self, spec: ModelSpec, slots: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
-        self.tensor = torch.zeros((spec.layers, 2, slots, spec.kv_heads, spec.head_dim), dtype=dtype, device=device)
-        self._free = torch.arange(slots, dtype=_LONG)
-        self._held: dict[RequestId, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    @property
-    def free_slots(self) -> int:
-        return len(self._free)
-
-    def resident(self, request: RequestId) -> tuple[torch.Tensor, torch.Tensor]:
-        empty = torch.empty(0, dtype=_LONG)
-        return self._held.get(request, (empty, empty))
-
-    def allocate(self, request: RequestId, positions: torch.Tensor) -> torch.Tensor:
-        if len(positions) > len(self._free):
-            raise PoolFull(f"request {request}: {len(positions)} tokens do not fit, {len(self._free)} slots free")
-        slots, self._free = self._free[: len(positions)], self._free[len(positions):]
-        held_positions, held_slots = self.resident(request)
-        self._held[request] = (torch.cat((held_positions, positions)), torch.cat((held_slots, slots)))
-        return slots
-
-    def release(self, request: RequestId, span: TokenRange | None = None) -> None:
-        positions, slots = self.resident(request)
-        drop = torch.ones_like(positions, dtype=torch.bool) if span is None else (positions >= span.start) & (positions < span.end)
-        self._free = torch.cat((self._free, slots[drop]))
-        if drop.all():
-            self._held.pop(request, None)
-        else:
-            self._held[request] = (positions[~drop], slots[~drop])
-
-    def held(self) -> dict[RequestId, tuple[TokenRange, ...]]:
-        """Each request's resident positions as sorted, merged ranges."""
-        summary = {}
-        for request, (positions, _) in sorted(self._held.items()):
-            ranges: list[TokenRange] = []
-            for position in positions.sort().values.tolist():
-                if ranges and ranges[-1].end == position:
-                    ranges[-1] = TokenRange(ranges[-1].start, position + 1)
-                else:
-                    ranges.append(TokenRange(position, position + 1))
-            summary[request] = tuple(ranges)
-        return summary
 
 
 def expected_traffic(plan: IterationPlan, spec: ModelSpec, dtype: torch.dtype) -> dict[int, dict[str, int]]:
@@ -149,7 +98,8 @@ def _worker(rank: int, world: int, port: int, spec: ModelSpec, options: dict, co
         )
         model = build_model(spec, dtype=options["dtype"])
         lowering = Lowering(model, attention=options["attention"])
-        pool = KVPool(spec, options["slots"], options["dtype"])
+        table = PagedKVTable(options["slots"], options["page_size"], options["max_requests"])
+        pool = pool_tensor(spec, table.num_slots, options["dtype"])
         results.put((rank, "ready", None))
     except Exception:
         results.put((rank, None, traceback.format_exc()))
@@ -158,7 +108,7 @@ def _worker(rank: int, world: int, port: int, spec: ModelSpec, options: dict, co
         while (command := commands.get()) is not None:
             plan, tokens = command
             try:
-                results.put((rank, _step(rank, spec, options, lowering, pool, plan, tokens), None))
+                results.put((rank, _step(rank, spec, options, lowering, pool, table, plan, tokens), None))
             except Exception:
                 results.put((rank, None, traceback.format_exc()))
     finally:
@@ -170,12 +120,12 @@ def _worker(rank: int, world: int, port: int, spec: ModelSpec, options: dict, co
         os._exit(0)
 
 
-def _step(rank, spec, options, lowering, pool, plan, tokens) -> RankResult:
+def _step(rank, spec, options, lowering, pool, table, plan, tokens) -> RankResult:
     ops.reset_comm_counters()
     started = time.perf_counter()
     program = lowering.lower(plan, ranks=(rank,), verify=False)
     with torch.inference_mode():
-        logits = program.run(rank, pool.tensor, pool, tokens)
+        logits = program.run(rank, pool, table, tokens)
     seconds = time.perf_counter() - started
     counters = ops.comm_counters()
     expected = expected_traffic(plan, spec, options["dtype"]).get(rank, dict.fromkeys(ops.CHANNELS, 0))
@@ -183,19 +133,24 @@ def _step(rank, spec, options, lowering, pool, plan, tokens) -> RankResult:
     assert sent == expected, f"rank {rank}: sent {sent} bytes per channel, the plan needs exactly {expected}"
     for request, row in logits.items():
         assert torch.isfinite(row).all(), f"rank {rank}: request {request} has non-finite logits"
-    return RankResult(rank, logits, counters, pool.held(), seconds)
+    return RankResult(rank, logits, counters, table.held(), seconds)
 
 
 class Harness:
-    """N gloo ranks on the CPU executing lowered plans; use as a context manager."""
+    """N gloo ranks on the CPU executing lowered plans; use as a context manager. Each rank's
+    table holds up to `slots` tokens of up to `max_requests` requests in pages of
+    `page_size` (`PagedKVTable`)."""
 
     def __init__(
-        self, spec: ModelSpec, world: int, *, slots: int = 16384, dtype: torch.dtype = torch.float32,
-        attention: str = "torch", threads: int = 1, timeout: float = 120.0,
+        self, spec: ModelSpec, world: int, *, slots: int = 16384, page_size: int = 16, max_requests: int = 64,
+        dtype: torch.dtype = torch.float32, attention: str = "torch", threads: int = 1, timeout: float = 120.0,
     ):
         self.spec, self.world, self.timeout = spec, world, timeout
         self.lowering = Lowering(build_model(spec, dtype=dtype, device="meta"), attention=attention)
-        options = {"slots": slots, "dtype": dtype, "attention": attention, "threads": threads, "timeout": timeout}
+        options = {
+            "slots": slots, "page_size": page_size, "max_requests": max_requests, "dtype": dtype,
+            "attention": attention, "threads": threads, "timeout": timeout,
+        }
         context = mp.get_context("spawn")
         self._results = context.Queue()
         self._commands = [context.Queue() for _ in range(world)]

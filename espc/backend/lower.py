@@ -19,7 +19,7 @@ attention with elastic sequence parallelism:
 - migrations: the source packs the KV of a token range (every layer) into one contiguous
   buffer at the start of the iteration; the destination unpacks it into newly allocated
   slots at the end, so the transfer overlaps the batch. Frees and the source's release of
-  migrated tokens are slot bookkeeping after the graph ran (`Program.release`).
+  migrated tokens are slot bookkeeping, in the one order `Program.inputs` applies.
 
 A graph's structure depends only on the rank's `Role` (phase, batch size, number of
 migrations sent and received) and the model; token ids, positions, sequence ids, slot
@@ -27,6 +27,11 @@ indices and peer ranks are graph inputs (`Program.inputs`), and peers are named 
 the rank (next/previous on the ring, k-th peer of a decode batch), so every member of a
 batch runs the same graph. Graphs are cached per Role and reused across iterations; the
 comm-matching proof is cached per plan shape.
+
+`Lowering.lower` is the backend's entry point: it builds the graphs (or takes them from the
+cache) and runs them through the pass pipeline (`espc.backend.passes.PIPELINE`), writing
+each stage's dump (`espc.backend.printing`) on request. Both of those modules take a
+`Program` and import this one for annotations only, so the backend's imports form no circle.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from __future__ import annotations
 import math
 import operator
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,6 +49,9 @@ import torch.fx as fx
 
 from espc.backend import ops
 from espc.backend.cache import GraphCache
+from espc.backend.passes import PIPELINE, check_comm
+from espc.backend.printing import format_comm, format_program
+from espc.model.llama import Llama
 from espc.planner.plan import (
     DecodeBatch,
     IterationPlan,
@@ -52,7 +60,6 @@ from espc.planner.plan import (
     RequestId,
     TokenRange,
 )
-from espc.runtime.model import Llama
 
 _ops = torch.ops.espc
 _LONG = torch.int64
@@ -104,7 +111,8 @@ class RankBinding:
 
 
 class SlotTable(Protocol):
-    """Token-granular bookkeeping of one rank's KV pool (the runtime owns the real one)."""
+    """Token-granular bookkeeping of one rank's KV pool: what the lowering asks of
+    `espc.backend.kvpool.PagedKVTable`."""
 
     def resident(self, request: RequestId) -> tuple[torch.Tensor, torch.Tensor]:
         """(positions, slots) of the request's tokens held in this pool."""
@@ -242,6 +250,7 @@ def _build(model: Llama, role: Role, attention: str) -> fx.GraphModule:
     g = _Builder(model, attention)
     pool = g.input("pool")
     migration_wait = _migrations_start(g, role, pool)
+    outputs: tuple[fx.Node, ...]
     if role.phase == "prefill":
         outputs = (_prefill(g, role, pool),)
     elif role.phase == "decode":
@@ -383,13 +392,14 @@ def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(tensors) if tensors else torch.empty(0, dtype=_LONG)
 
 
-def _with_seq(per_request: list[torch.Tensor], ids: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _with_seq(per_request: list[torch.Tensor], ids: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     ids = range(len(per_request)) if ids is None else ids
     return _cat(per_request), _cat([torch.full_like(p, i) for i, p in zip(ids, per_request)])
 
 
 def _prefill_inputs(b: RankBinding, kv: SlotTable, tokens: Mapping[RequestId, torch.Tensor]) -> dict[str, Any]:
-    batch: PrefillBatch = b.batch
+    batch = b.batch
+    assert isinstance(batch, PrefillBatch)  # a "prefill" role is bound to its batch (`bind`)
     d, p, rank = len(batch.instances), b.position, b.rank
     local = _striped(batch, p)
     inputs: dict[str, Any] = {}
@@ -432,7 +442,8 @@ def _prefill_inputs(b: RankBinding, kv: SlotTable, tokens: Mapping[RequestId, to
 
 
 def _decode_inputs(b: RankBinding, kv: SlotTable, tokens: Mapping[RequestId, torch.Tensor]) -> dict[str, Any]:
-    batch: DecodeBatch = b.batch
+    batch = b.batch
+    assert isinstance(batch, DecodeBatch)  # a "decode" role is bound to its batch (`bind`)
     m, p, rank, ring = len(batch.instances), b.position, b.rank, batch.instances
     inputs: dict[str, Any] = {}
     masters = [i for i, item in enumerate(batch.items) if item.master == rank]
@@ -513,6 +524,11 @@ class Program:
     def graph(self, rank: int) -> fx.GraphModule:
         return self.modules[self.bindings[rank].role]
 
+    def fresh_modules(self) -> list[fx.GraphModule]:
+        """The graphs built for this plan, which the graph passes transform (cached ones
+        went through them when they were built)."""
+        return [self.modules[role] for role in sorted(self.fresh)]
+
     def comm_key(self) -> tuple:
         """Everything the comm proof depends on: Roles, peers and message labels."""
         return tuple(
@@ -521,17 +537,39 @@ class Program:
         )
 
     def inputs(
-        self, rank: int, kv: SlotTable, tokens: Mapping[RequestId, torch.Tensor], pool: torch.Tensor
-    ) -> dict[str, Any]:
-        """The graph inputs of `rank`; allocates its new slots in `kv` (retained prefill tokens,
-        decode appends, migrations in). `tokens`: per request, the ids of the prefill chunk
-        [start, end), or the one new token of a decode step."""
-        b = self.bindings[rank]
+        self, rank: int, kv: SlotTable, tokens: Mapping[RequestId, torch.Tensor], pool: torch.Tensor | None
+    ) -> dict[str, Any] | None:
+        """Apply the plan to `rank`'s slot table `kv` and return the rank's graph inputs, or
+        None when the rank runs no graph in this plan (it only frees). Call it for every rank
+        of the world, once per plan. `tokens`: per request, the ids of the prefill chunk
+        [start, end), or the one new token of a decode step.
+
+        This is the one order of a plan's slot bookkeeping; the driver (on each worker's
+        table) and the gloo harness (on each rank's own) both go through it:
+
+        1. The plan's frees release first. `IterationPlan.verify` and the scheduler's
+           `ClusterState` count a plan's capacity after its frees, so a plan may put new KV
+           into the space it frees (a preemption); a freed request is in no batch or
+           migration of the plan, so the graph reads nothing of it.
+        2. The inputs allocate the slots the graph writes (retained prefill tokens, decode
+           appends, migrations in) and name those it reads.
+        3. A migration's source releases the tokens it sends: step 2 named their slots for
+           the pack, which runs first in the graph, and a rank runs its plans in order, so
+           only a later plan can reuse them (`IterationPlan.verify` does not credit that
+           release to the plan itself either).
+        """
+        for request in self.plan.frees:
+            kv.release(request)
+        b = self.bindings.get(rank)
+        if b is None:
+            return None
         inputs = {"pool": pool, **b.peers, **_migration_inputs(b, kv)}
         if b.role.phase == "prefill":
             inputs.update(_prefill_inputs(b, kv, tokens))
         elif b.role.phase == "decode":
             inputs.update(_decode_inputs(b, kv, tokens))
+        for migration in b.sends:
+            kv.release(migration.request_id, migration.range)
         return inputs
 
     def outputs(self, rank: int) -> tuple[RequestId, ...]:
@@ -549,34 +587,47 @@ class Program:
     def run(
         self, rank: int, pool: torch.Tensor, kv: SlotTable, tokens: Mapping[RequestId, torch.Tensor]
     ) -> dict[RequestId, torch.Tensor]:
-        """Execute `rank`'s graph and release what the plan frees: logits per request."""
-        if rank not in self.bindings:
-            self.release(rank, kv)
+        """Apply the plan to `rank`'s table (`inputs`) and execute its graph, in one process
+        that holds both the pool and its table: logits per request."""
+        inputs = self.inputs(rank, kv, tokens, pool)
+        if inputs is None:
             return {}
-        outputs = self.graph(rank)(**self.inputs(rank, kv, tokens, pool))
-        self.release(rank, kv)
+        outputs = self.graph(rank)(**inputs)
         if not outputs:
             return {}
         return dict(zip(self.outputs(rank), outputs[0].unbind(0)))
 
-    def release(self, rank: int, kv: SlotTable) -> None:
-        """After the iteration: drop freed requests and the tokens this rank migrated away."""
-        b = self.bindings.get(rank)
-        for request in self.plan.frees:
-            kv.release(request)
-        for migration in b.sends if b else ():
-            kv.release(migration.request_id, migration.range)
-
     def verify(self) -> None:
         """Prove that every rank's sends and receives match in order (raises CommError)."""
-        from espc.backend.passes import check_comm
-
         check_comm(self)
 
     def __str__(self) -> str:
-        from espc.backend.dump import format_program
-
         return format_program(self)
+
+
+def run_pipeline(program: Program, dump_ir: Path | None = None, skip: Iterable[str] = ()) -> Program:
+    """Run the passes of PIPELINE (minus `skip`), then regenerate the code of the graphs they
+    changed. With `dump_ir`, write 00-plan.txt, 01-lower.txt and one file per pass into that
+    directory."""
+    skip = set(skip)
+
+    def dump(index: int, name: str, text: str) -> None:
+        if dump_ir is not None:
+            Path(dump_ir).mkdir(parents=True, exist_ok=True)
+            (Path(dump_ir) / f"{index:02d}-{name}.txt").write_text(text + "\n", encoding="utf-8")
+
+    if dump_ir is not None:
+        dump(0, "plan", str(program.plan))
+        dump(1, "lower", format_program(program, comm=False))
+    for index, (name, run) in enumerate(PIPELINE, start=2):
+        if name in skip:
+            continue
+        program = run(program)
+        if dump_ir is not None:
+            dump(index, name, format_comm(program) if name == "verify_comm" else format_program(program, comm=False))
+    for module in program.fresh_modules():
+        module.recompile()
+    return program
 
 
 class Lowering:
@@ -601,12 +652,12 @@ class Lowering:
         """The per-rank graphs of `plan` after the pass pipeline. `ranks` restricts lowering
         to some ranks (the comm proof then needs `verify=False`: it spans every rank).
         `dump_ir`: write each stage into that directory (bypasses the cache)."""
-        from espc.backend.passes import run_pipeline
-
         plan.verify()
         for batch in plan.batches:
+            if not isinstance(batch, PrefillBatch):
+                continue
             for item in batch.items:
-                if isinstance(batch, PrefillBatch) and item.start:
+                if item.start:
                     raise NotImplementedError(
                         f"request {item.request_id}: prefill of tokens [{item.start}, {item.end}) continues a "
                         "resident prefix (chunked prefill / cached prefix), which is not lowered yet; "

@@ -11,21 +11,21 @@ named pipeline:
 - `verify_comm`: the comm-matching proof across ranks (`check_comm`).
 
 Graph passes only touch graphs built for this plan (`Program.fresh`); cached graphs already
-went through them. They edit the fx.Graph; `run_pipeline` regenerates the Python code once at
-the end. `run_pipeline(..., dump_ir=DIR)` writes each stage's readable dump.
+went through them. They edit the fx.Graph; `espc.backend.lower.run_pipeline` runs PIPELINE,
+writes each stage's readable dump on request and regenerates the Python code once at the end.
+This module needs nothing of the lowering at run time (a `Program` is only read, and copied
+with `dataclasses.replace`), so the lowering can call it without an import circle.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch.fx as fx
 
 from espc.backend import ops
-from espc.backend.dump import format_comm, format_program
 
 if TYPE_CHECKING:
     from espc.backend.lower import Program
@@ -41,18 +41,14 @@ class CommError(ValueError):
         self.violations = violations
 
 
-def _fresh_graphs(program: Program) -> Iterable[fx.GraphModule]:
-    return (program.modules[role] for role in sorted(program.fresh))
-
-
 def dce(program: Program) -> Program:
-    for module in _fresh_graphs(program):
+    for module in program.fresh_modules():
         module.graph.eliminate_dead_code()
     return program
 
 
 def overlap(program: Program) -> Program:
-    for module in _fresh_graphs(program):
+    for module in program.fresh_modules():
         hoist_starts(module.graph)
     return program
 
@@ -60,7 +56,7 @@ def overlap(program: Program) -> Program:
 def hoist_starts(graph: fx.Graph) -> None:
     """Move each send_recv_start right after the latest of its inputs and the message op
     before it."""
-    order = {node: index for index, node in enumerate(graph.nodes)}
+    order: dict[fx.Node, float] = {node: index for index, node in enumerate(graph.nodes)}
     previous_comm = None
     for node in list(graph.nodes):
         if node.target is ops.COMM_START:
@@ -81,30 +77,6 @@ def verify_comm(program: Program) -> Program:
 
 
 PIPELINE: tuple[tuple[str, Pass], ...] = (("dce", dce), ("overlap", overlap), ("verify_comm", verify_comm))
-
-
-def run_pipeline(program: Program, dump_ir: Path | None = None, skip: Iterable[str] = ()) -> Program:
-    """Run PIPELINE (minus `skip`), then regenerate the code of the graphs it changed.
-    With `dump_ir`, write 00-plan.txt, 01-lower.txt and one file per pass into that directory."""
-    skip = set(skip)
-
-    def dump(index: int, name: str, text: str) -> None:
-        if dump_ir is not None:
-            Path(dump_ir).mkdir(parents=True, exist_ok=True)
-            (Path(dump_ir) / f"{index:02d}-{name}.txt").write_text(text + "\n", encoding="utf-8")
-
-    if dump_ir is not None:
-        dump(0, "plan", str(program.plan))
-        dump(1, "lower", format_program(program, comm=False))
-    for index, (name, run) in enumerate(PIPELINE, start=2):
-        if name in skip:
-            continue
-        program = run(program)
-        if dump_ir is not None:
-            dump(index, name, format_comm(program) if name == "verify_comm" else format_program(program, comm=False))
-    for module in _fresh_graphs(program):
-        module.recompile()
-    return program
 
 
 # --------------------------------------------------------------------- the comm verifier
@@ -171,7 +143,8 @@ def describe_label(label: tuple) -> str:
     return " ".join(map(str, label))
 
 
-def _describe(message: tuple) -> str:
+def describe_message(message: tuple) -> str:
+    """A message of `comm_ops` (label, layer, row shape, dtype) in words: label and layer."""
     label, layer, _, _ = message
     where = "" if layer is None else f", layer {layer}"
     return f"{describe_label(label) if isinstance(label, tuple) else label}{where}"
@@ -205,8 +178,8 @@ def check_comm(program: Program) -> None:
                 src, dst, channel = key
                 errors.append(
                     f"message {index} from rank {src} to rank {dst} on channel {channel}: rank {src} "
-                    f"`{send_op.node}` sends {_describe(sent)} {sent[2:]}, but rank {dst} `{recv_op.node}` "
-                    f"expects {_describe(expected)} {expected[2:]}"
+                    f"`{send_op.node}` sends {describe_message(sent)} {sent[2:]}, but rank {dst} `{recv_op.node}` "
+                    f"expects {describe_message(expected)} {expected[2:]}"
                 )
 
     def post(op: CommOp) -> None:
@@ -259,7 +232,7 @@ def check_comm(program: Program) -> None:
             )
             mine = posted_sends if direction == "send" else posted_recvs
             message = mine[(src, dst, channel)][index][1]
-            verb = f"its send of {_describe(message)} to" if direction == "send" else f"its receive of {_describe(message)} from"
+            verb = f"its send of {describe_message(message)} to" if direction == "send" else f"its receive of {describe_message(message)} from"
             errors.append(
                 f"deadlock: rank {rank} blocks in `{op.node}`: {verb} rank {peer} on channel {channel} "
                 f"(message {index}) is never matched; {where}"
@@ -269,9 +242,9 @@ def check_comm(program: Program) -> None:
             sends, recvs = posted_sends.get(key, []), posted_recvs.get(key, [])
             src, dst, channel = key
             for op, message in sends[len(recvs):]:
-                errors.append(f"rank {src} `{op.node}` sends {_describe(message)} to rank {dst} on channel {channel}, which never receives it")
+                errors.append(f"rank {src} `{op.node}` sends {describe_message(message)} to rank {dst} on channel {channel}, which never receives it")
             for op, message in recvs[len(sends):]:
-                errors.append(f"rank {dst} `{op.node}` receives {_describe(message)} from rank {src} on channel {channel}, which never sends it")
+                errors.append(f"rank {dst} `{op.node}` receives {describe_message(message)} from rank {src} on channel {channel}, which never sends it")
         for rank in ranks:
             errors += [
                 f"rank {rank} `{op.node}` starts messages it never waits for"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import cast
 
 import lark
 
@@ -60,7 +61,7 @@ class _Reader:
         return tuple(self.statement(child) for child in tree.children if isinstance(child, lark.Tree))
 
     def statement(self, tree: lark.Tree) -> _Stmt:
-        key_token = tree.children[0]
+        key_token = cast(lark.Token, tree.children[0])  # both `stmt` rules of spec.lark start with a NAME
         args: list[_Arg] = []
         block = None
         for child in tree.children[1:]:
@@ -70,6 +71,8 @@ class _Reader:
                 args.append(_Arg(self.source(child), child.meta.line, child.meta.column))
             else:
                 args.append(self.argument(child))
+        # The lexer gives every token it reads from the text its position.
+        assert key_token.line is not None and key_token.column is not None
         return _Stmt(str(key_token), key_token.line, key_token.column, tuple(args), block)
 
     def argument(self, tree: lark.Tree) -> _Arg:
@@ -116,6 +119,8 @@ class _Reader:
                         extra.line, extra.column, path, f"unexpected argument {extra.value!r} before the block",
                         hint="only `model PRESET { ... }` and `policy STRATEGY { ... }` take one",
                     )
+                # A section without a field takes no argument: its first one was `extra` above.
+                assert field is not None
                 argument = stmt.args[0]
                 if field in section:
                     line, column = self.positions[path + (field,)]
@@ -174,6 +179,7 @@ class _Reader:
         if times > 1 or times + 1 >= len(values):
             raise self.error(stmt.line, stmt.column, path, f"cannot read this {stmt.key} node", hint=usage)
         device: dict = {"kind": _DEVICE_KINDS[stmt.key]}
+        device_arg: _Arg | _Stmt  # what the device's position points at
         if times == 1:
             device["name"] = values[0]
             device_arg = stmt.args[0]

@@ -14,6 +14,7 @@ import lark
 
 from espc.frontend.errors import Diagnostic, SpecError
 
+
 @functools.cache
 def parser() -> lark.Lark:
     grammar = resources.files("espc.frontend").joinpath("spec.lark").read_text()
@@ -48,7 +49,7 @@ def syntax_error(error: lark.exceptions.LarkError, filename: str, what: str) -> 
             message = f"unexpected character {error.char!r}"
         else:
             message = f"{what} ends too early"
-        expected = sorted(_describe(name) for name in getattr(error, "expected", None) or getattr(error, "allowed", ()))
+        expected = sorted(_describe(name) for name in getattr(error, "expected", ()) or getattr(error, "allowed", ()))
         hint = f"expected {', '.join(expected)}" if expected else None
         return SpecError([Diagnostic(filename, max(line, 1), max(column, 1), "syntax", message, hint)])
     return SpecError([Diagnostic(filename, 1, 1, "syntax", str(error))])

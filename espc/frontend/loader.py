@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from espc.frontend.dsl import read_dsl
 from espc.frontend.errors import Diagnostic, FieldPath, Positions, RuleViolation, SpecError, format_path, suggest
@@ -104,7 +105,7 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _diagnostic(details: dict, positions: Positions, filename: str) -> Diagnostic:
+def _diagnostic(details: ErrorDetails, positions: Positions, filename: str) -> Diagnostic:
     path, owners = _clean_location(details["loc"])
     kind = details["type"]
     cause = details.get("ctx", {}).get("error")

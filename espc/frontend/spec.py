@@ -17,7 +17,7 @@ import itertools
 import math
 from dataclasses import dataclass
 from pathlib import PurePath
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, cast
 
 from pydantic import (
     BaseModel,
@@ -33,8 +33,8 @@ from pydantic import (
 )
 
 from espc.frontend import units
-from espc.frontend.grammar import ShorthandError, number_or_text, parse_bound, parse_call
 from espc.frontend.errors import RuleViolation, suggest
+from espc.frontend.grammar import ShorthandError, number_or_text, parse_bound, parse_call
 from espc.frontend.presets import DATASET_INPUT_RANGES, DEVICE_ALIASES, DEVICE_PRESETS, MODEL_PRESETS
 from espc.frontend.units import Kind
 
@@ -66,11 +66,20 @@ NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
 Real = Annotated[float, Strict()]
 Flag = Annotated[bool, Strict()]
 
-Bytes = _quantity(Kind.BYTES, gt=0)
-Bandwidth = _quantity(Kind.BANDWIDTH, gt=0)
-Duration = _quantity(Kind.DURATION, ge=0)
-FlopRate = _quantity(Kind.FLOP_RATE, gt=0)
-Tokens = _quantity(Kind.TOKENS, gt=0)
+if TYPE_CHECKING:
+    # A type checker sees the number a quantity field holds once validated; the Annotated
+    # form below is built at run time, which static checkers cannot evaluate.
+    Bytes = int
+    Bandwidth = float
+    Duration = float
+    FlopRate = float
+    Tokens = int
+else:
+    Bytes = _quantity(Kind.BYTES, gt=0)
+    Bandwidth = _quantity(Kind.BANDWIDTH, gt=0)
+    Duration = _quantity(Kind.DURATION, ge=0)
+    FlopRate = _quantity(Kind.FLOP_RATE, gt=0)
+    Tokens = _quantity(Kind.TOKENS, gt=0)
 
 
 def _parse_fraction(value: object) -> object:
@@ -125,7 +134,7 @@ class Llama3RopeScaling(_Frozen):
         return self
 
 
-RopeScaling = Annotated[Union[LinearRopeScaling, Llama3RopeScaling], Field(discriminator="type")]
+RopeScaling = Annotated[LinearRopeScaling | Llama3RopeScaling, Field(discriminator="type")]
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -244,7 +253,8 @@ class DeviceSpec(_Frozen):
             data = {"name": data}
         if not isinstance(data, dict) or not isinstance(data.get("name"), str):
             return data
-        name = DEVICE_ALIASES.get(data["name"], data["name"])
+        given: str = data["name"]
+        name = DEVICE_ALIASES.get(given, given)
         preset = DEVICE_PRESETS.get(name)
         if preset is None:
             missing = [field for field in cls.model_fields if field not in data]
@@ -351,7 +361,7 @@ class ClusterSpec(_Frozen):
     def instances(self, tp: int | None = None) -> list[tuple[Device, ...]]:
         """Elastic instances: groups of `tp` consecutive devices of one node."""
         tp = tp or self.tp or 1
-        groups = []
+        groups: list[tuple[Device, ...]] = []
         for node_devices in itertools.groupby(self.devices(), key=lambda device: device.node):
             devices = list(node_devices[1])
             if len(devices) % tp:
@@ -413,7 +423,8 @@ class _Shorthand(_Frozen):
     call_parameters: ClassVar[tuple[str, ...]] = ()
 
     def shorthand(self) -> str:
-        return self.model_dump(mode="json")
+        # The JSON dump goes through `_as_shorthand` below, which returns the call string.
+        return cast(str, self.model_dump(mode="json"))
 
     @classmethod
     def tag_field(cls) -> str:
@@ -436,6 +447,7 @@ def _from_shorthand(members: tuple[type[_Shorthand], ...], what: str) -> Any:
     by_tag: dict[str, type[_Shorthand]] = {}
     for member in members:
         annotation = member.model_fields[member.tag_field()].annotation
+        assert annotation is not None  # the tag field of every shorthand model is annotated Literal[...]
         by_tag.update((tag, member) for tag in annotation.__args__)
 
     def parse(value: Any) -> Any:
@@ -580,7 +592,7 @@ class FixedLengths(_Shorthand):
 
 _LENGTH_MEMBERS = (DatasetLengths, ZipfLengths, UniformLengths, FixedLengths)
 LengthDist = Annotated[
-    Union[_LENGTH_MEMBERS],
+    DatasetLengths | ZipfLengths | UniformLengths | FixedLengths,
     Field(discriminator="dist"),
     BeforeValidator(_from_shorthand(_LENGTH_MEMBERS, "length distribution")),
 ]
@@ -611,7 +623,7 @@ class TraceArrival(_Shorthand):
 
 _ARRIVAL_MEMBERS = (PoissonArrival, GammaArrival, TraceArrival)
 Arrival = Annotated[
-    Union[_ARRIVAL_MEMBERS],
+    PoissonArrival | GammaArrival | TraceArrival,
     Field(discriminator="process"),
     BeforeValidator(_from_shorthand(_ARRIVAL_MEMBERS, "arrival process")),
 ]
@@ -681,6 +693,12 @@ class PolicySpec(_Frozen):
     migration: Flag = Field(True, description="elastic: explicit KV migration when it pays off")
     cooldown_iterations: NonNegativeInt = Field(8, description="elastic: iterations before a scaling decision is reversed")
     starvation_bound: Duration = Field(30.0, description="longest a queued request may be bypassed")
+    goodput_metric: Literal["auto", "p90", "per-class"] = Field(
+        "auto",
+        description="what compile maximises: p90 (the rate at which the attainment target holds over all "
+        "requests), per-class (it holds in every prompt-length class: long requests cannot be dropped); "
+        "auto: per-class when some prompt needs more KV than one instance holds, else p90",
+    )
     sp_size: PositiveInt | None = Field(None, description="static-sp: instances per group; unset = searched")
     chunk_tokens: Tokens = Field(2048, description="chunked: token budget per iteration")
     prefill_instances: PositiveInt | None = Field(None, description="disaggregated: prefill pool size")
@@ -757,7 +775,7 @@ class Spec(_Frozen):
 
     @model_validator(mode="after")
     def _check_fit(self) -> Spec:
-        model, cluster, runtime, policy = self.model, self.cluster, self.runtime, self.policy
+        model, cluster, runtime = self.model, self.cluster, self.runtime
         tp = cluster.tp
         if tp is not None:
             if model.heads % tp:

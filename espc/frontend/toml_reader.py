@@ -113,6 +113,7 @@ class _Locator:
                 keys.append(tomllib.loads(f"k = {self.text[start:self.index]}")["k"])
             else:
                 match = _BARE_KEY.match(self.text, self.index)
+                assert match is not None  # the key scan only stops on a key's first character
                 keys.append(match.group(0))
                 self.index = match.end()
             self.skip(newlines=False)
@@ -158,7 +159,9 @@ class _Locator:
         elif char in "\"'":
             self.string()
         else:
-            self.index = _SCALAR.match(self.text, self.index).end()
+            scalar = _SCALAR.match(self.text, self.index)
+            assert scalar is not None  # the pattern matches the empty string
+            self.index = scalar.end()
 
     def string(self) -> None:
         quote = self.text[self.index]

@@ -155,7 +155,7 @@ def example(kind: Kind) -> str:
     }[kind]
 
 
-def format_quantity(value: int | float, kind: Kind) -> str | int:
+def format_quantity(value: int | float, kind: Kind) -> str | int | float:
     """The shortest unit spelling of `value` that parses back to exactly `value`.
 
     Token counts below 100,000 stay plain integers (`max_context = 4096` reads better than
@@ -196,6 +196,7 @@ def describe(value: float, kind: Kind) -> str:
     """An approximate, readable spelling for messages (`13.5GiB`, `1.2TB/s`, `98ms`)."""
     if kind is Kind.TOKENS:
         return f"{int(value):,}"
+    steps: tuple[tuple[float, str], ...]
     if kind is Kind.DURATION:
         steps = ((1.0, "s"), (1e-3, "ms"), (1e-6, "us"))
     elif kind is Kind.BYTES:

@@ -36,17 +36,17 @@ from pathlib import Path
 
 import torch
 
+from espc.backend.kvpool import PagedKVTable
 from espc.backend.lower import Lowering
 from espc.frontend.spec import Spec
+from espc.model.llama import build_model
+from espc.planner.plan import DecodeBatch, IterationPlan, Migration, PrefillBatch, PrefillItem, RequestId
 from espc.planner.sim.cluster_state import ClusterState, RequestState
-from espc.planner.plan import DecodeBatch, IterationPlan, Migration, PrefillBatch, RequestId
 from espc.planner.sim.simulator import BatchRecord, SimulationResult, request_record
 from espc.planner.sim.strategies import Scheduler
 from espc.planner.sim.workload import Request
-from espc.runtime.kvpool import PagedKVTable
-from espc.runtime.model import build_model
-from espc.runtime.sampling import SamplingParams
 from espc.runtime.launch import LaunchError, WorkerHandle, spawn_workers, torchrun_workers
+from espc.runtime.sampling import SamplingParams
 from espc.runtime.worker import BEAT, DTYPES, ERROR, READY, RESULT, Sampling, Step, StepResult, WorkerConfig
 
 # A scheduler may first free KV (preemption) and then plan into the freed space.
@@ -420,19 +420,20 @@ class Driver:
                 for item in batch.items:
                     self._fail(self._live[item.request_id], f"cannot execute its plan: {error}")
             return
-        for request_id in plan.frees:  # preemptions first: the plan's batches use the space
-            self._release(request_id)
         tokens = {}
         for batch in plan.batches:
             for item in batch.items:
                 live = self._live[item.request_id]
                 if isinstance(batch, PrefillBatch):
+                    assert isinstance(item, PrefillItem)  # a prefill batch holds prefill items
                     tokens[item.request_id] = torch.tensor(live.sequence()[item.start:item.end], dtype=_LONG)
                 else:
                     tokens[item.request_id] = torch.tensor(live.generated[-1:], dtype=_LONG)
         steps = {}
-        for rank in program.ranks:
-            inputs = program.inputs(rank, self.tables[rank], tokens, None)
+        for rank, table in enumerate(self.tables):  # every table: the plan's frees apply to all
+            inputs = program.inputs(rank, table, tokens, None)
+            if inputs is None:
+                continue
             del inputs["pool"]
             # numpy, not torch: a torch.multiprocessing queue moves every tensor through its
             # own shared-memory segment, ~1.4 ms per step for a handful of small index tensors.
@@ -442,8 +443,6 @@ class Driver:
                 live = self._live[request_id]
                 sampling[request_id] = Sampling(live.params, live.seed, len(live.generated))
             steps[rank] = Step(plan, inputs, sampling)
-        for migration in plan.migrations:  # the source packed them first thing in its graph
-            self.tables[migration.src].release(migration.request_id, migration.range)
         self.state.start(plan)
         now = self.now()
         tasks = [_Task(batch, set(batch.instances), now) for batch in plan.batches]
@@ -458,7 +457,7 @@ class Driver:
 
     # --------------------------------------------------------------------- completions
 
-    def _answer(self, rank: int, iteration: int | None, result: StepResult | None) -> None:
+    def _answer(self, rank: int, iteration: int, result: StepResult | None) -> None:
         tasks = self._tasks.get(iteration, [])
         for task in tasks:
             if rank not in task.ranks:
@@ -496,7 +495,10 @@ class Driver:
         self.state.complete(batch)
         for request_id in task.requests:
             live = self._live.get(request_id)
-            if live is None or live.state.rejected is not None:
+            if live is None:
+                continue  # failed or cancelled while the batch ran
+            assert live.state is not None  # admitted: it was scheduled into this batch
+            if live.state.rejected is not None:
                 continue  # failed or cancelled while the batch ran
             if request_id in produced:
                 token = task.tokens.get(request_id)
@@ -517,6 +519,7 @@ class Driver:
 
     def _emit_token(self, live: _Live, token: int, logits: torch.Tensor | None) -> None:
         """Stream the token, or end the request on a stop token (which is not streamed)."""
+        assert live.state is not None  # admitted: only a scheduled batch produces tokens
         if token in live.params.stop_token_ids:
             if not live.state.done:
                 self.state.finish(live.state)
@@ -565,6 +568,8 @@ class Driver:
 
     def _collateral(self, rank: int, iteration: int | None) -> bool:
         """An error of a rank whose batch or migration includes a retired instance."""
+        if iteration is None:  # an error outside any iteration (a worker's start-up): no tasks
+            return False
         return any(
             rank in task.ranks and set(_members(task.work)) & self.state.retired
             for task in self._tasks.get(iteration, [])

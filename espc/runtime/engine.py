@@ -17,22 +17,25 @@ import asyncio
 import concurrent.futures
 import os
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, TypedDict, TypeVar, Unpack, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
 from espc.frontend.spec import Spec
-from espc.planner.sim.costmodel import CostModel
 from espc.planner.compile.policy import Policy
+from espc.planner.sim.costmodel import CostModel
 from espc.planner.sim.strategies import Scheduler
 from espc.runtime.driver import Admission, Driver, DriverOptions, EngineError, FinishEvent, TokenEvent
 from espc.runtime.sampling import SamplingParams
 
 Prompt = str | Sequence[int]
+EngineDType = Literal["float32", "float16", "bfloat16", "float64"]
+LauncherName = Literal["spawn", "torchrun"]
+_Result = TypeVar("_Result")  # what a function run on the driver thread returns
 
 
 class EngineOptions(BaseModel):
@@ -40,20 +43,38 @@ class EngineOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    kv_capacity: Optional[PositiveInt] = Field(None, description="KV tokens per instance (default: the spec's memory)")
+    kv_capacity: PositiveInt | None = Field(None, description="KV tokens per instance (default: the spec's memory)")
     max_running: PositiveInt = Field(256, description="requests the scheduler holds at once; more wait before it")
     threads: PositiveInt = Field(1, description="torch threads per worker process")
-    dtype: Optional[Literal["float32", "float16", "bfloat16", "float64"]] = Field(None, description="default: the spec's")
-    strategy: Optional[str] = Field(None, description="serve a baseline instead of the compiled strategy")
-    configuration: Optional[str] = Field(None, description="the strategy's configuration label (see `espc compare`)")
+    dtype: EngineDType | None = Field(None, description="default: the spec's")
+    strategy: str | None = Field(None, description="serve a baseline instead of the compiled strategy")
+    configuration: str | None = Field(None, description="the strategy's configuration label (see `espc compare`)")
     seed: int = Field(0, description="sampling seed of requests that give none")
-    launcher: Literal["spawn", "torchrun"] = Field(
+    launcher: LauncherName = Field(
         "spawn", description="spawn: worker processes on this machine; torchrun: this is RANK 0 of a torchrun job",
     )
     start_timeout_s: PositiveFloat = 180.0
     heartbeat_timeout_s: PositiveFloat = 10.0
     comm_timeout_s: PositiveFloat = 60.0
     stall_timeout_s: PositiveFloat = 30.0
+
+
+class EngineOverrides(TypedDict, total=False):
+    """The fields of `EngineOptions` as keyword arguments (`Engine(spec, **overrides)`,
+    `from_artifact`, `from_spec`); EngineOptions validates them."""
+
+    kv_capacity: int | None
+    max_running: int
+    threads: int
+    dtype: EngineDType | None
+    strategy: str | None
+    configuration: str | None
+    seed: int
+    launcher: LauncherName
+    start_timeout_s: float
+    heartbeat_timeout_s: float
+    comm_timeout_s: float
+    stall_timeout_s: float
 
 
 @dataclass
@@ -108,7 +129,7 @@ class Engine:
 
     def __init__(
         self, spec: Spec, policy: Policy | None = None, *, base_dir: Path | None = None,
-        scheduler: Scheduler | None = None, **overrides,
+        scheduler: Scheduler | None = None, **overrides: Unpack[EngineOverrides],
     ):
         """`scheduler`: any planner Scheduler over the spec's cluster instead of the policy's
         (a hand-written elastic policy, a baseline configured in code)."""
@@ -132,15 +153,15 @@ class Engine:
         self._started = False
 
     @classmethod
-    def from_artifact(cls, path: str | os.PathLike, **overrides) -> Engine:
+    def from_artifact(cls, path: str | os.PathLike, **overrides: Unpack[EngineOverrides]) -> Engine:
         """The engine of a compiled artifact directory (`espc compile -o DIR`)."""
         from espc.planner.compile.artifact import open_artifact
 
-        artifact = open_artifact(path)
+        artifact = open_artifact(Path(path))
         return cls(artifact.spec, artifact.policy, base_dir=artifact.base_dir, **overrides)
 
     @classmethod
-    def from_spec(cls, spec: Spec | str | os.PathLike, **overrides) -> Engine:
+    def from_spec(cls, spec: Spec | str | os.PathLike, **overrides: Unpack[EngineOverrides]) -> Engine:
         """An engine without a compiled artifact: the spec's strategy (or `strategy=`);
         elastic solves the policy MILP now, without the compiler's search."""
         from espc.frontend.loader import load_spec
@@ -148,7 +169,7 @@ class Engine:
         base_dir = None
         if not isinstance(spec, Spec):
             base_dir = Path(spec).parent
-            spec = load_spec(spec)
+            spec = load_spec(Path(spec))
         return cls(spec, None, base_dir=base_dir, **overrides)
 
     # ------------------------------------------------------------------------- lifecycle
@@ -192,10 +213,13 @@ class Engine:
                  timeout: float | None = None) -> list[Completion]:
         """Serve the prompts concurrently and wait for all: one Completion per prompt, in order."""
         single = isinstance(prompts, str) or (len(prompts) > 0 and all(isinstance(t, int) for t in prompts))
-        handles = [self.submit(prompt, params) for prompt in ([prompts] if single else prompts)]
+        batch = cast("Sequence[Prompt]", [prompts] if single else prompts)  # not single: a sequence of prompts
+        handles = [self.submit(prompt, params) for prompt in batch]
         return [handle.result(timeout) for handle in handles]
 
-    async def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> AsyncIterator[TokenEvent | FinishEvent]:
+    async def stream(
+        self, prompt: Prompt, params: SamplingParams | None = None,
+    ) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
         """Each generated token as a TokenEvent, then one FinishEvent. Leaving the loop early
         (a client disconnect) cancels the request and frees its KV."""
         loop = asyncio.get_running_loop()
@@ -268,9 +292,9 @@ class Engine:
 
     # --------------------------------------------------------------------------- reports
 
-    def _on_loop(self, function):
+    def _on_loop(self, function: Callable[[], _Result]) -> _Result:
         """Run `function` on the driver thread (consistent state) and return its result."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
+        future: concurrent.futures.Future[_Result] = concurrent.futures.Future()
         self._driver.call(function, future)
         return future.result(timeout=60)
 
@@ -298,7 +322,7 @@ class Engine:
     def failures(self) -> list[str]:
         return list(self._driver.failures)
 
-    def worker_pids(self) -> list[int]:
+    def worker_pids(self) -> list[int | None]:
         return self._driver.pids()
 
 

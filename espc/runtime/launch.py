@@ -22,7 +22,7 @@ import queue
 import threading
 import time
 from multiprocessing.connection import Client, Connection, Listener
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch.multiprocessing as mp
 
@@ -53,6 +53,8 @@ class WorkerHandle(Protocol):
 
 
 class _LocalWorker:
+    pid: int | None
+
     def __init__(self, process, commands):
         self.process, self.commands, self.pid = process, commands, None
 
@@ -70,11 +72,11 @@ class _LocalWorker:
         self.process.join(timeout)
 
 
-def spawn_workers(config: WorkerConfig, ranks: range, inbox: queue.Queue) -> list[_LocalWorker]:
+def spawn_workers(config: WorkerConfig, ranks: range, inbox: queue.Queue) -> list[WorkerHandle]:
     """One process per rank on this machine; their messages go into `inbox`."""
     context = mp.get_context("spawn")
     results = context.Queue()
-    handles = []
+    handles: list[WorkerHandle] = []
     for rank in ranks:
         commands = context.Queue()
         process = context.Process(target=worker_main, args=(rank, config, commands, results), daemon=True)
@@ -115,6 +117,8 @@ def _authkey() -> bytes:
 
 
 class _RemoteWorker:
+    pid: int | None
+
     def __init__(self, connection: Connection, rank: int, inbox: queue.Queue):
         self.connection, self.rank, self.pid = connection, rank, None
         self._exitcode: int | None = None
@@ -162,7 +166,7 @@ def torchrun_workers(config: WorkerConfig, inbox: queue.Queue, timeout_s: float)
         )
     listener = Listener(_driver_address(), authkey=_authkey())
     handles: list[WorkerHandle | None] = [None] * world
-    handles[0] = spawn_workers(config, range(1), inbox)[0]
+    handles[0] = worker0 = spawn_workers(config, range(1), inbox)[0]
     accepted = threading.Event()
 
     def accept() -> None:
@@ -177,10 +181,10 @@ def torchrun_workers(config: WorkerConfig, inbox: queue.Queue, timeout_s: float)
     if not accepted.wait(timeout_s):
         missing = [r for r, h in enumerate(handles) if h is None]
         listener.close()
-        handles[0].kill()
+        worker0.kill()
         raise LaunchError(f"launcher torchrun: ranks {missing} did not connect to the driver within {timeout_s:g} s")
     listener.close()
-    return handles
+    return cast("list[WorkerHandle]", handles)  # accept() has filled every rank's slot
 
 
 class _ConnectionQueue:

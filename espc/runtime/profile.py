@@ -25,13 +25,12 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from espc.backend.harness import Harness, RankResult
 from espc.frontend.spec import Spec
-from espc.planner.sim.calibration import Calibration, Measurement, fit
-from espc.planner.sim.costmodel import CostModel
 from espc.planner.plan import (
     DecodeBatch,
     DecodeItem,
@@ -42,6 +41,8 @@ from espc.planner.plan import (
     TokenRange,
     even_retention,
 )
+from espc.planner.sim.calibration import Calibration, Measurement, fit
+from espc.planner.sim.costmodel import CostModel
 
 Progress = Callable[[int, int, str], None]
 """on_progress(grid points done, grid points in all, the point being measured)."""
@@ -131,7 +132,10 @@ def profile(spec: Spec, *, grid: Grid | None = None, repeats: int = 3, on_progre
             on_progress(len(measurements), total, what)
 
     dtype = getattr(torch, spec.model.dtype)  # the spec's dtype names are torch's
-    with Harness(spec.model, world, slots=grid.slots(repeats), dtype=dtype, attention=spec.runtime.attention, threads=THREADS) as harness:
+    with Harness(
+        spec.model, world, slots=grid.slots(repeats), page_size=spec.runtime.kv_block_size, dtype=dtype,
+        attention=spec.runtime.attention, threads=THREADS,
+    ) as harness:
         session = _Session(harness)
         for dop in range(1, world + 1):
             ring = tuple(range(dop))
@@ -147,7 +151,7 @@ def profile(spec: Spec, *, grid: Grid | None = None, repeats: int = 3, on_progre
             for tokens, samples in session.time_migrations(grid.migrations(world), repeats):
                 record("migration", 2, (tokens,), samples)
     progress("runtime dispatch")
-    conditions = {"attention": spec.runtime.attention, "dtype": spec.model.dtype, "threads": THREADS, "world": world}
+    conditions: dict[str, Any] = {"attention": spec.runtime.attention, "dtype": spec.model.dtype, "threads": THREADS, "world": world}
     workers_only = fit(spec, measurements, conditions)
     conditions["dispatch_s"] = measure_dispatch(spec, workers_only.cost, repeats)
     progress("fitting")

@@ -18,7 +18,7 @@ import torch
 
 from espc.planner.sim.simulator import SimulationResult
 from espc.planner.sim.workload import Request
-from espc.runtime.engine import Engine
+from espc.runtime.engine import Completion, Engine
 from espc.runtime.sampling import SamplingParams
 
 
@@ -75,8 +75,14 @@ def replay(
         served.strategy, records, _duration(records), served.iterations, served.instance_busy_s,
         served.migrated_tokens, served.migrated_bytes, timeline,
     )
-    failed = {index: c.error or c.finish_reason for index, c in completions.items() if c.finish_reason != "length"}
+    failed = {index: _failure(c) for index, c in completions.items() if c.finish_reason != "length"}
     return Replay(result, failed, sum(len(c.token_ids) for c in completions.values()), wall_s)
+
+
+def _failure(completion: Completion) -> str:
+    """Why a request ended before its length: its error, else its finish reason."""
+    assert completion.finish_reason is not None  # result() returned: the request has finished
+    return completion.error or completion.finish_reason
 
 
 def _duration(records) -> float:

@@ -8,8 +8,9 @@ their own; they get UTF-8 bytes as ids, which exercises the whole text path on t
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 from espc.frontend.spec import ModelSpec
 from espc.runtime.weights import checkpoint_dir
@@ -34,7 +35,7 @@ class Tokenizer(Protocol):
 class ByteTokenizer:
     """UTF-8 bytes as token ids 0..255, for models without a tokenizer (random weights)."""
 
-    eos_token_id = None
+    eos_token_id: int | None = None
     vocab_size = 256
 
     def __init__(self, model_vocab: int):

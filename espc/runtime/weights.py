@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from espc.frontend.spec import ModelSpec
-from espc.runtime.model import Llama, Rotary, build_model
+from espc.model.llama import Llama, Rotary, build_model
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

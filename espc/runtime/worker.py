@@ -89,6 +89,7 @@ def _heartbeat(rank: int, results, stop: threading.Event) -> None:
 def worker_main(rank: int, config: WorkerConfig, commands, results) -> None:
     """The process body: start up, answer READY (or ERROR), then execute commands until None."""
     # Imported here: the spawned interpreter pays for them once, the driver never needs them.
+    from espc.backend.kvpool import pool_tensor
     from espc.backend.lower import Lowering
     from espc.runtime.sampling import sample
     from espc.runtime.weights import load_model
@@ -106,11 +107,7 @@ def worker_main(rank: int, config: WorkerConfig, commands, results) -> None:
         dtype = DTYPES[config.dtype]
         model = load_model(config.model, dtype=dtype, device=device, base_dir=config.base_dir)
         lowering = Lowering(model, attention=config.attention)
-        spec = config.model
-        # Unwritten slots are never read (every read goes through slots the driver's table
-        # handed out, which a graph wrote first), so the pool need not be zeroed: untouched
-        # pages of a large CPU pool cost no memory.
-        pool = torch.empty((spec.layers, 2, config.pool_slots, spec.kv_heads, spec.head_dim), dtype=dtype, device=device)
+        pool = pool_tensor(config.model, config.pool_slots, dtype, device)
         threading.Thread(target=_heartbeat, args=(rank, results, stop), daemon=True).start()
         results.put((READY, rank, os.getpid()))
     except Exception:

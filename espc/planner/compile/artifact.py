@@ -6,7 +6,7 @@
     report.md        the compile report for people: chosen strategy and why, predicted goodput
                      per strategy, the elastic policy per length bucket, thresholds, solver
                      statistics, MILP prediction vs simulation, the search trials
-    goodput.png      predicted P90 goodput per strategy
+    goodput.png      predicted goodput per strategy
     buckets.png      the elastic policy's DoP cap, instance cap and batch budget per bucket
     manifest.json    sha256 and size of every other file
 
@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from espc._version import __version__
 from espc.frontend.spec import Spec
 from espc.planner.compile.policy import POLICY_SCHEMA_VERSION, Policy, PolicyError, format_instances
+from espc.planner.sim.metrics import GOODPUT_LABELS
 
 MANIFEST_VERSION = 1
 POLICY_FILE = "policy.json"
@@ -45,8 +46,8 @@ _REQUIRED = (POLICY_FILE, LOCK_FILE)
 _RECOMPILE = "recompile with `espc compile SPEC -o DIR`"
 
 if TYPE_CHECKING:  # the compiler pulls in the solver; loading an artifact does not need it
-    from espc.planner.sim.calibration import Calibration
     from espc.planner.compile.compiler import CompileOptions, CompileResult
+    from espc.planner.sim.calibration import Calibration
 
 
 class ArtifactError(Exception):
@@ -282,7 +283,7 @@ def bucket_rows(policy: Policy) -> list[tuple[str, ...]]:
     slack; shared by report.md and `espc inspect`."""
     if policy.elastic is None:
         return []
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for index, bucket in enumerate(policy.elastic.buckets):
         rows.append((
             str(index), f"[{bucket.low:,}, {bucket.high:,})", f"{bucket.share:.1%}", str(bucket.prefill_dop),
@@ -329,7 +330,7 @@ def solver_rows(policy: Policy) -> list[tuple[str, str]]:
     if policy.milp_predicted_rps is not None:
         rows.append(("MILP predicted rate", f"{_rate(policy.milp_predicted_rps)} req/s"))
     if simulated is not None:
-        rows.append(("simulated P90 goodput (elastic)", f"{_rate(simulated.goodput_rps)} req/s"))
+        rows.append((f"simulated {GOODPUT_LABELS[policy.goodput_metric]} (elastic)", f"{_rate(simulated.goodput_rps)} req/s"))
         if policy.milp_predicted_rps:
             rows.append(("simulated / MILP", f"{simulated.goodput_rps / policy.milp_predicted_rps:.2f}×"))
     rows.append(("cost model", cost_model_summary(policy.cost_parameters)))
@@ -392,7 +393,7 @@ def render_report(
         "",
         f"**{policy.strategy}** ({policy.configuration}): {policy.reason}.",
         "",
-        "## Predicted P90 goodput per strategy",
+        f"## Predicted {GOODPUT_LABELS[policy.goodput_metric]} per strategy",
         "",
     ]
     chosen = policy.prediction(policy.strategy)
@@ -472,7 +473,7 @@ def plot_policy(policy: Policy, directory: Path) -> list[Path]:
     bars = axis.bar([p.strategy for p in predictions], [p.goodput_rps for p in predictions], color=colours, width=0.6)
     axis.set_xlim(-0.8, max(len(predictions), 2) - 0.2)
     axis.bar_label(bars, labels=[_short_rate(p.goodput_rps) for p in predictions], fontsize=8)
-    axis.set_ylabel("P90 goodput (req/s)")
+    axis.set_ylabel(f"{GOODPUT_LABELS[policy.goodput_metric]} (req/s)")
     axis.set_title(f"predicted goodput per strategy (chosen: {policy.strategy}, red)", fontsize=9)
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
@@ -541,12 +542,13 @@ def render_ir(result: CompileResult) -> str:
         ]
     if not result.milp:
         lines += ["== stage milp: skipped (the spec's strategy is a baseline) ==", ""]
-    for stage in ("verify", "seed", "search"):
+    lines += [f"== stage metric: {result.policy.goodput_metric} ==", ""]
+    for stage in ("verify", "seed", "search", "ablate"):
         trials = [(index, trial) for index, trial in enumerate(result.trials) if trial.stage == stage]
         lines.append(f"== stage {stage}: {len(trials)} trial(s) ==")
         lines += [f"{index:4d}  {trial.label:40s} {trial.goodput_rps!r} req/s" for index, trial in trials]
         lines.append("")
-    lines.append("== stage strategies: predicted P90 goodput ==")
+    lines.append(f"== stage strategies: predicted {GOODPUT_LABELS[result.policy.goodput_metric]} ==")
     lines += [
         f"{p.strategy:14s} {p.goodput_rps!r} req/s  {p.configuration} ({p.configurations_searched} searched)"
         for p in result.policy.predictions

@@ -2,7 +2,9 @@
 
     workload   sample the declared workload (seeded)
     milp       the elastic-policy MILP for every tp the spec allows (espc.planner.compile.ilp)
-    verify     simulate each MILP policy's P90 goodput; the simulator, not the fluid model,
+    metric     the goodput compile maximises (the spec's `policy.goodput_metric`; auto:
+               per-class when some prompt needs more than one instance's KV, else P90)
+    verify     simulate each MILP policy's goodput; the simulator, not the fluid model,
                ranks them
     seed       (when searching) screen best-static's groupings and simulate the elastic
                policies that route as the best SEED_LAYOUTS of them do, partitioned into
@@ -14,6 +16,9 @@
                caps ± 1, the batching DP's instance weight × ½ / × 2 — kept when the
                simulated goodput improves by more than the bisection tolerance, within a
                time budget shared between them
+    ablate     the best policy without ESP's choices (ElasticPolicy.rigid: fewest instances
+               per prefill, no scale-up, no migration); kept instead when it measures
+               higher — compile never turns ESP on where turning it off wins
     strategies with strategy = "auto", every baseline's goodput on the same workload, seed
                and trial shape (each family screened as in `espc compare`, but only
                its best screened configuration measured; `espc compare` and the
@@ -33,12 +38,18 @@ from pathlib import Path
 
 from espc._version import __version__
 from espc.frontend.spec import Spec
-from espc.planner.sim.costmodel import CostModel
 from espc.planner.compile.evaluation import FINALISTS, Evaluator
 from espc.planner.compile.ilp import MilpSolution
 from espc.planner.compile.policy import (
-    POLICY_SCHEMA_VERSION, ElasticPolicy, LengthBucket, Policy, StrategyPrediction, format_instances,
+    POLICY_SCHEMA_VERSION,
+    ElasticPolicy,
+    LengthBucket,
+    Policy,
+    StrategyPrediction,
+    format_instances,
 )
+from espc.planner.sim.costmodel import CostModel
+from espc.planner.sim.metrics import GOODPUT_LABELS
 from espc.planner.sim.strategies import BASELINES, Deployment, StaticLayout
 
 VERIFY_TOLERANCE = 0.08  # relative width of the goodput bisection while compiling
@@ -104,6 +115,8 @@ def compile_spec(
         spec, base_dir, requests=options.trial_requests, cost=cost, max_trial_requests=MAX_TRIAL_REQUESTS,
         tolerance=VERIFY_TOLERANCE,
     )
+    progress("metric", "choosing the goodput metric")
+    evaluator.metric = goodput_metric(spec, evaluator)
     trials: list[Trial] = []
     predictions: list[StrategyPrediction] = []
     milp: list[MilpSolution] = []
@@ -131,12 +144,23 @@ def compile_spec(
             if best_elastic is None or improved[0] > best_elastic[0]:
                 best_elastic = improved
         assert best_elastic is not None
+        if not best_elastic[1].is_rigid():
+            progress("ablate", "simulating the policy without ESP's choices (elastic-rigid)")
+            rigid = best_elastic[1].rigid()
+            rate = _goodput(evaluator, rigid, seed, start_rate=best_elastic[0])
+            trials.append(Trial("ablate", "elastic-rigid", rate))
+            if rate > best_elastic[0]:
+                best_elastic = (rate, rigid)
         predictions.append(StrategyPrediction("elastic", f"tp={best_elastic[1].tp}", best_elastic[0], len(trials)))
 
     baselines = BASELINES if strategy == "auto" else () if strategy == "elastic" else (strategy,)
     for baseline in baselines:
+
+        def baseline_progress(message: str, b: str = baseline) -> None:
+            progress("strategies", f"{b}: {message}")
+
         found = evaluator.strategy_goodput(
-            baseline, seed, on_progress=lambda message, b=baseline: progress("strategies", f"{b}: {message}"),
+            baseline, seed, on_progress=baseline_progress,
             finalists=BASELINE_FINALISTS, start_rate=best_elastic[0] if best_elastic else None,
         )
         predictions.append(StrategyPrediction(baseline, found.configuration, found.goodput.rate, found.configurations_searched))
@@ -150,13 +174,14 @@ def compile_spec(
         spec_hash=spec_hash,
         strategy=chosen.strategy,
         configuration=chosen.configuration,
-        reason=_reason(chosen, predictions, strategy),
+        reason=_reason(chosen, predictions, strategy, evaluator.metric),
         cost_parameters=evaluator.cost.to_dict(),
         elastic=best_elastic[1] if best_elastic else None,
         solver=best_solution.solver if best_solution else None,
         predictions=tuple(sorted(predictions, key=lambda p: -p.goodput_rps)),
         milp_predicted_rps=best_solution.rate if best_solution else None,
         compile_seconds=round(time.perf_counter() - started, 3),
+        goodput_metric=evaluator.metric,
     )
     policy.verify(len(evaluator.cost.cluster.instances(policy.elastic.tp)) if policy.elastic else None)
     return CompileResult(policy, tuple(milp), tuple(trials))
@@ -201,10 +226,12 @@ def static_equivalent(
         ]
         return dataclasses.replace(template, buckets=tuple(buckets))
     starts = [sum(layout.groups[:index]) for index in range(len(layout.groups))]
-    long_class = tuple(
+    long_members = tuple(
         instance for start, size in zip(starts, layout.groups) if size == largest for instance in range(start, start + size)
     )
-    short_class = tuple(instance for instance in range(instances) if instance not in long_class)
+    short_members = tuple(instance for instance in range(instances) if instance not in long_members)
+    long_class: tuple[int, ...] | None = long_members
+    short_class: tuple[int, ...] | None = short_members
     if not partitioned or not short_class:
         long_class = short_class = None
     short_cap = instances if short_class is None else len(short_class)
@@ -265,6 +292,19 @@ def _behaviour(policy: ElasticPolicy) -> ElasticPolicy:
     return dataclasses.replace(policy, buckets=buckets)
 
 
+def goodput_metric(spec: Spec, evaluator: Evaluator) -> str:
+    """The spec's `policy.goodput_metric`; "auto" is per-class when some prompt of the
+    workload (with its output) needs more KV than one instance of the smallest tp holds —
+    the requests elastic SP is for, which P90 goodput would let any strategy drop — and
+    P90 otherwise."""
+    chosen = spec.policy.goodput_metric
+    if chosen != "auto":
+        return chosen
+    capacity = evaluator.kv_capacity or evaluator.cost.kv_capacity_tokens(spec.cluster.tp or 1)
+    needs = max((request.prompt_len + request.output_len for request in evaluator.workload()), default=0)
+    return "per-class" if needs > capacity else "p90"
+
+
 def _goodput(evaluator: Evaluator, policy: ElasticPolicy, seed: int, start_rate: float | None = None) -> float:
     candidate = evaluator.elastic_candidate(policy)
     return evaluator.goodput(candidate, seed, start_rate=start_rate or None).rate
@@ -310,6 +350,7 @@ def _class_moves(policy: ElasticPolicy) -> Iterator[tuple[str, ElasticPolicy]]:
             renamed = {giver: tuple(i for i in giver if i != moved), taker: tuple(sorted((*taker, moved)))}
 
             def moved_bucket(bucket: LengthBucket) -> LengthBucket:
+                assert bucket.instances is not None  # a valid policy with classes names them in every bucket
                 members = renamed.get(bucket.instances, bucket.instances)
                 cap = min(bucket.max_instances, len(members))
                 return dataclasses.replace(bucket, instances=members, max_instances=cap, prefill_dop=min(bucket.prefill_dop, cap))
@@ -346,15 +387,16 @@ def _local_search(
     return best
 
 
-def _reason(chosen: StrategyPrediction, predictions: list[StrategyPrediction], requested: str) -> str:
+def _reason(chosen: StrategyPrediction, predictions: list[StrategyPrediction], requested: str, metric: str) -> str:
+    label = GOODPUT_LABELS[metric]
     if requested != "auto":
-        return f"the spec asks for {requested}: {chosen.goodput_rps:.4g} req/s P90 goodput in simulation"
+        return f"the spec asks for {requested}: {chosen.goodput_rps:.4g} req/s {label} in simulation"
     others = sorted((p for p in predictions if p is not chosen), key=lambda p: -p.goodput_rps)
     if not others:
-        return f"{chosen.goodput_rps:.4g} req/s P90 goodput in simulation"
+        return f"{chosen.goodput_rps:.4g} req/s {label} in simulation"
     runner_up = others[0]
     ratio = chosen.goodput_rps / runner_up.goodput_rps if runner_up.goodput_rps else float("inf")
     return (
-        f"highest simulated P90 goodput: {chosen.goodput_rps:.4g} req/s vs {runner_up.strategy} "
+        f"highest simulated {label}: {chosen.goodput_rps:.4g} req/s vs {runner_up.strategy} "
         f"{runner_up.goodput_rps:.4g} req/s ({ratio:.2f}×) on the spec's workload"
     )

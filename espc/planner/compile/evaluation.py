@@ -18,11 +18,19 @@ from pathlib import Path
 
 from espc.frontend.loader import validate_spec
 from espc.frontend.spec import GammaArrival, PoissonArrival, Spec
-from espc.planner.sim.costmodel import CostModel
 from espc.planner.compile import ilp
-from espc.planner.sim.metrics import Goodput, Summary, find_goodput, isolated_prefill, summarize
 from espc.planner.compile.policy import ElasticPolicy
 from espc.planner.compile.scheduler import ElasticScheduler
+from espc.planner.sim.costmodel import CostModel
+from espc.planner.sim.metrics import (
+    METRICS,
+    Goodput,
+    Summary,
+    find_goodput,
+    isolated_prefill,
+    length_classes,
+    summarize,
+)
 from espc.planner.sim.simulator import SimulationResult, simulate
 from espc.planner.sim.strategies import Candidate, Deployment, candidates
 from espc.planner.sim.workload import Request, generate, mean_rate
@@ -43,6 +51,8 @@ SCREEN_TOLERANCE = 0.15
 SCREEN_WINDOW_S = 20.0
 FINALISTS = 3
 GOODPUT_TOLERANCE = 0.03  # relative width of the bisection that measures a goodput
+# The compiled elastic policy, and its ablation without ESP's choices (ElasticPolicy.rigid).
+ELASTIC_STRATEGIES = ("elastic", "elastic-rigid")
 
 
 @dataclass(frozen=True)
@@ -84,9 +94,12 @@ class Evaluator:
     def __init__(
         self, spec: Spec, base_dir: Path | None = None, requests: int | None = None, cost: CostModel | None = None,
         window_s: float = DEFAULT_WINDOW_S, elastic: ElasticPolicy | None = None, max_trial_requests: int | None = None,
-        tolerance: float = GOODPUT_TOLERANCE, kv_capacity: int | None = None,
+        tolerance: float = GOODPUT_TOLERANCE, kv_capacity: int | None = None, metric: str = "p90",
     ):
+        if metric not in METRICS:
+            raise ValueError(f"unknown goodput metric {metric!r}; metrics: {', '.join(METRICS)}")
         self.spec = spec
+        self.metric = metric
         self.kv_capacity = kv_capacity  # tokens per instance; None: what the spec's memory allows
         self.base_dir = base_dir
         self.requests = requests
@@ -98,13 +111,14 @@ class Evaluator:
         self.elastic = elastic
         self.tolerance = tolerance
         self._min_span_s: float | None = None
+        self._classes: tuple[int, ...] | None = None
         # Goodputs found so far, by what was measured (see `goodput`).
         self._goodputs: dict[tuple, Goodput] = {}
 
-    def elastic_candidate(self, policy: ElasticPolicy, label: str | None = None) -> Candidate:
+    def elastic_candidate(self, policy: ElasticPolicy, label: str | None = None, strategy: str = "elastic") -> Candidate:
         deployment = Deployment.build(self.cost, policy.tp, self.kv_capacity)
         return Candidate(
-            "elastic", label or f"tp={policy.tp}",
+            strategy, label or f"tp={policy.tp}",
             lambda: ElasticScheduler(deployment, policy, self.spec.slo, self.prefill_s),
             key=f"elastic: {policy!r}",  # every field: policies of one tp share a label
         )
@@ -130,6 +144,13 @@ class Evaluator:
             requests=requests if requests is not None else self.requests,
         )
 
+    def classes(self) -> tuple[int, ...]:
+        """The workload's prompt-length classes (metrics.length_classes of its sample at
+        the spec's rate): every trial, at any rate, is split the same way."""
+        if self._classes is None:
+            self._classes = length_classes([request.prompt_len for request in self.workload()])
+        return self._classes
+
     def min_span_s(self) -> float:
         """The shortest span of arrivals a goodput trial may cover (see MIN_SPAN_TTFTS)."""
         if self._min_span_s is None:
@@ -145,9 +166,11 @@ class Evaluator:
         return mean_rate([request.arrival_s for request in self.workload()]) or 1.0
 
     def candidates(self, strategy: str) -> list[Candidate]:
-        if strategy == "elastic":
+        if strategy in ELASTIC_STRATEGIES:
             if self.elastic is None:
                 self.elastic = self.milp_policies()[0].policy
+            if strategy == "elastic-rigid":
+                return [self.elastic_candidate(self.elastic.rigid(), strategy=strategy)]
             return [self.elastic_candidate(self.elastic)]
         prompts = [request.prompt_len for request in self.workload()] if strategy == "best-static" else ()
         return candidates(strategy, self.spec.policy, self.cost, prompts, self.kv_capacity)
@@ -156,15 +179,24 @@ class Evaluator:
         self, candidate: Candidate, requests: Sequence[Request], *, timeline: bool = False, check: bool = False
     ) -> tuple[SimulationResult, Summary]:
         result = simulate(candidate.make(), requests, record_timeline=timeline, check=check)
-        return result, summarize(result, self.spec.slo, self.prefill_s)
+        return result, summarize(result, self.spec.slo, self.prefill_s, self.classes())
+
+    def bracket_start(self, hint: float | None = None) -> float:
+        """Where a bisection starts: the workload's rate × 2^k, the k nearest `hint` (a
+        rate measured before, which saves trials). Every strategy's search thus brackets
+        on the same grid of rates, and none gains from where it happened to start."""
+        nominal = self.nominal_rate()
+        if not hint or hint <= 0:
+            return nominal
+        return nominal * 2.0 ** round(math.log2(hint / nominal))
 
     def goodput(
         self, candidate: Candidate, seed: int | None = None, requests: int | None = None, tolerance: float | None = None,
         start_rate: float | None = None, window_s: float | None = None,
     ) -> Goodput:
-        """P90 goodput by bisection (metrics.find_goodput) from `start_rate` (the workload's
-        rate by default). Each trial simulates `requests` or `window_s` seconds of arrivals,
-        whichever is more, but at most the evaluator's `max_trial_requests`, and always
+        """Goodput by bisection (metrics.find_goodput; P90 or per-class, as the evaluator's
+        `metric`) from `bracket_start(start_rate)`. Each trial simulates `requests` or
+        `window_s` seconds of arrivals, whichever is more, but at most the evaluator's `max_trial_requests`, and always
         `min_span_s()` of arrivals. Remembered per candidate identity and trial shape:
         static-sp, static-tp and best-static share configurations, and the same search from
         another start rate lands within the tolerance of the first."""
@@ -172,7 +204,7 @@ class Evaluator:
         window = self.window_s if window_s is None else window_s
         cap = self.max_trial_requests
         tolerance = self.tolerance if tolerance is None else tolerance
-        key = (candidate.identity(), seed, base, window, cap, tolerance)
+        key = (candidate.identity(), seed, base, window, cap, tolerance, self.metric)
         if key in self._goodputs:
             return self._goodputs[key]
 
@@ -181,9 +213,9 @@ class Evaluator:
             if cap is not None:
                 count = min(count, max(base, cap))
             count = max(count, math.ceil(rate * self.min_span_s()))
-            return self.run(candidate, self.workload(rate, seed, count))[1].attainment
+            return self.run(candidate, self.workload(rate, seed, count))[1].attainment_of(self.metric)
 
-        found = find_goodput(attainment_at, self.spec.slo.attainment, start_rate or self.nominal_rate(), tolerance)
+        found = find_goodput(attainment_at, self.spec.slo.attainment, self.bracket_start(start_rate), tolerance)
         self._goodputs[key] = found
         return found
 
@@ -236,6 +268,7 @@ class Evaluator:
         """The best configuration of `strategy` and its goodput (see the module docstring);
         the bisections start from `start_rate` (the workload's rate by default)."""
         family = self.candidates(strategy)
+        measured_candidates: list[tuple[Candidate, float | None]]
         if len(family) > 1:
             screened = self.screen(strategy, seed, on_progress, start_rate)
             measured_candidates = [(candidate, rate) for rate, candidate in screened[:finalists]]
@@ -265,6 +298,7 @@ class Comparison:
     rate: float | None
     runs: dict[str, list[StrategyRun]]
     goodputs: dict[str, list[StrategyGoodput]] | None
+    metric: str = "p90"  # what the goodputs measure (metrics.METRICS)
 
     def first_runs(self) -> list[StrategyRun]:
         return [runs[0] for runs in self.runs.values()]
@@ -274,7 +308,7 @@ class Comparison:
             return {"configuration": run.configuration, "configurations_searched": run.configurations_searched,
                     **dataclasses.asdict(run.summary)}
 
-        data: dict = {"seeds": list(self.seeds), "rate": self.rate, "strategies": {}}
+        data: dict = {"seeds": list(self.seeds), "rate": self.rate, "metric": self.metric, "strategies": {}}
         for strategy, runs in self.runs.items():
             entry: dict = {"runs": [summary(run) for run in runs]}
             if self.goodputs is not None:
@@ -318,4 +352,4 @@ def compare_strategies(
             runs.setdefault(strategy, []).append(run)
     if on_progress:
         on_progress(None)
-    return Comparison(tuple(seeds), rate, runs, goodputs)
+    return Comparison(tuple(seeds), rate, runs, goodputs, evaluator.metric)

@@ -63,8 +63,8 @@ import cvxpy as cp
 import numpy as np
 
 from espc.frontend.spec import PolicySpec, SLOSpec
-from espc.planner.sim.costmodel import CostModel
 from espc.planner.compile.policy import DECODE_STALL_SHARE, ElasticPolicy, LengthBucket, SolverStats
+from espc.planner.sim.costmodel import CostModel
 from espc.planner.sim.workload import Request
 
 LOAD_CEILING = 0.85  # ρ: queues explode as the load approaches 1
@@ -128,7 +128,7 @@ def length_buckets(requests: Sequence[Request], count: int, max_context: int, sp
                    float(outputs[inside].mean()))
         )
     # Buckets must tile [0, ∞): an empty bucket's range goes to its successor.
-    tiled = []
+    tiled: list[Bucket] = []
     for index, bucket in enumerate(buckets):
         low = 0 if index == 0 else tiled[-1].high
         high = max(max_context + 1, bucket.high) if index == len(buckets) - 1 else buckets[index + 1].low
@@ -332,8 +332,8 @@ def _solve(
             f"no positive rate meets the TTFT bounds at tp({tp}): the longest prompts' prefills would hold "
             f"every one of the {instances} instances that shorter prompts need"
         )
-    chosen = [opts[int(np.argmax(x.value))] for opts, x in zip(options, choice)]
-    threshold = thresholds[int(np.argmax(u.value))]
+    chosen = [opts[int(np.argmax(_solved(x)))] for opts, x in zip(options, choice)]
+    threshold = thresholds[int(np.argmax(_solved(u)))]
     load = (
         sum(b.share * work for b, (*_, work) in zip(buckets, chosen)) * solved_rate
         + mean_output * threshold[2] / threshold[1] * solved_rate
@@ -343,7 +343,7 @@ def _solve(
         tp=tp,
         buckets=tuple(
             LengthBucket(b.low, b.high, b.share, dop, budget, int(round(cap)), bool(round(is_served)))
-            for b, (dop, budget, _, _), cap, is_served in zip(buckets, chosen, caps.value, served.value)
+            for b, (dop, budget, _, _), cap, is_served in zip(buckets, chosen, _solved(caps), _solved(served))
         ),
         instance_weight=round(load / (1 - load), 3),
         decode_instance_tokens=threshold[0],
@@ -381,6 +381,14 @@ def _dop_choices(low: int, high: int) -> list[int]:
 def _fabric_bandwidth(cost: CostModel) -> float:
     """Bytes/s a migration gets inside a node (the common case the MILP charges)."""
     return cost.device.link_bandwidth * cost.parameters.link_efficiency
+
+
+def _solved(variable: cp.Variable) -> np.ndarray:
+    """A variable's value once the problem has a solution (cvxpy loads every variable's value
+    with it; `value` is None only without one, which `_solve` rules out first)."""
+    value = variable.value
+    assert value is not None, "the problem has a solution"
+    return value
 
 
 def _mip_gap(problem: cp.Problem) -> float | None:

@@ -31,9 +31,11 @@ import bisect
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-POLICY_SCHEMA_VERSION = 2
+from espc.planner.sim.metrics import METRICS
+
+POLICY_SCHEMA_VERSION = 3
 # The share of the TPOT bound a decode step leaves for prefills that pause it: the MILP
 # picks decode thresholds and the scheduler spreads long requests' KV by it.
 DECODE_STALL_SHARE = 0.3
@@ -97,6 +99,10 @@ class ElasticPolicy:
     cooldown_iterations: int
     migration_max_stall_s: float
     starvation_bound_s: float
+    if TYPE_CHECKING:
+        # The buckets' lows, for `bucket`: set by __post_init__, and no field at run time
+        # (so not in __init__, ==, repr or the JSON).
+        _lows: list[int] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "buckets", tuple(self.buckets))
@@ -106,6 +112,21 @@ class ElasticPolicy:
         """The bucket of a prompt length (the last one for longer prompts)."""
         index = bisect.bisect_right(self._lows, prompt_len) - 1
         return self.buckets[max(index, 0)]
+
+    def rigid(self) -> ElasticPolicy:
+        """ESP's ablation (`elastic-rigid`): the same policy with elasticity's choices
+        removed — every prompt prefills on the fewest instances its KV needs (DoP 1 when it
+        fits one), no decode scale-up, no migration; the same buckets, caps, classes,
+        admission and fairness bound. What elastic earns over it is what ESP earns."""
+        return dataclasses.replace(
+            self,
+            buckets=tuple(dataclasses.replace(bucket, prefill_dop=1) for bucket in self.buckets),
+            scale_up=False,
+            migration=False,
+        )
+
+    def is_rigid(self) -> bool:
+        return not self.scale_up and not self.migration and all(bucket.prefill_dop == 1 for bucket in self.buckets)
 
     def instance_classes(self) -> tuple[tuple[int, ...], ...]:
         """The buckets' distinct instance sets, in bucket order; () when every bucket may use
@@ -190,7 +211,8 @@ class SolverStats:
 
 @dataclass(frozen=True)
 class StrategyPrediction:
-    """A strategy's simulated P90 goodput (req/s) on the spec's workload, best configuration."""
+    """A strategy's simulated goodput (req/s; the policy's `goodput_metric`) on the spec's
+    workload, best configuration."""
 
     strategy: str
     configuration: str
@@ -212,6 +234,9 @@ class Policy:
     predictions: tuple[StrategyPrediction, ...]
     milp_predicted_rps: float | None
     compile_seconds: float
+    # What the predictions measure and compile maximised: "p90" (P90 goodput) or
+    # "per-class" (every prompt-length class meets the attainment target).
+    goodput_metric: str = "p90"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "predictions", tuple(self.predictions))
@@ -223,6 +248,8 @@ class Policy:
             raise PolicyError("strategy is elastic but the policy has no elastic section")
         if self.elastic is not None:
             self.elastic.verify(instances)
+        if self.goodput_metric not in METRICS:
+            raise PolicyError(f"goodput metric {self.goodput_metric!r} is none of {', '.join(METRICS)}")
 
     def prediction(self, strategy: str) -> StrategyPrediction | None:
         return next((p for p in self.predictions if p.strategy == strategy), None)
@@ -262,6 +289,7 @@ class Policy:
         lines = [
             f"policy (schema {self.schema_version}, espc {self.espc_version}, spec {self.spec_hash[:12]})",
             f"strategy {self.strategy} ({self.configuration}): {self.reason}",
+            f"predicted {self.goodput_metric} goodput:",
         ]
         for prediction in sorted(self.predictions, key=lambda p: -p.goodput_rps):
             lines.append(f"  {prediction.strategy:14s} {prediction.goodput_rps:10.4g} req/s  {prediction.configuration}")

@@ -12,9 +12,8 @@ from rich.table import Table
 
 from espc.planner.compile.artifact import BUCKET_COLUMNS, Artifact, bucket_rows, solver_rows, threshold_rows
 from espc.planner.compile.evaluation import Comparison
-from espc.planner.sim.metrics import LatencyStats, Summary
+from espc.planner.sim.metrics import GOODPUT_LABELS, LatencyStats, Summary
 from espc.planner.sim.simulator import SimulationResult
-
 
 # Drawing more bars than this makes matplotlib crawl; later batches are left out and the
 # title says so.
@@ -31,6 +30,10 @@ def _percentiles(stats: LatencyStats) -> str:
     return f"{_ms(stats.p50)} / {_ms(stats.p90)} / {_ms(stats.p99)}"
 
 
+def _tokens(count: int) -> str:
+    return f"{count // 1024}K" if count >= 1024 else str(count)
+
+
 def summary_table(summaries: Sequence[Summary], title: str) -> Table:
     """One column per run: latency percentiles, attainment, throughput, traffic."""
     table = Table(title=title, title_justify="left")
@@ -41,6 +44,7 @@ def summary_table(summaries: Sequence[Summary], title: str) -> Table:
         ("requests (completed / rejected)", lambda s: f"{s.completed} / {s.rejected}"),
         ("SLO attainment (both)", lambda s: f"{s.attainment:.1%}"),
         ("  TTFT met / TPOT met", lambda s: f"{s.ttft_attainment:.1%} / {s.tpot_attainment:.1%}"),
+        ("  per prompt-length class", lambda s: " / ".join(f"{_tokens(low)}+: {a:.0%}" for low, a in s.class_attainment)),
         ("TTFT p50 / p90 / p99", lambda s: _percentiles(s.ttft)),
         ("TPOT p50 / p90 / p99", lambda s: _percentiles(s.tpot)),
         ("end-to-end p50 / p90 / p99", lambda s: _percentiles(s.e2e)),
@@ -136,7 +140,8 @@ def render_comparison(comparison: Comparison, console: Console) -> None:
     mean ± spread over seeds."""
     seeds = comparison.seeds
     if comparison.goodputs is not None:
-        table = Table(title=f"P90 goodput (req/s) over seeds {', '.join(map(str, seeds))}", title_justify="left")
+        title = f"{GOODPUT_LABELS[comparison.metric]} (req/s) over seeds {', '.join(map(str, seeds))}"
+        table = Table(title=title, title_justify="left")
         for column in ("strategy", "goodput", "best configuration", "configurations searched"):
             table.add_column(column, justify="right" if column != "strategy" else "left")
         for strategy, found in comparison.goodputs.items():
@@ -154,11 +159,12 @@ def render_comparison(comparison: Comparison, console: Console) -> None:
         console.print(bucket_table(run.summary))
     if len(seeds) > 1:
         table = Table(title=f"mean ± spread over {len(seeds)} seeds", title_justify="left")
-        for column in ("strategy", "attainment", "TTFT p90 (s)", "TPOT p90 (ms)"):
+        for column in ("strategy", "attainment", "worst class", "TTFT p90 (s)", "TPOT p90 (ms)"):
             table.add_column(column, justify="right" if column != "strategy" else "left")
         for strategy, runs in comparison.runs.items():
             table.add_row(
                 strategy, _mean_spread([r.summary.attainment for r in runs]),
+                _mean_spread([r.summary.worst_class_attainment for r in runs]),
                 _mean_spread([r.summary.ttft.p90 for r in runs]), _mean_spread([r.summary.tpot.p90 * 1e3 for r in runs]),
             )
         console.print(table)
@@ -179,7 +185,7 @@ def render_policy(artifact: Artifact, console: Console) -> None:
     )
     console.print(f"strategy {policy.strategy} ({policy.configuration}): {policy.reason}", highlight=False, markup=False)
 
-    table = Table(title="predicted P90 goodput per strategy", title_justify="left")
+    table = Table(title=f"predicted {GOODPUT_LABELS[policy.goodput_metric]} per strategy", title_justify="left")
     for column in ("strategy", "best configuration", "goodput (req/s)", "vs chosen", "configurations searched"):
         table.add_column(column, justify="left" if column in ("strategy", "best configuration") else "right")
     chosen = policy.prediction(policy.strategy)

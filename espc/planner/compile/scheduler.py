@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 
 from espc.frontend.spec import SLOSpec
 from espc.planner.compile.batching import Batching, BatchingProblem, optimal_batches
-from espc.planner.sim.cluster_state import ClusterState, RequestState
+from espc.planner.compile.policy import DECODE_STALL_SHARE, ElasticPolicy, LengthBucket, format_instances
 from espc.planner.plan import (
     Batch,
     DecodeBatch,
@@ -60,7 +60,7 @@ from espc.planner.plan import (
     Retention,
     TokenRange,
 )
-from espc.planner.compile.policy import DECODE_STALL_SHARE, ElasticPolicy, LengthBucket, format_instances
+from espc.planner.sim.cluster_state import ClusterState, RequestState
 from espc.planner.sim.strategies import Deployment, Scheduler
 
 # A decode group is lent to a prefill only if its tightest request keeps this much of its
@@ -250,18 +250,16 @@ class ElasticScheduler(Scheduler):
 
     def _queue(self, state: ClusterState) -> list[RequestState]:
         """Waiting requests by priority: starved ones first (FCFS), then earliest deadline;
-        requests already past their TTFT deadline last, in arrival order (they can no
-        longer meet their SLO, so they yield to those that can — until the starvation
-        bound makes them first)."""
-        bound = self.policy.starvation_bound_s
+        requests already past their TTFT deadline after those, in arrival order (they can
+        no longer meet their SLO, so they yield to those that can — until the starvation
+        bound makes them first: a late request is never left behind for good)."""
 
         def priority(request: RequestState) -> tuple:
             arrival = request.request.arrival_s
+            if self._starved(state, request):
+                return (0, arrival, request.id)
             deadline = self._deadline(request)
-            if state.now > deadline:
-                return (2, arrival, request.id)
-            starved = state.now - arrival >= bound
-            return (0, arrival, request.id) if starved else (1, deadline, request.id)
+            return (2, arrival, request.id) if state.now > deadline else (1, deadline, request.id)
 
         return sorted(state.waiting.values(), key=priority)
 
@@ -282,8 +280,9 @@ class ElasticScheduler(Scheduler):
         return list(parts.items())
 
     def _starved(self, state: ClusterState, request: RequestState) -> bool:
-        arrival = request.request.arrival_s
-        return state.now - arrival >= self.policy.starvation_bound_s and state.now <= self._deadline(request)
+        """Queued for the starvation bound: it goes first and nobody bypasses it, whether or
+        not it can still meet its deadline (the fairness bound holds for every request)."""
+        return state.now - request.request.arrival_s >= self.policy.starvation_bound_s
 
     def _urgent(self, state: ClusterState, request: RequestState) -> bool:
         """Whether the request must start within URGENT_PREFILLS of its isolated prefill
@@ -315,7 +314,7 @@ class ElasticScheduler(Scheduler):
         """Decode groups whose requests can absorb the head request's prefill, when the free
         instances cannot hold that prompt themselves; and the longest prefill batch their
         requests can absorb (seconds: the tightest slack over LEND_SAFETY)."""
-        need = head.prefill_target
+        need = head.pending_target
         if sum(max(room.room(i), 0) for i in free_instances) >= need:
             return [], math.inf
         slack = {id(g): self._group_slack(state, g) for g in groups if g.ready(state.idle)}
@@ -350,7 +349,7 @@ class ElasticScheduler(Scheduler):
         batch_room = len(pool) * max_budget
         chosen: list[RequestState] = []
         for request in queue:
-            prompt = request.prefill_target
+            prompt = request.pending_target
             future = prompt + self._future_tokens(request)
             fits = future <= cluster_room and prompt <= pool_room and (not chosen or prompt <= batch_room)
             if fits:
@@ -381,15 +380,15 @@ class ElasticScheduler(Scheduler):
         def dop_limits(request: RequestState) -> tuple[int, int]:
             """(instances the prompt needs at least, most it may take now): the policy's
             caps never stop a prompt that needs more instances than they allow."""
-            bucket = self.policy.bucket(request.prefill_target)
-            needed = -(-request.prefill_target // capacity)
+            bucket = self.policy.bucket(request.pending_target)
+            needed = -(-request.pending_target // capacity)
             allowed = max(bucket.max_instances, needed) - in_use[bucket]
             return needed, min(max(bucket.prefill_dop, needed), allowed, len(pool))
 
         limits_by_length: dict[int, tuple[int, int]] = {}  # before any batch is placed
 
         def eligible(request: RequestState) -> bool:
-            length = request.prefill_target
+            length = request.pending_target
             if length not in limits_by_length:
                 limits_by_length[length] = dop_limits(request)
             needed, most = limits_by_length[length]
@@ -405,13 +404,13 @@ class ElasticScheduler(Scheduler):
             for it earlier would cost everyone else their TTFT for no gain of its own."""
             blocked: set[LengthBucket] = set()
             for request in queue:
-                bucket = self.policy.bucket(request.prefill_target)
+                bucket = self.policy.bucket(request.pending_target)
                 if bucket in blocked:
                     continue
                 if eligible(request):
                     yield request
                 elif self._starved(state, request):
-                    if limits_by_length[request.prefill_target][0] > len(pool) and self._urgent(state, request):
+                    if limits_by_length[request.pending_target][0] > len(pool) and self._urgent(state, request):
                         return
                     blocked.add(bucket)
 
@@ -421,7 +420,7 @@ class ElasticScheduler(Scheduler):
             # The decodes on lent instances pause for the whole batch: admit no more prompts
             # than the pool prefills within the stall budget (prefix of the priority order).
             def absorbable(count: int) -> bool:
-                return cost.prefill_time([r.prefill_target for r in chosen[:count]], len(pool), tp) <= stall_budget_s
+                return cost.prefill_time([r.pending_target for r in chosen[:count]], len(pool), tp) <= stall_budget_s
 
             chosen = chosen[:_longest_prefix(len(chosen), absorbable)]
 
@@ -431,11 +430,11 @@ class ElasticScheduler(Scheduler):
         ring_slots = tuple(itertools.accumulate(rooms))
 
         def batching(count: int) -> tuple[list[RequestState], BatchingProblem, Batching | None]:
-            ordered = sorted(chosen[:count], key=lambda r: (r.prefill_target, r.id))
+            ordered = sorted(chosen[:count], key=lambda r: (r.pending_target, r.id))
             problem = BatchingProblem(
-                tuple(r.prefill_target for r in ordered),
-                tuple(limits_by_length[r.prefill_target][1] for r in ordered),  # admitted: all eligible
-                tuple(self.policy.bucket(r.prefill_target).batch_tokens for r in ordered),
+                tuple(r.pending_target for r in ordered),
+                tuple(limits_by_length[r.pending_target][1] for r in ordered),  # admitted: all eligible
+                tuple(self.policy.bucket(r.pending_target).batch_tokens for r in ordered),
                 len(pool),
                 self.policy.instance_weight,
                 ring_slots,
@@ -453,7 +452,8 @@ class ElasticScheduler(Scheduler):
             if count == 0:
                 return []
             ordered, problem, found = batching(count)
-        buckets = [self.policy.bucket(r.prefill_target) for r in ordered]
+            assert found is not None  # _longest_prefix returns a count > 0 only when batching it succeeded
+        buckets = [self.policy.bucket(r.pending_target) for r in ordered]
         position = {request.id: index for index, request in enumerate(chosen)}
 
         batches = []
@@ -468,7 +468,7 @@ class ElasticScheduler(Scheduler):
                 continue  # the bucket's other batches took its instances: these requests wait
             # Free instances before lent ones (those pause decodes), then the roomiest.
             ring = sorted(sorted(available, key=lambda i: (i in lent, -room.room(i), i))[:dop])
-            if lent.intersection(ring) and cost.prefill_time([r.prefill_target for r in requests], dop, tp) > stall_budget_s:
+            if lent.intersection(ring) and cost.prefill_time([r.pending_target for r in requests], dop, tp) > stall_budget_s:
                 continue  # it would stall the lent decodes past their slack: these requests wait
             retention = self._retention(state, requests, ring, room)
             if retention is None:
@@ -478,7 +478,7 @@ class ElasticScheduler(Scheduler):
                 available.remove(instance)
                 self.prefilling_on[instance] = bucket
             items = tuple(
-                PrefillItem(request.id, 0, request.prefill_target, kept) for request, kept in zip(requests, retention)
+                PrefillItem(request.id, 0, request.pending_target, kept) for request, kept in zip(requests, retention)
             )
             batches.append(PrefillBatch(tuple(ring), items))
         return batches
@@ -499,8 +499,8 @@ class ElasticScheduler(Scheduler):
                 left[instance] -= tokens
 
             plan: list[tuple[Retention, ...]] = []
-            for request in sorted(requests, key=lambda r: -r.prefill_target):
-                length = request.prefill_target
+            for request in sorted(requests, key=lambda r: -r.pending_target):
+                length = request.pending_target
                 whole = min(
                     (i for i in ring if left[i] >= length), key=lambda i: (i not in decoding, -left[i], i), default=None
                 )
@@ -534,7 +534,7 @@ class ElasticScheduler(Scheduler):
             else:
                 for instance, tokens in taken.items():
                     room.take(instance, tokens)
-                by_id = {request.id: kept for request, kept in zip(sorted(requests, key=lambda r: -r.prefill_target), plan)}
+                by_id = {request.id: kept for request, kept in zip(sorted(requests, key=lambda r: -r.pending_target), plan)}
                 return [by_id[request.id] for request in requests]
         return None
 

@@ -70,6 +70,13 @@ class RequestState:
     def prefilling(self) -> bool:
         return self.prefill_target is not None
 
+    @property
+    def pending_target(self) -> int:
+        """`prefill_target` of a request known to be prefilling: every waiting request is
+        (it arrives with its prompt as the target; a preempted one gets it back)."""
+        assert self.prefill_target is not None, f"request {self.id} is not prefilling"
+        return self.prefill_target
+
     def tokens_on(self, instance: int) -> int:
         return self.kv_tokens.get(instance, 0)
 

@@ -30,9 +30,17 @@ Decode (one new token per request, B = R, context C = Σ(c_r + 1) keys read):
     compute_s   = (2·(W+V·H)·B + 4·h·d·L·C) / D / (peak · linear_mfu(B / dop))
     memory_s    = (W·b / tp + C·kv_bytes / D) / (memory_bandwidth · memory_efficiency)
     partial_s   = 2·p2p_latency + B(dop−1)/dop · (q + o + lse bytes of one layer) / ring_bandwidth
-                  per layer when dop > 1 (multi-master: every request is assumed to span the
-                  whole group; the master scatters q and gathers (o, lse) from dop−1 peers)
-    decode_s    = overhead_s + max(compute_s, memory_s) + L·(partial_s + allreduce_s(B/dop rows))
+                  per layer when dop > 1 (multi-master: every request spans the whole group;
+                  the master scatters q and gathers (o, lse) from dop−1 peers)
+    merge_s     = B · (partials + 1) · h·(d+1)·4 bytes / tp / (memory_bandwidth · memory_efficiency)
+                  per layer when dop > 1 (the master reads every fp32 partial once)
+    decode_s    = overhead_s + max(compute_s, memory_s) + L·(partial_s + merge_s + allreduce_s(B/dop rows))
+
+That is `decode_time`, the evenly spread group. A plan's real decode step is priced at its
+slowest instance (`decode_step_time`): each instance's masters B_i, context C_i and the
+partials it asks and serves give its own compute, memory, exchange and merge time, and the
+group waits for the slowest — a long request's shard on one instance, or many masters on
+one, is what sets the pace.
 
 mfu(n) = mfu_max · n / (n + half_tokens): small GEMMs and short attention blocks reach less
 of the peak. The LoongServe anchors (LWM-Text-1M on 8×A800) are reproduced by the default
@@ -72,7 +80,7 @@ import dataclasses
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
 import numpy as np
 
@@ -155,7 +163,7 @@ class LinearFit:
         """Seconds of a prefill batch from its sums Σn, Σc and Σ(n² + 2nc) (floats or arrays)."""
         return self(tokens, tokens * (tokens + cached) if self.dense else squares)
 
-    def decode(self, batch: int, context_tokens: int) -> float:
+    def decode(self, batch: float, context_tokens: float) -> float:
         """Seconds of a decode step of `batch` requests reading `context_tokens` cached keys."""
         return self(batch * context_tokens if self.dense else context_tokens, batch)
 
@@ -351,8 +359,16 @@ class CostModel:
             attention_s=batch_sums(self._attention_s(values, 0, dop, tp)),
         )
 
-    def _attention_s(self, new: int, cached: int, dop: int, tp: int) -> float:
-        """Attention seconds of one request's prefill (see the module docstring)."""
+    @overload
+    def _attention_s(self, new: int, cached: int, dop: int, tp: int) -> float: ...
+    @overload
+    def _attention_s(self, new: np.ndarray, cached: int, dop: int, tp: int) -> np.ndarray: ...
+    @overload
+    def _attention_s(self, new: int, cached: int, dop: np.ndarray, tp: int) -> np.ndarray: ...
+
+    def _attention_s(self, new: Any, cached: int, dop: Any, tp: int) -> Any:
+        """Attention seconds of one request's prefill (see the module docstring); element-wise
+        for an array of lengths or of dops."""
         p = self.parameters
         pairs = new * cached + new * (new + 1) / 2
         return self.attention_flops_per_pair * pairs / (dop * tp) / (
@@ -381,46 +397,74 @@ class CostModel:
     # ------------------------------------------------------------------------- decode
 
     def decode_time(self, context_lens: Sequence[int], dop: int, tp: int, instances: Sequence[int] | None = None) -> float:
-        """Seconds for one decode step of requests with `context_lens` cached tokens each."""
+        """Seconds for one decode step of requests with `context_lens` cached tokens each,
+        spread evenly over the group: every instance masters 1/dop of the requests and holds
+        1/dop of every context. A plan's real step is priced by `decode_step_time`."""
         if context_lens and min(context_lens) < 0:
             raise ValueError(f"context lengths must be ≥ 0, got {min(context_lens)}")
         ring_bandwidth = self._ring_bandwidth(dop, tp, instances)
         if not context_lens:
             return 0.0
         batch = len(context_lens)
-        fit = self.decode_fits.get((dop, tp))
-        if fit is not None:
-            return fit.decode(batch, sum(context_lens))
+        remote = batch * (dop - 1) / dop  # every master asks dop − 1 peers; every peer serves the rest
+        load = DecodeLoad(batch / dop, sum(context_lens) / dop, remote, remote)
+        return self._instance_decode_s(load, dop, tp, self._decode_terms_of(dop, tp, ring_bandwidth, instances))
 
-        p, m = self.parameters, self.model
+    def decode_step_time(self, loads: Sequence[DecodeLoad], tp: int, instances: Sequence[int] | None = None) -> float:
+        """Seconds for one multi-master decode step, priced at its slowest instance: `loads`
+        holds each instance's share of the step (in the order of `instances`, the group).
+        An instance that masters many requests, or holds most of a long context, keeps the
+        whole group waiting: the even spread of `decode_time` is only its best case."""
+        dop = len(loads)
+        ring_bandwidth = self._ring_bandwidth(dop, tp, instances)
+        if not any(load.masters for load in loads):
+            return 0.0
+        terms = self._decode_terms_of(dop, tp, ring_bandwidth, instances)
+        return max(self._instance_decode_s(load, dop, tp, terms) for load in loads)
+
+    def _decode_terms_of(self, dop: int, tp: int, ring_bandwidth: float, instances: Sequence[int] | None) -> _DecodeTerms:
         terms = self._decode_terms.get((dop, tp)) if instances is None else None
         if terms is None:
             terms = self._group_decode_terms(dop, tp, ring_bandwidth)
             if instances is None:  # (every simulated decode step asks: the group's terms are kept)
                 self._decode_terms[(dop, tp)] = terms
-        keys = sum(context_lens) + batch  # each new token's KV is written, then read with the rest
-        flops = self._decode_flops_per_request * batch + self.attention_flops_per_pair * keys
-        compute_s = flops / terms.devices / (self.device.peak_flops * _mfu(p.linear_mfu, p.linear_half_tokens, batch / dop))
-        memory_s = terms.weight_stream_s + keys * terms.kv_read_s_per_key
-        per_layer_s = terms.partial_fixed_s + batch * terms.partial_s_per_request + self._allreduce_s(batch / dop, tp)
+        return terms
+
+    def _instance_decode_s(self, load: DecodeLoad, dop: int, tp: int, terms: _DecodeTerms) -> float:
+        """One instance's time in a decode step of a dop-instance group (see the module docstring)."""
+        fit = self.decode_fits.get((dop, tp))
+        if fit is not None:  # fitted on evenly loaded groups: price dop instances loaded like this one
+            return fit.decode(dop * load.masters, dop * load.context)
+        p, m = self.parameters, self.model
+        keys = load.context + load.masters  # each new token's KV is written, then read with the rest
+        flops = self._decode_flops_per_request * load.masters + self.attention_flops_per_pair * keys
+        rows = load.masters or load.partials_served  # a peer's attention runs on the queries it serves
+        compute_s = flops / tp / (self.device.peak_flops * _mfu(p.linear_mfu, p.linear_half_tokens, rows)) if flops else 0.0
+        memory_s = (terms.weight_stream_s if load.masters else 0.0) + keys * terms.kv_read_s_per_key
+        per_layer_s = self._allreduce_s(load.masters, tp)
+        if load.partials_requested or load.partials_served:
+            # Per direction: q out and (o, lse) back for the partials it asks of peers, the
+            # reverse for those it computes for them; then the master merges every partial.
+            sent = load.partials_requested * terms.query_bytes + load.partials_served * terms.partial_bytes
+            received = load.partials_requested * terms.partial_bytes + load.partials_served * terms.query_bytes
+            per_layer_s += terms.partial_fixed_s + max(sent, received) / terms.ring_bandwidth
+            per_layer_s += (load.partials_requested + load.masters) * terms.merge_s_per_partial
         return terms.overhead_s + max(compute_s, memory_s) + m.layers * per_layer_s
 
     def _group_decode_terms(self, dop: int, tp: int, ring_bandwidth: float) -> _DecodeTerms:
-        """What a decode step's time at (dop, tp) scales from (see `decode_time`)."""
+        """What a decode step's time at (dop, tp) scales from (see `_instance_decode_s`)."""
         p, m = self.parameters, self.model
-        devices = dop * tp
-        partial_fixed_s = partial_s_per_request = 0.0
-        if dop > 1:  # multi-master: queries out, partial outputs and log-sum-exps back
-            q_bytes = m.heads * m.head_dim * m.dtype_bytes
-            o_lse_bytes = q_bytes + m.heads * _LSE_BYTES
-            partial_fixed_s = 2 * p.p2p_latency_s
-            partial_s_per_request = (dop - 1) / dop * (q_bytes + o_lse_bytes) / ring_bandwidth
+        query_bytes = m.heads * m.head_dim * m.dtype_bytes
+        memory_bandwidth = self.device.memory_bandwidth * p.memory_efficiency
         return _DecodeTerms(
-            devices=devices,
-            kv_read_s_per_key=self.instance_kv_bytes_per_token(tp) / devices / (self.device.memory_bandwidth * p.memory_efficiency),
+            kv_read_s_per_key=self.instance_kv_bytes_per_token(tp) / tp / memory_bandwidth,
             weight_stream_s=self._weight_stream_s(tp),
-            partial_fixed_s=partial_fixed_s,
-            partial_s_per_request=partial_s_per_request,
+            ring_bandwidth=ring_bandwidth,
+            query_bytes=query_bytes,
+            partial_bytes=query_bytes + m.heads * _LSE_BYTES,
+            partial_fixed_s=2 * p.p2p_latency_s if dop > 1 else 0.0,
+            # the merge reads each fp32 partial (o, lse) of one layer once, per device's heads
+            merge_s_per_partial=m.heads * (m.head_dim + 1) * _LSE_BYTES / tp / memory_bandwidth,
             overhead_s=self._overhead_s(dop),
         )
 
@@ -448,9 +492,11 @@ class CostModel:
             rows = prefill_groups.setdefault(self._check_group(sp, tp), [])
             rows.append(((tokens, squares), (tokens, tokens * tokens), seconds))
         decode_groups: dict[tuple[int, int], list[tuple[tuple[float, float], tuple[float, float], float]]] = {}
-        for sp, tp, batch, context_tokens, seconds in decode:
+        for sp, tp, batch_size, context_tokens, seconds in decode:
             rows = decode_groups.setdefault(self._check_group(sp, tp), [])
-            rows.append(((float(context_tokens), float(batch)), (float(batch * context_tokens), float(batch)), seconds))
+            rows.append(
+                ((float(context_tokens), float(batch_size)), (float(batch_size * context_tokens), float(batch_size)), seconds)
+            )
         return CostModel(
             self.model,
             self.cluster,
@@ -627,15 +673,31 @@ class CostModel:
         return p.iteration_overhead_s + (dop - 1) * p.instance_overhead_s + self.model.layers * p.layer_overhead_s
 
 
-class _DecodeTerms(NamedTuple):
-    """A decode group's constants at (dop, tp): devices, seconds per KV key read, weight
-    streaming, multi-master exchange (fixed and per request, per layer) and overhead."""
+class DecodeLoad(NamedTuple):
+    """One instance's share of a multi-master decode step (`CostModel.decode_step_time`)."""
 
-    devices: int
+    masters: float
+    """Requests whose new token this instance appends and whose layers (FFN, LM head) it runs."""
+    context: float
+    """Cached tokens of any request it reads (its local shards)."""
+    partials_requested: float
+    """Partial attentions its masters ask of peers: a query out, an (o, lse) back, a merge."""
+    partials_served: float
+    """Partial attentions it computes over its shards for masters elsewhere."""
+
+
+class _DecodeTerms(NamedTuple):
+    """A decode group's constants at (dop, tp): seconds per KV key read on one instance,
+    weight streaming, the multi-master exchange's message sizes, link and fixed cost, the
+    merge per partial (per layer) and the iteration overhead."""
+
     kv_read_s_per_key: float
     weight_stream_s: float
+    ring_bandwidth: float
+    query_bytes: int
+    partial_bytes: int
     partial_fixed_s: float
-    partial_s_per_request: float
+    merge_s_per_partial: float
     overhead_s: float
 
 

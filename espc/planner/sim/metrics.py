@@ -4,7 +4,9 @@ A request meets its SLOs when it completed, its TTFT is within `slo.ttft.target(
 prefill time)` and its TPOT within `slo.tpot.target()`; rejected and unfinished requests
 meet neither. Attainment is the share of *all* requests that meet both, and P90 goodput
 (LoongServe's and DistServe's measure) is the highest arrival rate whose attainment is at
-least `slo.attainment`, found by bisection over the rate.
+least `slo.attainment`, found by bisection over the rate. P90 goodput lets a strategy drop
+the longest tenth of the requests for free; *per-class goodput* asks the same attainment
+of every prompt-length class (`length_classes`), so it cannot hide the long requests.
 
 The isolated prefill time of a prompt — what a TTFT bound like `max(25x prefill, 15s)`
 scales — is the fastest the cluster can prefill that prompt alone: the minimum over every
@@ -14,10 +16,12 @@ are held to the same bounds.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -27,6 +31,14 @@ from espc.planner.sim.simulator import RequestRecord, SimulationResult
 
 # Prompt-length buckets for the per-length table: where long requests starve shows up.
 LENGTH_BUCKETS = (0, 1_024, 8_192, 32_768, 131_072, 524_288)
+# The prompt-length classes of the per-class goodput (< 8K, 8–64K, 64–256K, ≥ 256K tokens);
+# a class with fewer than MIN_CLASS_SHARE of a workload's requests joins its neighbour.
+CLASS_EDGES = (8_192, 65_536, 262_144)
+MIN_CLASS_SHARE = 0.05
+METRICS = ("p90", "per-class")
+GOODPUT_LABELS = {"p90": "P90 goodput", "per-class": "per-class goodput"}
+# A goodput is reported only where attainment also holds at this fraction of it.
+CONFIRM_FRACTION = 0.9
 
 
 @dataclass(frozen=True)
@@ -52,7 +64,7 @@ class BucketStats:
     """Requests whose prompt length lies in [low, high)."""
 
     low: int
-    high: int
+    high: float  # math.inf for the last bucket
     count: int
     attainment: float
     ttft_p90_s: float
@@ -79,6 +91,43 @@ class Summary:
     preemptions: int
     mean_utilisation: float
     buckets: tuple[BucketStats, ...]
+    # (class low, attainment) per prompt-length class of `length_classes` that had requests.
+    class_attainment: tuple[tuple[int, float], ...] = ()
+
+    @property
+    def worst_class_attainment(self) -> float:
+        """The per-class goodput's measure: the attainment of the worst-served class."""
+        return min((attainment for _, attainment in self.class_attainment), default=self.attainment)
+
+    def attainment_of(self, metric: str) -> float:
+        """`attainment` for P90 goodput, `worst_class_attainment` for per-class goodput."""
+        if metric not in METRICS:
+            raise ValueError(f"unknown goodput metric {metric!r}; metrics: {', '.join(METRICS)}")
+        return self.attainment if metric == "p90" else self.worst_class_attainment
+
+
+def length_classes(prompt_lens: Sequence[int], edges: Sequence[int] = CLASS_EDGES, min_share: float = MIN_CLASS_SHARE) -> tuple[int, ...]:
+    """The lower bounds of a workload's prompt-length classes: `edges` split the lengths;
+    empty classes go, and while some class holds fewer than `min_share` of the prompts the
+    smallest joins its shorter neighbour (the shortest class its longer one). A few very
+    long prompts thus count with the next shorter class instead of deciding a goodput alone,
+    and a workload of short prompts has one class, whose per-class goodput is its P90 goodput."""
+    lows = [0, *edges]
+    counts = [sum(1 for n in prompt_lens if low <= n < high) for low, high in zip(lows, [*edges, math.inf])]
+    classes = [[low, count] for low, count in zip(lows, counts) if count]
+    total = max(len(prompt_lens), 1)
+    while len(classes) > 1:
+        smallest = min(range(len(classes)), key=lambda index: classes[index][1])
+        if classes[smallest][1] / total >= min_share:
+            break
+        into = smallest - 1 if smallest > 0 else 1
+        classes[into][1] += classes[smallest][1]
+        classes[into][0] = min(classes[into][0], classes[smallest][0])
+        del classes[smallest]
+    if not classes:
+        return (0,)
+    classes[0][0] = 0
+    return tuple(low for low, _ in classes)
 
 
 def isolated_prefill(cost: CostModel) -> Callable[[int], float]:
@@ -106,15 +155,31 @@ def meets_slo(record: RequestRecord, slo: SLOSpec, prefill_s: Callable[[int], fl
     """(TTFT met, TPOT met) for one request."""
     if not record.completed:
         return False, False
-    ttft_met = record.ttft_s <= slo.ttft.target(prefill_s(record.prompt_len))
-    tpot_met = record.tpot_s <= slo.tpot.target()
+    ttft_s, tpot_s = record.ttft_s, record.tpot_s
+    assert ttft_s is not None and tpot_s is not None  # a completed request had its first token
+    ttft_met = ttft_s <= slo.ttft.target(prefill_s(record.prompt_len))
+    tpot_met = tpot_s <= slo.tpot.target()
     return ttft_met, tpot_met
 
 
-def summarize(result: SimulationResult, slo: SLOSpec, prefill_s: Callable[[int], float]) -> Summary:
+def _completed_stats(values: list[float | None]) -> LatencyStats:
+    """LatencyStats of one latency of completed requests, which every one of them has: it
+    was scheduled, produced its first token (`meets_slo` compares both) and finished."""
+    return LatencyStats.of(cast("list[float]", values))
+
+
+def summarize(
+    result: SimulationResult, slo: SLOSpec, prefill_s: Callable[[int], float], classes: Sequence[int] = (0,)
+) -> Summary:
+    """The run's statistics; `classes` are the lower bounds of its prompt-length classes
+    (`length_classes` of the workload) for the per-class attainment."""
     records = result.records
     met = [meets_slo(record, slo, prefill_s) for record in records]
     both = [ttft and tpot for ttft, tpot in met]
+    class_met: dict[int, list[bool]] = {}
+    for record, ok in zip(records, both):
+        class_met.setdefault(classes[bisect.bisect_right(classes, record.prompt_len) - 1], []).append(ok)
+    class_attainment = tuple((low, sum(class_met[low]) / len(class_met[low])) for low in classes if low in class_met)
     completed = [r for r in records if r.completed]
     total = max(len(records), 1)
     buckets = []
@@ -126,7 +191,7 @@ def summarize(result: SimulationResult, slo: SLOSpec, prefill_s: Callable[[int],
         buckets.append(
             BucketStats(
                 low, high, len(inside), sum(both[i] for i in inside) / len(inside),
-                LatencyStats.of([r.ttft_s for r in done]).p90, LatencyStats.of([r.e2e_s for r in done]).p90,
+                _completed_stats([r.ttft_s for r in done]).p90, _completed_stats([r.e2e_s for r in done]).p90,
             )
         )
     duration = result.duration_s
@@ -138,10 +203,10 @@ def summarize(result: SimulationResult, slo: SLOSpec, prefill_s: Callable[[int],
         duration_s=duration,
         throughput_rps=len(completed) / duration if duration else 0.0,
         output_tokens_per_s=sum(r.output_len for r in completed) / duration if duration else 0.0,
-        ttft=LatencyStats.of([r.ttft_s for r in completed]),
-        tpot=LatencyStats.of([r.tpot_s for r in completed]),
-        e2e=LatencyStats.of([r.e2e_s for r in completed]),
-        queueing=LatencyStats.of([r.queueing_s for r in completed]),
+        ttft=_completed_stats([r.ttft_s for r in completed]),
+        tpot=_completed_stats([r.tpot_s for r in completed]),
+        e2e=_completed_stats([r.e2e_s for r in completed]),
+        queueing=_completed_stats([r.queueing_s for r in completed]),
         attainment=sum(both) / total,
         ttft_attainment=sum(t for t, _ in met) / total,
         tpot_attainment=sum(t for _, t in met) / total,
@@ -149,6 +214,7 @@ def summarize(result: SimulationResult, slo: SLOSpec, prefill_s: Callable[[int],
         preemptions=sum(r.preemptions for r in records),
         mean_utilisation=float(np.mean(result.utilisation)) if result.utilisation else 0.0,
         buckets=tuple(buckets),
+        class_attainment=class_attainment,
     )
 
 
@@ -167,18 +233,25 @@ def find_goodput(
     start_rate: float,
     relative_tolerance: float = 0.03,
     max_doublings: int = 24,
+    confirm: float = CONFIRM_FRACTION,
 ) -> Goodput:
-    """Bisection over the arrival rate, assuming attainment does not grow with the rate.
+    """Bisection over the arrival rate for the highest rate meeting `target`.
 
     Brackets the answer by doubling (or halving) from `start_rate`, then bisects until the
-    bracket is narrower than `relative_tolerance`. 0 when even the lowest rate tried fails.
+    bracket is narrower than `relative_tolerance`. Attainment is not monotone in the rate
+    (a trial's requests change with it), so a rate is reported only when `confirm` × it
+    meets the target too: a lucky rate above a failing one is no goodput, and the search
+    goes on below the failure. 0 when even the lowest rate tried fails.
     """
     trials: list[tuple[float, float]] = []
+    measured: dict[float, bool] = {}
 
     def meets(rate: float) -> bool:
-        attainment = attainment_at(rate)
-        trials.append((rate, attainment))
-        return attainment >= target
+        if rate not in measured:
+            attainment = attainment_at(rate)
+            trials.append((rate, attainment))
+            measured[rate] = attainment >= target
+        return measured[rate]
 
     low = high = start_rate
     if meets(start_rate):
@@ -189,18 +262,22 @@ def find_goodput(
             low = high
         else:
             return Goodput(low, target, tuple(trials))
-    else:
-        for _ in range(max_doublings):
-            low /= 2
-            if meets(low):
-                break
-            high = low
-        else:
-            return Goodput(0.0, target, tuple(trials))
-    while high / low - 1 > relative_tolerance:
-        middle = math.sqrt(low * high)
-        if meets(middle):
-            low = middle
-        else:
-            high = middle
-    return Goodput(low, target, tuple(trials))
+    while True:
+        if not meets(low):  # find a rate that meets the target below the failing `high`
+            for _ in range(max_doublings):
+                high = low
+                low /= 2
+                if meets(low):
+                    break
+            else:
+                return Goodput(0.0, target, tuple(trials))
+        while high / low - 1 > relative_tolerance:
+            middle = math.sqrt(low * high)
+            if meets(middle):
+                low = middle
+            else:
+                high = middle
+        if meets(low * confirm):
+            return Goodput(low, target, tuple(trials))
+        high = low * confirm
+        low = high

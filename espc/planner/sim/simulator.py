@@ -15,9 +15,10 @@ import heapq
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
+from espc.planner.plan import DecodeBatch, Migration, PrefillBatch
 from espc.planner.sim.cluster_state import ClusterState, RequestState
-from espc.planner.plan import DecodeBatch, PrefillBatch
 from espc.planner.sim.strategies import Scheduler
 from espc.planner.sim.workload import Request
 
@@ -55,11 +56,15 @@ class RequestRecord:
         """Mean time per output token after the first (0 for one-token outputs)."""
         if not self.completed or self.first_token_s is None:
             return None
+        assert self.finish_s is not None  # completed
         return (self.finish_s - self.first_token_s) / max(self.output_len - 1, 1)
 
     @property
     def e2e_s(self) -> float | None:
-        return self.finish_s - self.arrival_s if self.completed else None
+        if not self.completed:
+            return None
+        assert self.finish_s is not None  # completed
+        return self.finish_s - self.arrival_s
 
     @property
     def queueing_s(self) -> float | None:
@@ -125,12 +130,13 @@ def simulate(
         state.now = now
         while events and events[0][0] == now:
             _, kind, _, payload = heapq.heappop(events)
+            # The kind says what the payload is (see the pushes below).
             if kind == _BATCH_DONE:
-                state.complete(payload)
+                state.complete(cast("PrefillBatch | DecodeBatch", payload))
             elif kind == _MIGRATION_DONE:
-                state.complete_migration(payload)
+                state.complete_migration(cast(Migration, payload))
             else:
-                arrived = state.arrive(payload)
+                arrived = state.arrive(cast(Request, payload))
                 reason = scheduler.admit(state, arrived)
                 if reason is not None:
                     state.reject(arrived, reason)

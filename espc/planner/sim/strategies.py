@@ -29,8 +29,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from espc.frontend.spec import PolicySpec
-from espc.planner.sim.cluster_state import ClusterState, RequestState
-from espc.planner.sim.costmodel import CostModel
 from espc.planner.plan import (
     Batch,
     DecodeBatch,
@@ -43,6 +41,8 @@ from espc.planner.plan import (
     TokenRange,
     even_retention,
 )
+from espc.planner.sim.cluster_state import ClusterState, RequestState
+from espc.planner.sim.costmodel import CostModel, DecodeLoad
 
 # vLLM's defaults (anchors/README.md): batched tokens per iteration and running sequences.
 VLLM_MAX_BATCHED_TOKENS = 8192
@@ -104,14 +104,35 @@ class Scheduler(ABC):
             lengths = [item.end - item.start for item in batch.items]
             context = [item.start for item in batch.items]
             return cost.prefill_time(lengths, dop, tp, context, instances=batch.instances)
-        context_lens = [item.context_len for item in batch.items]
-        return cost.decode_time(context_lens, dop, tp, instances=batch.instances)
+        return cost.decode_step_time(decode_loads(batch), tp, instances=batch.instances)
 
     def migration_seconds(self, migration: Migration) -> float:
         return self.deployment.cost.migration_time(
             len(migration.range), src=migration.src, dst=migration.dst, tp=self.deployment.tp
         )
 
+
+
+def decode_loads(batch: DecodeBatch) -> list[DecodeLoad]:
+    """Each instance's share of a decode step (in `batch.instances` order): the requests it
+    masters, the context it holds, and the partial attentions it asks of its peers (one per
+    other instance holding a shard of a request it masters) and serves for theirs."""
+    position = {instance: index for index, instance in enumerate(batch.instances)}
+    masters = [0] * len(position)
+    context = [0] * len(position)
+    requested = [0] * len(position)
+    served = [0] * len(position)
+    for item in batch.items:
+        master = position[item.master]
+        masters[master] += 1
+        for instance, tokens in item.shards:
+            if tokens == 0:
+                continue  # an empty shard computes nothing (lse = −inf): nobody asks it
+            context[position[instance]] += tokens
+            if instance != item.master:
+                requested[master] += 1
+                served[position[instance]] += 1
+    return [DecodeLoad(*load) for load in zip(masters, context, requested, served)]
 
 
 def _decode_step(state: ClusterState, group: tuple[int, ...], decoding: list[RequestState]) -> tuple[list[DecodeItem], list[int]]:
@@ -163,7 +184,7 @@ class _Members:
 
     def queued_tokens(self, group: int, state: ClusterState) -> int:
         """Prompt tokens routed to the group and not started yet."""
-        return sum(r.prefill_target for r in self.live(group) if r.id in state.waiting)
+        return sum(r.pending_target for r in self.live(group) if r.id in state.waiting)
 
 
 class StaticScheduler(Scheduler):
@@ -262,7 +283,7 @@ class StaticScheduler(Scheduler):
         items: list[PrefillItem] = []
         tokens = 0
         for request in waiting:
-            target = request.prefill_target
+            target = request.pending_target
             if len(running) + len(items) >= VLLM_MAX_RUNNING:
                 break
             if items and tokens + target > self.max_batched_tokens:
@@ -331,9 +352,9 @@ class ChunkedScheduler(Scheduler):
             (r for r in requests if r.prefilling and r.id not in victims),
             key=lambda r: (r.kv_len == 0, _arrival(r)),
         )
-        owed = sum(r.prefill_target - r.kv_len for r in prefilling if r.kv_len)
+        owed = sum(r.pending_target - r.kv_len for r in prefilling if r.kv_len)
         for request in prefilling:
-            remaining = request.prefill_target - request.kv_len
+            remaining = request.pending_target - request.kv_len
             if request.kv_len == 0:
                 if owed + remaining > free:
                     break
@@ -415,9 +436,10 @@ class DisaggregatedScheduler(Scheduler):
         for instance in self.prefill_pool:
             if instance not in state.idle or not queue:
                 continue
+            items: list[PrefillItem]
             free, tokens, items = state.free(instance), 0, []
             while queue:
-                target = queue[0].prefill_target
+                target = queue[0].pending_target
                 if target > free or (items and tokens + target > VLLM_MAX_BATCHED_TOKENS):
                     break
                 request = queue.pop(0)

@@ -452,6 +452,7 @@ def generate(
     arrival_rng = np.random.default_rng(arrival_seed)
 
     if workload.trace is None:
+        assert not isinstance(workload.arrival, TraceArrival), "validated: trace arrivals need a trace"
         count = workload.requests if requests is None else requests
         prompts, outputs = _synthetic_lengths(
             workload, count, np.random.default_rng(prompt_seed), np.random.default_rng(output_seed)
@@ -468,6 +469,7 @@ def generate(
         case TraceArrival(rate_scale=rate_scale) if rate is None:
             arrivals = recorded / rate_scale
         case TraceArrival():
+            assert rate is not None  # the case above took rate None
             recorded_rate = mean_rate(recorded)
             if recorded_rate is None and len(replay) > 1:
                 raise TraceError(Path(workload.trace.path), None,

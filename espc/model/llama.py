@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from espc.frontend.spec import Llama3RopeScaling, LinearRopeScaling, ModelSpec
+from espc.frontend.spec import LinearRopeScaling, Llama3RopeScaling, ModelSpec
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -57,6 +57,8 @@ def rope_frequencies(spec: ModelSpec) -> torch.Tensor:
 
 class Rotary(nn.Module):
     """cos/sin tables for arbitrary global token positions (striped layouts need no arange)."""
+
+    inv_freq: torch.Tensor  # registered as a buffer in __init__
 
     def __init__(self, spec: ModelSpec):
         super().__init__()

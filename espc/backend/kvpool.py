@@ -1,13 +1,15 @@
-"""The driver's slot table of one rank's KV pool: paged allocation, token-granular bookkeeping.
+"""One rank's KV pool: the tensor [layers, 2, slots, kv_heads, head_dim] the graphs read and
+write (`pool_tensor`), and the table of which slot holds which token (`PagedKVTable`, the
+backend's `SlotTable`: `espc.backend.lower`). The runtime splits the two — each worker holds
+its tensor, the driver one table per worker — and the gloo harness keeps both in each rank;
+both apply a plan to a table the same way, through `Program.inputs`.
 
-The worker holds the pool tensor [layers, 2, slots, kv_heads, head_dim]; the driver holds one
-`PagedKVTable` per worker and answers the backend's `SlotTable` calls (`espc.backend.lower`):
-`allocate` when a plan's inputs are computed, `release` on finish, preemption, cancel and
-migration. Slots are handed out in pages of `page_size`: each resident request owns a list of
-pages (its page table) and fills slots only inside them, so the pool never interleaves two
-requests inside one page. Tokens are still tracked one by one, because elastic sequence
-parallelism keeps arbitrary subsets of a request on a rank (a striped every-d-th share of a
-prefill, a migrated span).
+A table answers `allocate` when a plan's inputs are computed, and `release` on finish,
+preemption, cancel and migration. Slots are handed out in pages of `page_size`: each resident
+request owns a list of pages (its page table) and fills slots only inside them, so the pool
+never interleaves two requests inside one page. Tokens are still tracked one by one, because
+elastic sequence parallelism keeps arbitrary subsets of a request on a rank (a striped
+every-d-th share of a prefill, a migrated span).
 
 Sizing: `capacity_tokens` bounds the tokens held; the pool has one extra page per request on
 top of ceil(capacity / page_size), which covers the partly filled last page of each of the
@@ -25,10 +27,17 @@ from dataclasses import dataclass
 
 import torch
 
+from espc.frontend.spec import ModelSpec
 from espc.planner.plan import RequestId, TokenRange
 
 _LONG = torch.int64
 _INTEGER = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def pool_tensor(spec: ModelSpec, slots: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The pool of one rank, not zeroed: every read goes through slots a table handed out,
+    which a graph wrote first, so untouched pages of a large CPU pool cost no memory."""
+    return torch.empty((spec.layers, 2, slots, spec.kv_heads, spec.head_dim), dtype=dtype, device=device)
 
 
 class KVPoolFull(RuntimeError):
