@@ -39,16 +39,19 @@ from baselines import SPEC, strategy_spec, workload_spec, write_azure_csv
 from policy_quality import elastic_spec
 
 from espc import load_spec
+from espc.frontend.loader import validate_spec
 from espc.frontend.spec import Spec
 from espc.planner.compile.artifact import spec_hash
 from espc.planner.compile.compiler import CompileOptions, compile_spec
 from espc.planner.compile.evaluation import Evaluator, override_workload
+from espc.planner.compile.ilp import InfeasibleSLO
 from espc.planner.sim.metrics import METRICS
 from espc.planner.sim.workload import sample_dataset
 
 HELD_OUT = 100  # scored on seed HELD_OUT + s, compiled on seed s
 WORKLOADS = ("mixed", "lveval", "zipf(1.0, 10, 200K)", "lveval-heavy", "adversarial")
 TRACE_WORKLOADS = ("lveval-heavy", "adversarial")
+PINNED_MAX_CONTEXT = 524_288
 # Two-sided 95% Student t quantiles by degrees of freedom (a paired ratio over few seeds).
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -75,22 +78,53 @@ def _spec_for(workload: str, seed: int, requests: int, scratch: Path) -> Spec:
     return workload_spec(workload)
 
 
-def _cell(workload: str, seed: int, requests: int, search_seconds: float, baselines: list[str]) -> dict:
+def pinned(spec: Spec, tp: int | None) -> Spec:
+    """The elastic spec, its tp left to the compiler (None) or pinned. Pinned below the
+    spec's, every device holds more of the weights: the longest context allowed is then
+    the longest the workloads have (LV-Eval's 497.3K) rather than the model's 1M."""
+    spec = elastic_spec(spec)
+    if tp is None:
+        return spec
+    data = spec.model_dump(mode="json")
+    data["cluster"]["tp"] = tp
+    data["model"]["max_context"] = PINNED_MAX_CONTEXT
+    return validate_spec(data, {}, "benchmark")
+
+
+def esp_use(evaluator: Evaluator, strategy: str, rate: float, seed: int) -> dict[str, float]:
+    """How much of ESP a strategy uses at `rate`: the share of prefill batches on several
+    instances, of decode steps on several instances, and the KV bytes migrated."""
+    batches = evaluator.simulate_strategy(strategy, rate, seed, timeline=True).result
+    prefills = [b for b in batches.timeline if b.phase == "prefill"]
+    decodes = [b for b in batches.timeline if b.phase == "decode"]
+    return {
+        "multi_instance_prefills": sum(len(b.instances) > 1 for b in prefills) / max(len(prefills), 1),
+        "multi_instance_decodes": sum(len(b.instances) > 1 for b in decodes) / max(len(decodes), 1),
+        "migrated_bytes": batches.migrated_bytes,
+    }
+
+
+def _cell(workload: str, seed: int, requests: int, search_seconds: float, baselines: list[str], tp: int | None) -> dict:
     """Compile on `seed`, then measure elastic, elastic-rigid and `baselines` under every
     metric on seed HELD_OUT + seed."""
     started = time.perf_counter()
     held_out = HELD_OUT + seed
     with tempfile.TemporaryDirectory() as scratch:
-        spec = elastic_spec(_spec_for(workload, seed, requests, Path(scratch)))
-        result = compile_spec(
-            spec, spec_hash(spec), SPEC.parent, CompileOptions(search_seconds=search_seconds, trial_requests=requests, seed=seed)
-        )
+        spec = pinned(_spec_for(workload, seed, requests, Path(scratch)), tp)
+        try:
+            result = compile_spec(
+                spec, spec_hash(spec), SPEC.parent,
+                CompileOptions(search_seconds=search_seconds, trial_requests=requests, seed=seed),
+            )
+        except InfeasibleSLO as error:  # a finding of its own (e.g. TPOT at a pinned tp): reported
+            return {"workload": workload, "seed": seed, "held_out_seed": held_out, "requests": requests,
+                    "search_seconds": search_seconds, "tp": tp, "infeasible": str(error), "goodputs": {}}
         policy = result.policy
         # A trace workload's held-out seed is another trace; a distribution's is another sample.
-        scored = elastic_spec(_spec_for(workload, held_out, requests, Path(scratch)))
+        scored = pinned(_spec_for(workload, held_out, requests, Path(scratch)), tp)
         goodputs: dict[str, dict[str, float]] = {}
         configurations: dict[str, str] = {}
-        migrations = None
+        migrations = use = None
         for metric in METRICS:
             evaluator = Evaluator(scored, base_dir=SPEC.parent, requests=requests, elastic=policy.elastic, metric=metric)
             for strategy in ("elastic", "elastic-rigid", *baselines):
@@ -109,12 +143,15 @@ def _cell(workload: str, seed: int, requests: int, search_seconds: float, baseli
                         "per_100_iterations": 100 * migrated / max(run.result.iterations, 1),
                         "bytes": run.result.migrated_bytes,
                     }
+            if metric == "p90" and goodputs["elastic"]["p90"]:  # both at elastic's P90 goodput
+                rate = goodputs["elastic"]["p90"]
+                use = {strategy: esp_use(evaluator, strategy, rate, held_out) for strategy in ("elastic", "elastic-rigid")}
     return {
         "workload": workload, "seed": seed, "held_out_seed": held_out, "requests": requests,
         "search_seconds": search_seconds, "compile_metric": policy.goodput_metric,
         "compiled_rigid": policy.elastic.is_rigid() if policy.elastic else None,
         "elastic_policy": str(policy.elastic), "compile_trials": [[t.stage, t.label, t.goodput_rps] for t in result.trials],
-        "goodputs": goodputs, "configurations": configurations, "migrations": migrations,
+        "goodputs": goodputs, "configurations": configurations, "migrations": migrations, "esp_use": use, "tp": tp,
         "seconds": time.perf_counter() - started,
     }
 
@@ -134,7 +171,8 @@ def paired_ratio(pairs: list[tuple[float, float]]) -> str:
 
 
 def render(results: list[dict]) -> str:
-    lines = []
+    lines = [f"{c['workload']} seed {c['seed']}: no policy: {c['infeasible']}" for c in results if "infeasible" in c]
+    results = [c for c in results if "infeasible" not in c]
     strategies = sorted({s for cell in results for s in cell["goodputs"]}, key=lambda s: (s != "elastic", s != "elastic-rigid", s))
     for metric in METRICS:
         lines.append(f"\n{metric} goodput (req/s) on held-out seeds {HELD_OUT}+s, mean over seeds; "
@@ -161,6 +199,11 @@ def render(results: list[dict]) -> str:
         pair = " | ".join(f"{g['elastic'][m]:.3f} / {g['elastic-rigid'][m]:.3f}" for m in METRICS)
         migrated = cell.get("migrations")
         extra = f"; {migrated['per_100_iterations']:.2f} migrations / 100 iterations" if migrated else ""
+        if cell.get("esp_use"):
+            extra += "; multi-instance prefills / decodes at elastic's p90 goodput: " + ", ".join(
+                f"{name} {u['multi_instance_prefills']:.0%} / {u['multi_instance_decodes']:.0%}"
+                for name, u in cell["esp_use"].items()
+            )
         lines.append(f"  {cell['workload']:20s} {cell['seed']} → {cell['held_out_seed']}: {pair}; "
                      f"{'rigid' if cell['compiled_rigid'] else 'elastic'} (compiled for {cell['compile_metric']}){extra}")
     return "\n".join(lines)
@@ -174,16 +217,17 @@ def main() -> None:
     parser.add_argument("--search-seconds", type=float, default=30.0, help="compile's local-search budget per cell")
     parser.add_argument("--workloads", default=";".join(WORKLOADS), help="';'-separated")
     parser.add_argument("--baselines", default="", help="comma-separated baseline families, e.g. best-static")
+    parser.add_argument("--tp", type=int, help="pin every instance's tp (default: the compiler chooses)")
     parser.add_argument("--reuse", type=Path, nargs="*", default=[], help="take cells of earlier runs with the same settings")
     parser.add_argument("--report", action="store_true", help="measure nothing: the table of the --reuse cells")
     parser.add_argument("--json", type=Path, help="write every cell here, after each one")
     arguments = parser.parse_args()
 
     baselines = [name for name in arguments.baselines.split(",") if name]
-    settings = (arguments.requests, arguments.search_seconds)
+    settings = (arguments.requests, arguments.search_seconds, arguments.tp)
     reused = {
         (cell["workload"], cell["seed"]): cell for path in arguments.reuse for cell in json.loads(path.read_text())
-        if (cell["requests"], cell["search_seconds"]) == settings and all(b in cell["goodputs"] for b in baselines)
+        if (cell["requests"], cell["search_seconds"], cell.get("tp")) == settings and all(b in cell["goodputs"] for b in baselines)
     }
     workloads = arguments.workloads.split(";")
     results = [cell for key, cell in reused.items() if key[0] in workloads]
@@ -193,7 +237,9 @@ def main() -> None:
     ]
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=arguments.jobs) as pool:
-        futures = [pool.submit(_cell, w, seed, arguments.requests, arguments.search_seconds, baselines) for w, seed in todo]
+        futures = [
+            pool.submit(_cell, w, seed, arguments.requests, arguments.search_seconds, baselines, arguments.tp) for w, seed in todo
+        ]
         for done, future in enumerate(as_completed(futures), 1):
             cell = future.result()
             results.append(cell)
@@ -202,9 +248,10 @@ def main() -> None:
                 arguments.json.write_text(json.dumps(sorted(results, key=lambda c: (c["workload"], c["seed"])), indent=2))
             g = cell["goodputs"]
             print(f"[{done}/{len(todo)} {time.perf_counter() - started:6.0f}s] {cell['workload']:20s} seed {cell['seed']}: "
-                  + ", ".join(f"{s} {g[s]['p90']:.3f} | {g[s]['per-class']:.3f}" for s in g)
-                  + f" ({cell['seconds']:.0f} s)", flush=True)
-    print(f"\n{SPEC.name}: compiled on seeds 0..{arguments.seeds - 1} ({arguments.search_seconds:g} s search), "
+                  + (", ".join(f"{s} {g[s]['p90']:.3f} | {g[s]['per-class']:.3f}" for s in g) or cell.get("infeasible", ""))
+                  + f" ({cell.get('seconds', 0):.0f} s)", flush=True)
+    print(f"\n{SPEC.name}, tp {arguments.tp or 'chosen by compile'}: compiled on seeds 0..{arguments.seeds - 1} "
+          f"({arguments.search_seconds:g} s search), "
           f"at least {arguments.requests} requests per trial")
     print(render(results))
 

@@ -9,6 +9,7 @@ table/section header for a missing field, or the offending token for a syntax er
 
 from __future__ import annotations
 
+import pickle
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from espc.cli.main import app
+from espc.frontend.errors import Diagnostic, SpecError
 
 # Line numbers of the TOML base, for reading the cases below:
 #   1 [model]         5 [cluster]      8 [[cluster.nodes]]   12 [slo]
@@ -478,3 +480,10 @@ def test_real_process(tmp_path: Path, case: Case) -> None:
 
 def test_subprocess_cases_exist() -> None:
     assert len([case for case in CASES if case.id in SUBPROCESS_CASES]) == len(SUBPROCESS_CASES)
+
+
+def test_a_spec_error_survives_pickling():
+    """Across a process pool (the benchmarks) the error keeps its diagnostics and its message."""
+    error = SpecError([Diagnostic("spec.toml", 12, 5, "cluster.tp", "tp(3) does not divide 8 devices", "try 2")])
+    restored = pickle.loads(pickle.dumps(error))
+    assert restored.diagnostics == error.diagnostics and str(restored) == str(error)

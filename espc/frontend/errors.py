@@ -50,6 +50,10 @@ class SpecError(Exception):
         self.diagnostics = diagnostics
         super().__init__("\n".join(str(d) for d in diagnostics))
 
+    def __reduce__(self) -> tuple[type[SpecError], tuple[list[Diagnostic]]]:
+        # Pickled (across a process pool) from its diagnostics, not from the message text.
+        return SpecError, (self.diagnostics,)
+
 
 class RuleViolation(ValueError):
     """Raised by spec validators for a rule that spans fields.

@@ -104,6 +104,9 @@ def worker_main(rank: int, config: WorkerConfig, commands, results) -> None:
             config.backend, init_method=config.init_method, rank=rank, world_size=config.world,
             timeout=timedelta(seconds=config.comm_timeout_s),
         )
+        # NCCL creates its communicator on the first operation, which must involve every
+        # rank: a barrier now, not the first batch_isend_irecv of one pair of ranks.
+        dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
         dtype = DTYPES[config.dtype]
         model = load_model(config.model, dtype=dtype, device=device, base_dir=config.base_dir)
         lowering = Lowering(model, attention=config.attention)

@@ -145,7 +145,7 @@ def compile_spec(
                 best_elastic = improved
         assert best_elastic is not None
         if not best_elastic[1].is_rigid():
-            progress("ablate", "simulating the policy without ESP's choices (elastic-rigid)")
+            progress("ablate", "simulating elastic-rigid, the policy without ESP's choices")
             rigid = best_elastic[1].rigid()
             rate = _goodput(evaluator, rigid, seed, start_rate=best_elastic[0])
             trials.append(Trial("ablate", "elastic-rigid", rate))

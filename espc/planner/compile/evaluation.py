@@ -119,7 +119,7 @@ class Evaluator:
         deployment = Deployment.build(self.cost, policy.tp, self.kv_capacity)
         return Candidate(
             strategy, label or f"tp={policy.tp}",
-            lambda: ElasticScheduler(deployment, policy, self.spec.slo, self.prefill_s),
+            lambda: ElasticScheduler(deployment, policy, self.spec.slo, self.prefill_s, name=f"{strategy}(tp={policy.tp})"),
             key=f"elastic: {policy!r}",  # every field: policies of one tp share a label
         )
 

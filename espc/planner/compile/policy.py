@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from espc.planner.sim.metrics import METRICS
+from espc.planner.sim.metrics import GOODPUT_LABELS, METRICS
 
 POLICY_SCHEMA_VERSION = 3
 # The share of the TPOT bound a decode step leaves for prefills that pause it: the MILP
@@ -289,7 +289,7 @@ class Policy:
         lines = [
             f"policy (schema {self.schema_version}, espc {self.espc_version}, spec {self.spec_hash[:12]})",
             f"strategy {self.strategy} ({self.configuration}): {self.reason}",
-            f"predicted {self.goodput_metric} goodput:",
+            f"predicted {GOODPUT_LABELS[self.goodput_metric]}:",
         ]
         for prediction in sorted(self.predictions, key=lambda p: -p.goodput_rps):
             lines.append(f"  {prediction.strategy:14s} {prediction.goodput_rps:10.4g} req/s  {prediction.configuration}")
