@@ -178,7 +178,7 @@ def render(results: list[dict]) -> str:
         lines.append(f"\n{metric} goodput (req/s) on held-out seeds {HELD_OUT}+s, mean over seeds; "
                      "ratios: geometric mean [95% interval] of per-seed pairs")
         header = f"{'workload':22s}{'seeds':>6s}" + "".join(f"{s:>15s}" for s in strategies)
-        header += f"{'elastic/rigid':>28s}{'elastic/best base':>28s}"
+        header += f"{'elastic/rigid':>36s}{'elastic/best base':>28s}"
         lines += [header, "-" * len(header)]
         for workload in dict.fromkeys(cell["workload"] for cell in results):
             cells = sorted((c for c in results if c["workload"] == workload), key=lambda c: c["seed"])
@@ -192,7 +192,7 @@ def render(results: list[dict]) -> str:
                 (c["goodputs"]["elastic"][metric], max(c["goodputs"][s][metric] for s in baselines))
                 for c in cells if baselines and all(s in c["goodputs"] for s in baselines)
             ]
-            lines.append(row + f"{paired_ratio(rigid):>28s}{paired_ratio(best) if best else '-':>28s}")
+            lines.append(row + f"{paired_ratio(rigid):>36s}{paired_ratio(best) if best else '-':>28s}")
     lines.append("\nper seed (compile seed → held-out seed): elastic / elastic-rigid, p90 | per-class; compiled rigid?")
     for cell in sorted(results, key=lambda c: (c["workload"], c["seed"])):
         g = cell["goodputs"]
