@@ -20,14 +20,16 @@ $(VENV)/.installed: pyproject.toml
 # The main job on the tiny CPU default: validate the spec, compile it into an artifact
 # directory (build/tiny: policy.json, spec.lock.json, report.md, plots, manifest.json), show
 # the compiled policy, then run it: 4 worker processes (gloo) serve the spec's 64-request
-# workload in real time, and the measured latencies, SLO attainment and DoP decisions print.
+# workload in real time, and the measured latencies, SLO attainment, batches per degree of
+# parallelism (prefill and decode), KV bytes migrated and the elastic timeline
+# (build/tiny/run/timeline_0.png) come out.
 TINY_ARTIFACT := build/tiny
 
 run: venv
 	$(BIN)/espc check $(TINY_SPEC)
 	$(BIN)/espc compile $(TINY_SPEC) -o $(TINY_ARTIFACT) --search-seconds 5
 	$(BIN)/espc inspect $(TINY_ARTIFACT)
-	$(BIN)/espc run $(TINY_ARTIFACT)
+	$(BIN)/espc run $(TINY_ARTIFACT) --plot $(TINY_ARTIFACT)/run
 
 test: venv
 	$(BIN)/python -m pytest -q

@@ -48,10 +48,11 @@ TRACE_FILES = {
 CHUNK_TOKENS = {"sharegpt": 256, "leval": 2048, "lveval": 16384, "mixed": 2048}
 
 
-def workload_spec(workload: str) -> Spec:
-    """The benchmark spec with its workload replaced by a length distribution or a trace,
-    and the chunked baseline's chunk size as LoongServe ran it on that dataset."""
-    spec = load_spec(SPEC)
+def workload_spec(workload: str, path: Path = SPEC) -> Spec:
+    """The benchmark spec (or the one at `path`) with its workload replaced by a length
+    distribution or a trace, and the chunked baseline's chunk size as LoongServe ran it on
+    that dataset."""
+    spec = load_spec(path)
     if workload in CHUNK_TOKENS:
         data = spec.model_dump(mode="json")
         data["policy"]["chunk_tokens"] = CHUNK_TOKENS[workload]

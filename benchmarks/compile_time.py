@@ -1,30 +1,40 @@
-"""`espc compile` wall time for 8, 64 and 256 elastic instances.
+"""`espc compile` wall time for 8, 64 and 256 elastic instances, and for the tiny CPU default.
 
     python benchmarks/compile_time.py [--instances 8,64,256] [--strategies elastic,auto]
         [--search-seconds 0] [--requests 300] [--json benchmarks/results/compile_time.json]
+    python benchmarks/compile_time.py --tiny [--json benchmarks/results/compile_time_tiny.json]
 
 specs/lwm7b-a800x8.toml (tp 2) with its node of 8 A800 repeated, so the cluster has
 exactly N elastic instances (2N devices). Each compile runs the whole pipeline of
 `espc.planner.compile.compiler` — workload sample, MILP, simulation of the MILP policy, local
 search (`--search-seconds`), and with strategy auto every baseline family — and the table
 shows the seconds per stage. Targets (planner issue): ≤ 10 s for 8 instances, ≤ 60 s for 64.
+
+`--tiny` compiles specs/tiny-cpu.toml as `espc compile` does by default (strategy auto,
+every option at its default: 20 s search budget, 300-request trials) — `make run`'s compile
+— with the machine's load average beside it (the target, ≤ 10 s on 2 cores, is for a
+machine the compile has to itself), and the decisions: the chosen strategy, every
+strategy's predicted goodput and the elastic policy's DoP caps.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
 from espc.frontend.loader import load_spec, validate_spec
 from espc.frontend.spec import Spec
 from espc.planner.compile.artifact import spec_hash
-from espc.planner.compile.compiler import CompileOptions, compile_spec
+from espc.planner.compile.compiler import CompileOptions, CompileResult, compile_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "specs" / "lwm7b-a800x8.toml"
+TINY_SPEC = ROOT / "specs" / "tiny-cpu.toml"
 TARGETS_S = {8: 10.0, 64: 60.0}
+TINY_TARGET_S = 10.0
 INTER_NODE_BANDWIDTH = "100GB/s"  # a typical node: 4 × 200Gb/s InfiniBand
 
 
@@ -44,7 +54,12 @@ def cluster_spec(instances: int, strategy: str) -> Spec:
 
 
 def measure(instances: int, strategy: str, options: CompileOptions) -> dict:
-    spec = cluster_spec(instances, strategy)
+    row, _ = timed_compile(cluster_spec(instances, strategy), SPEC.parent, options)
+    return {"instances": instances, "strategy": strategy, **row}
+
+
+def timed_compile(spec: Spec, base_dir: Path, options: CompileOptions) -> tuple[dict, CompileResult]:
+    """Compile `spec`: total and per-stage seconds, what was chosen, MILP seconds, trials."""
     stages: dict[str, float] = {}
     last = [time.perf_counter(), None]
 
@@ -55,16 +70,39 @@ def measure(instances: int, strategy: str, options: CompileOptions) -> dict:
         last[0], last[1] = now, stage
 
     started = time.perf_counter()
-    result = compile_spec(spec, spec_hash(spec), SPEC.parent, options, on_progress=on_progress)
+    result = compile_spec(spec, spec_hash(spec), base_dir, options, on_progress=on_progress)
     total = time.perf_counter() - started
     if last[1] is not None:
         stages[last[1]] = stages.get(last[1], 0.0) + time.perf_counter() - last[0]
     return {
-        "instances": instances, "strategy": strategy, "seconds": total, "stages": stages,
+        "seconds": total, "stages": stages,
         "chosen": f"{result.policy.strategy} ({result.policy.configuration})",
         "milp_seconds": sum(solution.solver.seconds for solution in result.milp),
         "simulations": len(result.trials),
+    }, result
+
+
+def tiny(json_path: Path | None) -> None:
+    """`--tiny`: see the module docstring."""
+    load_before = os.getloadavg()
+    row, result = timed_compile(load_spec(TINY_SPEC), TINY_SPEC.parent, CompileOptions())
+    policy = result.policy
+    row |= {
+        "spec": str(TINY_SPEC.relative_to(ROOT)), "options": "espc compile defaults", "target_s": TINY_TARGET_S,
+        "cpus": os.cpu_count(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "predictions": {p.strategy: [p.configuration, p.goodput_rps] for p in policy.predictions},
+        "reason": policy.reason,
+        "prefill_dop_caps": [bucket.prefill_dop for bucket in policy.elastic.buckets] if policy.elastic else None,
     }
+    stages = ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in row["stages"].items())
+    print(f"espc compile {row['spec']} (defaults): {row['seconds']:.1f} s (target ≤ {TINY_TARGET_S:g} s on 2 cores), "
+          f"load average {load_before[0]:.1f} before on {row['cpus']} CPUs")
+    print(f"  stages (s): {stages}; {row['simulations']} candidates simulated")
+    print(f"  chosen: {row['chosen']}: {policy.reason}")
+    print(f"  elastic prefill DoP caps per bucket: {row['prefill_dop_caps']}")
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(row, indent=2))
 
 
 def main() -> None:
@@ -74,7 +112,11 @@ def main() -> None:
     parser.add_argument("--search-seconds", type=float, default=0.0)
     parser.add_argument("--requests", type=int, default=300, help="requests per simulated trial")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--tiny", action="store_true", help="compile specs/tiny-cpu.toml with the defaults instead")
     arguments = parser.parse_args()
+    if arguments.tiny:
+        tiny(arguments.json)
+        return
     options = CompileOptions(search_seconds=arguments.search_seconds, trial_requests=arguments.requests)
 
     rows = []

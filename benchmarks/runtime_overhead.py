@@ -1,8 +1,8 @@
 """Runtime overhead: per-iteration time of the graph-executed engine vs the same model called
-eagerly in one process (DoP 1), prefill and decode: target ≤ 1.10×.
+eagerly (DoP 1), prefill and decode, at tp 1 and tp 2: target ≤ 1.10×.
 
     python benchmarks/runtime_overhead.py [--models tiny,small] [--lengths 128,512,2048]
-        [--repeats 5] [--small-repeats 3] [--decode-steps 32] [--json PATH]
+        [--tps 1,2] [--repeats 5] [--small-repeats 3] [--decode-steps 32] [--json PATH]
 
 One request at a time, so every iteration runs on one instance (DoP 1). Per model and
 prompt length L, each repeat serves one request of L random token ids (vocabulary 256) and
@@ -32,8 +32,21 @@ Every path runs with one torch thread (the worker's default). Times are medians 
 repeats (decode: the mean step of each repeat, then the median) after warm-up (every
 instance of the engine serves each length once first). `tiny` is specs/tiny-cpu.toml; `small`
 is the same spec with a larger random model (4 layers, hidden 512, 8 query / 4 KV heads of
-64, ffn 1536; espc has no model preset between tiny and 7B), where fixed per-iteration costs
+64, ffn 1536; espc has no model preset between tiny and 7B; devices with the CPU preset's
+memory, as its weights outgrow tiny-cpu.toml's 3 MiB), where fixed per-iteration costs
 weigh less. Writes benchmarks/results/runtime_overhead.json by default.
+
+At tp 2 (rows with tp = 2) the instance is two processes, so every column is measured on
+two: the engine runs specs/tiny-cpu-tp2.toml (the small model swapped in for `small`) as
+"tp=2, groups=1+1" (two instances of two TP ranks each, 4 worker processes), and the three
+in-process paths run in two spawned processes joined by a gloo group (`TPRanks`), each with
+its TP shard of the model (`espc.backend.tensor_parallel.shard_model`) and summing the
+partials of o_proj and of the MLP with the engine's own `espc::tp_all_reduce`. The baseline
+is therefore the same sharded arithmetic and the same all-reduces, called eagerly: the
+ratio is the runtime's overhead at tp 2, not TP's speed-up or its communication (against
+the unsharded model in one process, the tp 2 row would mix all three). A path's time is the
+slower of the two ranks'. Each rank keeps one torch thread, so tp 2 uses two cores where tp
+1 uses one; on a 2-core machine the idle engine's workers and driver share them.
 """
 
 from __future__ import annotations
@@ -49,29 +62,36 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "specs" / "tiny-cpu.toml"
+SPEC_TP = {1: SPEC, 2: ROOT / "specs" / "tiny-cpu-tp2.toml"}  # the engine's spec per tp
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "runtime_overhead.json"
 TARGET = 1.10
-CONFIGURATION = "tp=1, groups=1+1+1+1"
+CONFIGURATIONS = {1: "tp=1, groups=1+1+1+1", 2: "tp=2, groups=1+1"}
 KV_CAPACITY = 8192
 THREADS = 1
 VOCAB = 256
 SMALL_MODEL = {
     "name": "small-llama-gqa", "arch": "llama", "layers": 4, "hidden": 512, "heads": 8, "kv_heads": 4,
     "head_dim": 64, "ffn": 1536, "vocab": VOCAB, "rope_theta": 10000.0, "dtype": "float32",
-    "max_context": 4096, "weights": "random:0",
+    "max_context": 8192, "weights": "random:0",
 }
+SMALL_DEVICE_MEMORY = "2GiB"  # the `cpu` device preset's
 METHODS = ("eager_sdpa", "eager_kernel", "graph", "engine")
+IN_PROCESS = METHODS[:3]
 
 
-def load_specs(names: list[str]):
+def load_specs(names: list[str], tp: int):
     from espc import load_spec
     from espc.frontend.spec import Spec
 
-    tiny = load_spec(SPEC)
+    if tp not in SPEC_TP:
+        raise SystemExit(f"tp {tp}: this benchmark has specs for tp {sorted(SPEC_TP)}")
+    tiny = load_spec(SPEC_TP[tp])
     specs = {}
     for name in names:
         if name == "tiny":
@@ -79,6 +99,10 @@ def load_specs(names: list[str]):
         elif name == "small":
             raw = tiny.model_dump(mode="json")
             raw["model"] = SMALL_MODEL
+            # tiny-cpu.toml caps a device at 3 MiB (scarce KV at toy scale); the small model's
+            # weights alone are 49 MiB: give its devices the CPU preset's memory.
+            for node in raw["cluster"]["nodes"]:
+                node["device"]["memory"] = SMALL_DEVICE_MEMORY
             specs[name] = Spec.model_validate(raw)
         else:
             raise SystemExit(f"unknown model {name!r}: choose tiny or small")
@@ -90,15 +114,24 @@ def load_specs(names: list[str]):
 
 class Eager:
     """The model called module by module with a contiguous KV cache; `kernel` chooses the
-    attention: "sdpa" or the engine's kernel ("torch"/"triton" impl of attn_partial)."""
+    attention: "sdpa" or the engine's kernel ("torch"/"triton" impl of attn_partial). A TP
+    shard of the model (`tp` > 1) holds its own heads and sums the partials of o_proj and of
+    the MLP over its TP group with `espc::tp_all_reduce`, as the lowered graph does."""
 
-    def __init__(self, model, kernel: str, capacity: int):
+    def __init__(self, model, kernel: str, capacity: int, tp: int = 1):
+        from espc.backend.tensor_parallel import local_heads
+
         self.model = model
         self.kernel = kernel
+        self.tp = tp
         spec = model.spec
         self.scale = 1.0 / math.sqrt(spec.head_dim)
-        self.cache = torch.empty((spec.layers, 2, spec.kv_heads, capacity, spec.head_dim), dtype=model.dtype)
+        kv_heads = local_heads(model)[1]
+        self.cache = torch.empty((spec.layers, 2, kv_heads, capacity, spec.head_dim), dtype=model.dtype)
         self.length = 0
+
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        return torch.ops.espc.tp_all_reduce(partial) if self.tp > 1 else partial
 
     def _attend(self, q: torch.Tensor, layer: int, start: int, end: int) -> torch.Tensor:
         """q [n, H, D] at positions [start, end) over the cache [0, end) -> o [n, H*D]."""
@@ -131,16 +164,16 @@ class Eager:
             q, k, v = attn.qkv(layer.input_layernorm(x), cos, sin)
             self.cache[index, 0, :, start:end] = k.transpose(0, 1)
             self.cache[index, 1, :, start:end] = v.transpose(0, 1)
-            x = x + attn.o_proj(self._attend(q, index, start, end))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + self._reduce(attn.o_proj(self._attend(q, index, start, end)))
+            x = x + self._reduce(layer.mlp(layer.post_attention_layernorm(x)))
         self.length = end
         logits = model.lm_head(model.norm(x[-1:]))[0]
         return int(logits.double().argmax())
 
 
-def time_eager(model, kernel: str, prompt: list[int], steps: int) -> tuple[float, float]:
+def time_eager(model, kernel: str, prompt: list[int], steps: int, tp: int = 1) -> tuple[float, float]:
     """(prefill seconds, mean decode step seconds) of one request."""
-    eager = Eager(model, kernel, len(prompt) + steps + 1)
+    eager = Eager(model, kernel, len(prompt) + steps + 1, tp)
     with torch.inference_mode():
         started = time.perf_counter()
         token = eager.forward(torch.tensor(prompt))
@@ -156,16 +189,19 @@ def time_eager(model, kernel: str, prompt: list[int], steps: int) -> tuple[float
 
 
 class InProcessGraph:
-    """The runtime's lowering and paged KV table, executed in this process (DoP 1, rank 0)."""
+    """The runtime's lowering and paged KV table, executed in this process (DoP 1, instance
+    0; as its TP rank `tp_rank` of `tp` when the model is a TP shard)."""
 
-    def __init__(self, spec, model):
+    def __init__(self, spec, model, tp: int = 1, tp_rank: int = 0):
         from espc.backend.kvpool import PagedKVTable, pool_tensor
         from espc.backend.lower import Lowering
+        from espc.backend.tensor_parallel import local_heads
 
         self.spec = spec
-        self.lowering = Lowering(model, attention=spec.runtime.attention)
+        self.tp_rank = tp_rank
+        self.lowering = Lowering(model, attention=spec.runtime.attention, tp=tp)
         self.table = PagedKVTable(KV_CAPACITY, spec.runtime.kv_block_size, 4)
-        self.pool = pool_tensor(spec.model, self.table.num_slots, model.dtype)
+        self.pool = pool_tensor(spec.model, self.table.num_slots, model.dtype, kv_heads=local_heads(model)[1])
         self.iteration = 0
         self.request = 0
 
@@ -175,7 +211,8 @@ class InProcessGraph:
         self.iteration += 1
         plan = IterationPlan(self.iteration, (batch,), (), ())
         program = self.lowering.lower(plan, ranks=(0,), verify=False)
-        inputs = program.inputs(0, self.table, tokens, self.pool)
+        inputs = program.inputs(0, self.table, tokens, self.pool, self.tp_rank)
+        assert inputs is not None, "instance 0 runs this plan's batch"
         (logits,) = program.graph(0)(**inputs)
         return int(logits[0].double().argmax())
 
@@ -196,6 +233,89 @@ class InProcessGraph:
             decode = (time.perf_counter() - started) / steps
         self.table.release(request)
         return prefill, decode
+
+
+class InProcessPaths:
+    """The three in-process paths (`IN_PROCESS`) over one model, or over one TP shard of it."""
+
+    def __init__(self, spec, model, tp: int = 1, tp_rank: int = 0):
+        self.model, self.kernel, self.tp = model, spec.runtime.attention, tp
+        self.graph = InProcessGraph(spec, model, tp, tp_rank)
+
+    def time(self, method: str, prompt: list[int], steps: int) -> tuple[float, float]:
+        if method == "graph":
+            return self.graph.time(prompt, steps)
+        return time_eager(self.model, "sdpa" if method == "eager_sdpa" else self.kernel, prompt, steps, self.tp)
+
+    def close(self) -> None:
+        pass
+
+
+def _tp_rank(rank: int, tp: int, port: int, spec, commands, results) -> None:
+    """One TP rank of `TPRanks`: its shard of the model, the in-process paths on it."""
+    import traceback
+
+    from espc.backend.tensor_parallel import init_tp_group, shard_model
+    from espc.model.llama import build_model
+
+    torch.set_num_threads(THREADS)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp)
+        init_tp_group(tp, tp, rank)
+        paths = InProcessPaths(spec, shard_model(build_model(spec.model), tp, rank), tp, rank)
+        results.put((rank, None, None))
+        while (command := commands.get()) is not None:
+            results.put((rank, paths.time(*command), None))
+    except Exception:
+        results.put((rank, None, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class TPRanks:
+    """The in-process paths at tp > 1: `tp` spawned processes, one per TP rank of one
+    instance, joined by a gloo group; each runs the same path on the same prompt over its
+    shard, and the path's time is the slowest rank's."""
+
+    def __init__(self, spec, tp: int):
+        from espc.backend.harness import free_port
+
+        context = mp.get_context("spawn")
+        self._results = context.Queue()
+        self._commands = [context.Queue() for _ in range(tp)]
+        port = free_port()
+        self._processes = [
+            context.Process(target=_tp_rank, args=(rank, tp, port, spec, self._commands[rank], self._results), daemon=True)
+            for rank in range(tp)
+        ]
+        for process in self._processes:
+            process.start()
+        self._collect("start-up")
+
+    def _collect(self, what: str) -> list:
+        answers = []
+        for _ in self._processes:
+            rank, answer, error = self._results.get(timeout=600)
+            if error is not None:
+                self.close()
+                raise RuntimeError(f"TP rank {rank}, {what}:\n{error}")
+            answers.append(answer)
+        return answers
+
+    def time(self, method: str, prompt: list[int], steps: int) -> tuple[float, float]:
+        for command in self._commands:
+            command.put((method, prompt, steps))
+        answers = self._collect(method)
+        return max(a[0] for a in answers), max(a[1] for a in answers)
+
+    def close(self) -> None:
+        for command in self._commands:
+            command.put(None)
+        for process in self._processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
 
 
 # -------------------------------------------------------------------------------- engine
@@ -244,22 +364,24 @@ def time_engine(engine, prompt: list[int], steps: int, worker_log: list) -> dict
 # ------------------------------------------------------------------------------ driver
 
 
-def measure_model(name: str, spec, lengths: list[int], repeats: int, steps: int, rng: random.Random) -> list[dict]:
+def measure_model(
+    name: str, spec, tp: int, lengths: list[int], repeats: int, steps: int, rng: random.Random
+) -> list[dict]:
     from espc.model.llama import build_model
     from espc.runtime.engine import Engine
 
-    model = build_model(spec.model)  # the workers' weights: same seed, same dtype
-    graph = InProcessGraph(spec, model)
-    kernel = spec.runtime.attention
-    print(f"[{name}] starting the engine ({spec.model.num_parameters:,} parameters) ...", flush=True)
+    # The workers' weights: same seed, same dtype (sharded the same way at tp > 1).
+    paths = InProcessPaths(spec, build_model(spec.model)) if tp == 1 else TPRanks(spec, tp)
+    name_tp = f"{name}, tp {tp}"
+    print(f"[{name_tp}] starting the engine ({spec.model.num_parameters:,} parameters) ...", flush=True)
     started = time.perf_counter()
     rows = []
     with Engine.from_spec(
-        spec, strategy="static-sp", configuration=CONFIGURATION, kv_capacity=KV_CAPACITY, threads=THREADS,
+        spec, strategy="static-sp", configuration=CONFIGURATIONS[tp], kv_capacity=KV_CAPACITY, threads=THREADS,
     ) as engine:
         workers = engine.stats()["instances"]
         worker_log = watch_worker_seconds(engine)
-        print(f"[{name}] {workers} workers up in {time.perf_counter() - started:.1f} s", flush=True)
+        print(f"[{name_tp}] {workers} instances up in {time.perf_counter() - started:.1f} s", flush=True)
         for length in lengths:
             def prompt() -> list[int]:
                 return [rng.randrange(VOCAB) for _ in range(length)]
@@ -269,22 +391,20 @@ def measure_model(name: str, spec, lengths: list[int], repeats: int, steps: int,
             warm = [engine.submit(prompt(), _params(2)) for _ in range(workers)]
             for handle in warm:
                 handle.result(timeout=600)
-            time_eager(model, "sdpa", prompt(), steps)
-            time_eager(model, kernel, prompt(), steps)
-            graph.time(prompt(), steps)
+            for method in IN_PROCESS:
+                paths.time(method, prompt(), steps)
             samples: dict[str, list] = {method: [] for method in METHODS}
             instances = set()
             for _ in range(repeats):
                 p = prompt()
-                samples["eager_sdpa"].append(time_eager(model, "sdpa", p, steps))
-                samples["eager_kernel"].append(time_eager(model, kernel, p, steps))
-                samples["graph"].append(graph.time(p, steps))
+                for method in IN_PROCESS:
+                    samples[method].append(paths.time(method, p, steps))
                 measured = time_engine(engine, p, steps, worker_log)
                 instances.add(measured["instance"])
                 samples["engine"].append(measured)
             for phase, index, key in (("prefill", 0, "ttft"), ("decode", 1, "tpot")):
                 row = {
-                    "model": name, "phase": phase, "length": length, "repeats": repeats,
+                    "model": name, "tp": tp, "phase": phase, "length": length, "repeats": repeats,
                     "decode_steps": steps if phase == "decode" else None,
                     "eager_sdpa_s": statistics.median(s[index] for s in samples["eager_sdpa"]),
                     "eager_kernel_s": statistics.median(s[index] for s in samples["eager_kernel"]),
@@ -301,9 +421,10 @@ def measure_model(name: str, spec, lengths: list[int], repeats: int, steps: int,
                 row["ratio_vs_eager_kernel"] = row["engine_s"] / row["eager_kernel_s"]
                 row["within_target"] = row["ratio_vs_eager_sdpa"] <= TARGET
                 rows.append(row)
-            print(f"[{name}] L={length} done at {time.perf_counter() - started:.0f} s", flush=True)
+            print(f"[{name_tp}] L={length} done at {time.perf_counter() - started:.0f} s", flush=True)
         stats = engine.stats()
-    print(f"[{name}] {stats['graph_cache']}", flush=True)
+    paths.close()
+    print(f"[{name_tp}] {stats['graph_cache']}", flush=True)
     return rows
 
 
@@ -319,14 +440,14 @@ def _ms(seconds: float) -> str:
 
 def format_table(rows: list[dict]) -> str:
     header = (
-        f"{'model':<6} {'phase':<8} {'length':>6} │ {'eager ms':>9} {'engine ms':>9} {'ratio':>6} {'≤1.10?':>6} │ "
+        f"{'model':<6} {'tp':>2} {'phase':<8} {'length':>6} │ {'eager ms':>9} {'engine ms':>9} {'ratio':>6} {'≤1.10?':>6} │ "
         f"{'eager, espc kernel':>18} {'FX graph in-proc':>16} {'engine worker':>13} {'engine iteration':>16} "
         f"{'engine / eager, espc kernel':>27}"
     )
     lines = [header, "─" * len(header)]
     for r in rows:
         lines.append(
-            f"{r['model']:<6} {r['phase']:<8} {r['length']:>6} │ {_ms(r['eager_sdpa_s'])} {_ms(r['engine_s'])} "
+            f"{r['model']:<6} {r['tp']:>2} {r['phase']:<8} {r['length']:>6} │ {_ms(r['eager_sdpa_s'])} {_ms(r['engine_s'])} "
             f"{r['ratio_vs_eager_sdpa']:>5.2f}× {'yes' if r['within_target'] else 'no':>6} │ "
             f"{_ms(r['eager_kernel_s']):>18} {_ms(r['graph_s']):>16} {_ms(r['engine_worker_s']):>13} "
             f"{_ms(r['engine_iteration_s']):>16} {r['ratio_vs_eager_kernel']:>26.2f}×"
@@ -338,6 +459,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,small", help="comma-separated: tiny, small")
     parser.add_argument("--lengths", default="128,512,2048", help="prompt lengths (decode runs at these contexts)")
+    parser.add_argument("--tps", default="1,2", help="comma-separated tensor-parallel degrees: 1, 2")
     parser.add_argument("--small-lengths", default=None, help="lengths for the small model (default: --lengths)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--small-repeats", type=int, default=3, help="repeats for the small model (its prefills take seconds)")
@@ -350,18 +472,21 @@ def main() -> None:
     rng = random.Random(arguments.seed)
     lengths = [int(n) for n in arguments.lengths.split(",")]
     small_lengths = [int(n) for n in arguments.small_lengths.split(",")] if arguments.small_lengths else lengths
-    specs = load_specs([name.strip() for name in arguments.models.split(",") if name.strip()])
+    names = [name.strip() for name in arguments.models.split(",") if name.strip()]
+    tps = [int(t) for t in arguments.tps.split(",")]
+    specs = {tp: load_specs(names, tp) for tp in tps}
     started = time.perf_counter()
     rows = []
-    for name, spec in specs.items():
-        rows += measure_model(
-            name, spec, small_lengths if name == "small" else lengths,
-            arguments.small_repeats if name == "small" else arguments.repeats, arguments.decode_steps, rng,
-        )
+    for tp in tps:
+        for name, spec in specs[tp].items():
+            rows += measure_model(
+                name, spec, tp, small_lengths if name == "small" else lengths,
+                arguments.small_repeats if name == "small" else arguments.repeats, arguments.decode_steps, rng,
+            )
     elapsed = time.perf_counter() - started
     print()
     print(
-        f"Runtime overhead (DoP 1, one request at a time, {THREADS} torch thread per process; medians of "
+        f"Runtime overhead (DoP 1 at tp {arguments.tps}, one request at a time, {THREADS} torch thread per process; medians of "
         f"{arguments.repeats} repeats (small: {arguments.small_repeats}); decode = mean of {arguments.decode_steps} steps): "
         f"target engine ≤ {TARGET:.2f}× eager"
     )
@@ -376,11 +501,13 @@ def main() -> None:
         "target_ratio": TARGET,
         "machine": {"python": platform.python_version(), "processor": platform.machine(), "cpus": os.cpu_count(),
                     "torch": torch.__version__, "load_average": list(os.getloadavg())},
-        "configuration": {"spec": str(SPEC.relative_to(ROOT)), "strategy": "static-sp", "configuration": CONFIGURATION,
+        "configuration": {"spec": str(SPEC.relative_to(ROOT)), "strategy": "static-sp", "configuration": CONFIGURATIONS[1],
+                          "tps": tps, "tp_specs": {tp: str(SPEC_TP[tp].relative_to(ROOT)) for tp in tps},
+                          "tp_configurations": {tp: CONFIGURATIONS[tp] for tp in tps},
                           "kv_capacity": KV_CAPACITY, "threads": THREADS, "repeats": arguments.repeats,
                           "small_repeats": arguments.small_repeats,
                           "decode_steps": arguments.decode_steps, "small_model": SMALL_MODEL},
-        "models": {name: spec.model.model_dump(mode="json") for name, spec in specs.items()},
+        "models": {name: spec.model.model_dump(mode="json") for name, spec in specs[tps[0]].items()},
         "rows": rows,
         "elapsed_s": elapsed,
     }

@@ -10,10 +10,9 @@ configuration "tp=1, groups=1+1+1+1", kv_capacity 8192, unless --artifact names 
 one):
 
 - server: the engine behind the OpenAI-compatible server (`espc.runtime.server`, uvicorn)
-  in a child process; this process runs the clients (asyncio), each on its own kept-alive
-  loopback connection POSTing `/v1/completions` with `stream: true` and reading the
-  server-sent events (a minimal HTTP/1.1 reader: httpx parsing 64 streams would cost the
-  shared CPUs more than the server producing them);
+  in a child process; this process runs the clients with espc's load generator
+  (`espc.runtime.loadgen`, what `espc bench serve` runs): kept-alive loopback connections
+  POSTing `/v1/completions` with `stream: true`, read by a minimal HTTP/1.1 reader;
 - direct: the engine in this process, each client iterating `Engine.stream` (what a
   service embedding the engine does): no HTTP, no JSON, no second process.
 
@@ -22,8 +21,9 @@ clients, each taking the next request when its last one ended. A request is a pr
 random token ids, its length uniform in --prompt-lengths, and greedy decoding of exactly
 --max-tokens tokens (no stop tokens), so both runs do the same work. TTFT is measured by
 the client from sending the request to receiving its first token, TPOT as (last token -
-first token) / (tokens - 1); requests/s is N over the wall time of the level. Before each
-run, every instance serves a few requests to warm the lowering cache. The overhead table
+first token) / (tokens - 1) (the server run: to the end of the stream); requests/s is N
+over the wall time of the level. Before each run, every instance serves a few requests to
+warm the lowering cache. The overhead table
 gives server / direct for requests/s and the medians of TTFT and TPOT.
 
 The machine's other load shows in every number: on a shared 2-core machine read the ratios,
@@ -39,11 +39,12 @@ import os
 import platform
 import random
 import signal
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from espc.runtime import loadgen
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "specs" / "tiny-cpu.toml"
@@ -66,17 +67,6 @@ def workload(count: int, lengths: tuple[int, int], seed: int) -> list[list[int]]
     return [[rng.randrange(256) for _ in range(rng.randint(*lengths))] for _ in range(count)]
 
 
-def percentiles(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"p50": float("nan"), "p90": float("nan"), "p99": float("nan"), "mean": float("nan")}
-    ordered = sorted(values)
-
-    def at(q: float) -> float:
-        return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-
-    return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "mean": statistics.fmean(values)}
-
-
 def summarize(mode: str, clients: int, samples: list[dict], wall_s: float) -> dict:
     ok = [s for s in samples if s["error"] is None]
     ttft = [s["ttft_s"] for s in ok]
@@ -85,7 +75,7 @@ def summarize(mode: str, clients: int, samples: list[dict], wall_s: float) -> di
     return {
         "mode": mode, "clients": clients, "requests": len(samples), "errors": len(samples) - len(ok), "wall_s": wall_s,
         "requests_per_s": len(ok) / wall_s if wall_s else 0.0, "output_tokens_per_s": tokens / wall_s if wall_s else 0.0,
-        "ttft_s": percentiles(ttft), "tpot_s": percentiles(tpot),
+        "ttft_s": loadgen.percentiles(ttft), "tpot_s": loadgen.percentiles(tpot),
         "first_errors": [s["error"] for s in samples if s["error"] is not None][:3],
     }
 
@@ -125,83 +115,20 @@ def serve_child(artifact: str | None) -> None:
         pass
 
 
-class Connection:
-    """A minimal HTTP/1.1 client on asyncio streams, kept alive across requests: the load
-    generator shares the machine with the server and the workers, and httpx parsing every
-    event of 64 streams costs more CPU than the server producing them."""
-
-    def __init__(self, host: str, port: int):
-        self.host, self.port = host, port
-        self.reader = self.writer = None
-
-    async def stream(self, body: dict) -> tuple[list[float], str | None]:
-        """POST a streaming completion: the arrival time of each token, and an error."""
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        payload = json.dumps(body).encode()
-        self.writer.write(
-            b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-            % (self.host.encode(), len(payload)) + payload
-        )
-        head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-        status = int(head.split(" ", 2)[1])
-        headers = {line.split(":", 1)[0].lower(): line.split(":", 1)[1].strip() for line in head.split("\r\n")[1:] if ":" in line}
-        if "content-length" in headers:
-            text = await self.reader.readexactly(int(headers["content-length"]))
-            return [], f"HTTP {status}: {text[:200]!r}"
-        times, error = [], None
-        while True:  # chunked: uvicorn sends each server-sent event as one chunk
-            size = int((await self.reader.readline()).strip(), 16)
-            data = await self.reader.readexactly(size + 2)
-            if size == 0:
-                break
-            if b'"finish_reason":null' in data:  # a token (return_token_ids: one chunk per token)
-                times.append(time.perf_counter())
-            elif b'"error"' in data:
-                error = json.loads(data[len(b"data: "):])["error"]["message"]
-        return times, error
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
 async def run_server(url: str, plan, max_tokens: int, name: str, warmup: list[list[int]]) -> list[dict]:
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    connections: list[Connection] = []
+    """Each level through espc's load generator (`espc bench serve`): every request arrives at
+    once and at most `clients` are in flight, which is `clients` closed-loop clients."""
 
-    def pooled(clients: int):
-        free = [Connection(host, int(port)) for _ in range(clients)]
-        connections.extend(free)
+    def requests(prompts: list[list[int]]) -> list[loadgen.LoadRequest]:
+        return [loadgen.LoadRequest(index, 0.0, prompt, max_tokens) for index, prompt in enumerate(prompts)]
 
-        async def one_request(prompt):
-            connection = free.pop()
-            body = {
-                "model": name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                "return_token_ids": True, "ignore_eos": True,
-            }
-            started = time.perf_counter()
-            try:
-                times, error = await connection.stream(body)
-            except (OSError, asyncio.IncompleteReadError, ValueError) as failure:
-                times, error = [], f"{type(failure).__name__}: {failure}"
-                connection.close()
-                connection = Connection(host, int(port))
-            free.append(connection)
-            return sample(started, times, error)
-
-        return one_request
-
+    await loadgen.run_load(url, requests(warmup), model=name, max_concurrency=4)
     results = []
-    try:
-        await run_level(pooled(4), warmup, 4)
-        for clients, prompts in plan:
-            samples, wall = await run_level(pooled(clients), prompts, clients)
-            results.append(summarize("server", clients, samples, wall))
-            print(f"  server, {clients} clients: {results[-1]['requests_per_s']:.1f} req/s", flush=True)
-    finally:
-        for connection in connections:
-            connection.close()
+    for clients, prompts in plan:
+        run = await loadgen.run_load(url, requests(prompts), model=name, max_concurrency=clients)
+        samples = [{"ttft_s": r.ttft_s, "tpot_s": r.tpot_s, "tokens": r.output_tokens, "error": r.error} for r in run.results]
+        results.append(summarize("server", clients, samples, run.duration_s))
+        print(f"  server, {clients} clients: {results[-1]['requests_per_s']:.1f} req/s", flush=True)
     return results
 
 

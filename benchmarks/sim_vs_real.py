@@ -114,8 +114,6 @@ def choose_candidate(spec, evaluator, arguments) -> tuple[object, object, dict]:
     else:
         policy, strategy, configuration = None, arguments.strategy, None
         how = {"compiled": False}
-    if strategy == "chunked":
-        raise SystemExit("strategy chunked: the runtime does not serve it yet (see espc.runtime.engine.build_scheduler)")
     family = evaluator.candidates(strategy)
     if configuration is None and len(family) > 1:
         configuration = evaluator.simulate_strategy(strategy, arguments.rate, arguments.seed).configuration

@@ -28,12 +28,16 @@ def compile(  # noqa: A001 — `espc.compile` is the public name (see DESIGN.md)
     requests: int = 300,
     seed: int | None = None,
     calibration: str | os.PathLike | None = None,
+    runnable: bool | None = None,
 ) -> Policy:
     """`espc compile` as a function: the Policy for a Spec (or a spec file), and with
     `output` the verified artifact directory too. `calibration`: a file `espc profile` wrote
-    for this spec's model and cluster; the cost model uses its fits. Raises SpecError for a
-    bad spec file, espc.planner.sim.calibration.CalibrationError for a bad or mismatched
-    calibration file and espc.planner.compile.ilp.InfeasibleSLO when the SLOs cannot be met."""
+    for this spec's model and cluster; the cost model uses its fits. `runnable`: hold the
+    candidates to what the runtime serves (`--runnable`) or not (`--simulation-only`); None:
+    when the spec's devices are CPUs. Raises SpecError for a bad spec file,
+    espc.planner.sim.calibration.CalibrationError for a bad or mismatched calibration file,
+    espc.planner.compile.ilp.InfeasibleSLO when the SLOs cannot be met and
+    espc.planner.compile.feasibility.NothingFeasible when no candidate is left."""
     # The planner pulls in cvxpy and numpy: imported here so that `import espc` stays light.
     from pathlib import Path
 
@@ -46,7 +50,7 @@ def compile(  # noqa: A001 — `espc.compile` is the public name (see DESIGN.md)
         spec_path = Path(spec)
         spec = load_spec(spec_path)
     calibrated = load_calibration(Path(calibration), spec) if calibration is not None else None
-    options = CompileOptions(search_seconds=search_seconds, trial_requests=requests, seed=seed)
+    options = CompileOptions(search_seconds=search_seconds, trial_requests=requests, seed=seed, runnable=runnable)
     result = compile_spec(
         spec, spec_hash(spec), spec_path.parent if spec_path else None, options, cost=calibrated.cost if calibrated else None
     )

@@ -22,6 +22,7 @@ from espc.planner.plan import (
     DecodeItem,
     IterationPlan,
     Migration,
+    PlanError,
     PrefillBatch,
     PrefillItem,
     TokenRange,
@@ -91,6 +92,20 @@ class Session:
         plan, results = self.run([PrefillBatch(tuple(ring), items)], tokens=chunks)
         self.sequences.update(chunks)
         check_logits(results, chunks)
+        return plan, results
+
+    def extend(self, ring, lengths: dict[int, int], keep_on=None):
+        """Continue requests on `ring` by `lengths` new tokens each (a fresh request starts at
+        0), retaining evenly over `keep_on` (default: the ring)."""
+        items, chunks = [], {}
+        for request, n in lengths.items():
+            start = len(self.sequences.get(request, ()))
+            chunks[request] = self.tokens(n)
+            items.append(PrefillItem(request, start, start + n, even_retention(start, start + n, keep_on or ring)))
+        plan, results = self.run([PrefillBatch(tuple(ring), tuple(items))], tokens=chunks)
+        for request, chunk in chunks.items():
+            self.sequences[request] = torch.cat((self.sequences.get(request, chunk[:0]), chunk))
+        check_logits(results, {request: self.sequences[request] for request in lengths})
         return plan, results
 
     def shards(self, request: int, instances) -> tuple[tuple[int, int], ...]:
@@ -196,10 +211,55 @@ def test_migration_overlapping_a_prefill_then_decode(harness):
         session.free_all()
 
 
-def test_unsupported_plan_fails_in_the_parent_before_any_rank_waits(harness):
-    chunked = IterationPlan(0, (PrefillBatch((0, 1), (PrefillItem(50, 10, 20, even_retention(10, 20, (0,))),)),))
-    with pytest.raises(NotImplementedError, match="request 50: prefill of tokens \\[10, 20\\)"):
-        harness.run(chunked, {50: torch.zeros(10, dtype=torch.long)})
+def test_chunked_prefill_continues_from_the_prefix_where_it_lives(harness):
+    """Chunks of odd sizes on rings of 2 and 3 (one member holding none of the prefix), a
+    prefix retained on one instance, a fresh request and a 1-token chunk (a decode step
+    piggybacked, Sarathi-style) in one batch: the logits of every chunk's last token equal
+    the float64 forward of the whole sequence so far, and only the chunk's own KV travels
+    the ring — the prefix stays where it is, queries and (o, lse) answers go to it."""
+    session = Session(harness, seed=14)
+    try:
+        session.extend((0, 1), {70: 101, 71: 5})
+        plan, results = session.extend((1, 0), {70: 57, 71: 1}, keep_on=(1,))
+        assert session.held[0][70] == (TokenRange(0, 51),) and session.held[1][70] == (TokenRange(51, 158),)
+        assert sum(_bytes(results, "ring")) == 58 * KV_TOKEN_BYTES  # the chunks' own KV, one hop
+        assert sum(_bytes(results, "migration")) == 0
+        plan, results = session.extend((2, 0, 1), {70: 43, 71: 1, 72: 29})
+        assert sum(_bytes(results, "ring")) == 2 * 73 * KV_TOKEN_BYTES
+        traffic = expected_traffic(plan, TINY, torch.float32)
+        assert _bytes(results, "query") == [traffic[rank]["query"] if rank in traffic else 0 for rank in range(WORLD)]
+        assert _bytes(results, "query")[2] > 0  # rank 2 holds no prefix: it asks the others
+        session.decode((0, 1, 2), {70: 2, 71: 0, 72: 1})  # decoding goes on from the chunks' KV
+    finally:
+        session.free_all()
+
+
+def test_continued_prefill_beside_migrations_reads_the_kv_resident_before_the_plan(harness):
+    """A request's prefix is split by a migration, then continued on a ring of its holders
+    while, in the same plan, the rest of its prefix migrates between ring members and another
+    request migrates in: the chunk attends to the KV resident before the plan, once."""
+    session = Session(harness, seed=15)
+    try:
+        session.extend((0, 1), {80: 77, 81: 64})
+        session.run(migrations=[Migration(80, 1, 3, TokenRange(39, 77))])
+        assert session.held[3][80] == (TokenRange(39, 77),) and 80 not in session.held[1]
+        batch = PrefillBatch((3, 0), (PrefillItem(80, 77, 100, even_retention(77, 100, (3, 0))),))
+        migrations = [Migration(80, 0, 3, TokenRange(0, 39)), Migration(81, 1, 0, TokenRange(32, 64))]
+        chunk = {80: session.tokens(23)}
+        plan, results = session.run([batch], migrations, tokens=chunk)
+        session.sequences[80] = torch.cat((session.sequences[80], chunk[80]))
+        check_logits(results, {80: session.sequences[80]})
+        assert session.held[3][80] == (TokenRange(0, 89),) and session.held[0][80] == (TokenRange(89, 100),)
+        assert session.held[0][81] == (TokenRange(0, 64),)
+        session.extend((0, 3), {80: 1, 81: 3})
+    finally:
+        session.free_all()
+
+
+def test_invalid_plan_fails_in_the_parent_before_any_rank_waits(harness):
+    gap = IterationPlan(0, (PrefillBatch((0, 1), (PrefillItem(50, 0, 20, even_retention(0, 10, (0,))),)),))
+    with pytest.raises(PlanError, match="retention gap \\[10, 20\\)"):
+        harness.run(gap, {50: torch.zeros(20, dtype=torch.long)})
     session = Session(harness, seed=13)  # the group still works
     try:
         session.prefill((0, 1), {51: 9})

@@ -1,7 +1,8 @@
 """`espc compile` and `espc inspect`, and simulate / compare on an artifact directory.
 
-One compile of a small elastic-only spec (no baselines, no search) is shared by the module;
-the tiny CPU device is slowed down so that goodput trials stay at a few dozen requests."""
+One compile of a small elastic-only spec (tests/small_specs.py: no baselines, no search) is
+shared by the module; its CPU is slowed down so that goodput trials stay at a few dozen
+requests."""
 
 import json
 import subprocess
@@ -9,22 +10,20 @@ import sys
 from pathlib import Path
 
 import pytest
+from small_specs import small_spec_text
 from typer.testing import CliRunner
 
 from espc.cli.main import app
 from espc.planner.compile.artifact import load_artifact
+from espc.planner.compile.feasibility import UNSERVED_STRATEGIES, runtime_limit
 from espc.planner.compile.policy import format_instances
 
-SPECS = Path(__file__).resolve().parent.parent / "specs"
-TINY = SPECS / "tiny-cpu.toml"
-SLOW_CPU = 'device = { name = "cpu", peak_flops = "1GFLOP/s", memory_bandwidth = "200MB/s" }'
-ELASTIC = '\n[policy]\nstrategy = "elastic"\nlength_buckets = 3\n'
 FAST = ["--search-seconds", "0", "--requests", "60"]
 runner = CliRunner()
 
 
 def write_spec(directory: Path, name: str, replace: tuple[str, str] | None = None) -> Path:
-    text = TINY.read_text().replace('device = "cpu"', SLOW_CPU) + ELASTIC
+    text = small_spec_text(strategy="elastic")
     if replace:
         assert replace[0] in text
         text = text.replace(*replace)
@@ -59,7 +58,7 @@ def test_compile_writes_the_artifact_and_prints_the_policy(compiled):
     assert [p.strategy for p in policy.predictions] == ["elastic"]  # an elastic spec skips the baselines
     assert policy.elastic.buckets[0].low == 0 and len(policy.elastic.buckets) <= 3
     lock = json.loads((out / "spec.lock.json").read_text())
-    assert lock["compile_options"] == {"search_seconds": 0.0, "trial_requests": 60, "seed": None}
+    assert lock["compile_options"] == {"search_seconds": 0.0, "trial_requests": 60, "seed": None, "runnable": None}
     assert lock["source"] == str(spec)
     report = (out / "report.md").read_text()
     assert "- compile options: search 0 s, ≥ 60 requests per trial, workload seed 0" in report
@@ -143,19 +142,90 @@ def test_simulate_elastic_on_a_spec_file_solves_the_milp(tmp_path):
 
 
 def test_a_baseline_only_compile(tmp_path):
-    spec = write_spec(tmp_path, "static.toml", ('strategy = "elastic"', 'strategy = "static-tp"'))
+    spec = write_spec(tmp_path, "static.toml", ('strategy = "elastic"', 'strategy = "static-sp"\nsp_size = 4'))
     out = tmp_path / "static"
     result = runner.invoke(app, ["compile", str(spec), "-o", str(out), *FAST, "--dump-ir"])
     assert result.exit_code == 0, result.output
     assert "== stage milp: skipped" in result.stdout
-    assert "espc compile: strategies: static-tp: measuring tp=4" in result.stderr
+    assert "espc compile: strategies: static-sp: measuring tp=1, groups=4" in result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["goodput.png", "manifest.json", "policy.json", "report.md", "spec.lock.json"]
     shown = runner.invoke(app, ["inspect", str(out)])
     assert shown.exit_code == 0, shown.output
-    assert "no elastic policy: the spec asks for static-tp" in shown.stdout and "DoP cap" not in shown.stdout
+    assert "no elastic policy: the spec asks for static-sp" in shown.stdout and "DoP cap" not in shown.stdout
     simulated = runner.invoke(app, ["simulate", str(out), "--requests", "20"])
     assert simulated.exit_code == 0, simulated.output
-    assert "static-tp(tp=4)" in simulated.stdout
+    assert "static-sp(tp=1, groups=4)" in simulated.stdout
+
+
+def test_nothing_to_compile_exits_2_with_every_reason(tmp_path):
+    """static-tp is one replica of the node (tp = 4), which the tiny spec's tp = 1 rules out —
+    for simulation too: the pin is the spec's."""
+    spec = write_spec(tmp_path, "static.toml", ('strategy = "elastic"', 'strategy = "static-tp"'))
+    for flags in ([], ["--simulation-only"]):
+        result = runner.invoke(app, ["compile", str(spec), "-o", str(tmp_path / "out"), *FAST, *flags])
+        assert result.exit_code == 2, result.output
+        assert result.stderr.splitlines()[-1] == (
+            f"{spec}: no candidate can be compiled: static-tp (tp=4): the spec pins tp = 1 (cluster.tp); "
+            "this configuration has tp = 4"
+        )
+        assert "Traceback" not in result.output and not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_strategy_the_runtime_cannot_serve_compiles_for_simulation_only(tmp_path, monkeypatch):
+    """A strategy in the runtime's table of unserved ones compiles only with
+    --simulation-only; the report and inspect say so, and the Engine refuses the artifact
+    with the reason before starting a worker. (The table is empty today: the test enters
+    disaggregated in it.)"""
+    from espc.runtime.engine import Engine, EngineError
+
+    monkeypatch.setitem(UNSERVED_STRATEGIES, "disaggregated", "a limit this test declares")
+    spec = write_spec(tmp_path, "pd.toml", ('strategy = "elastic"', 'strategy = "disaggregated"\nprefill_instances = 2'))
+    out = tmp_path / "pd"
+    refused = runner.invoke(app, ["compile", str(spec), "-o", str(out), *FAST])
+    assert refused.exit_code == 2
+    assert refused.stderr.splitlines()[-1] == (
+        f"{spec}: no candidate can be compiled: disaggregated (tp=1, 2P+2D): {runtime_limit('disaggregated', 1)}; "
+        "`--simulation-only` lifts the runtime's limits (for `espc simulate` and `espc compare`)"
+    )
+    result = runner.invoke(app, ["compile", str(spec), "-o", str(out), *FAST, "--simulation-only"])
+    assert result.exit_code == 0, result.output
+    policy, _ = load_artifact(out)
+    assert (policy.strategy, policy.configuration, policy.runnable) == ("disaggregated", "tp=1, 2P+2D", False)
+    assert "compiled for simulation only" in (out / "report.md").read_text()
+    assert "compiled for simulation only" in runner.invoke(app, ["inspect", str(out)]).stdout
+    with pytest.raises(EngineError) as raised:
+        Engine.from_artifact(out)
+    assert str(raised.value) == (
+        "strategy disaggregated (tp=1, 2P+2D): the runtime does not serve disaggregated: a limit this test declares; "
+        "recompile with `espc compile --runnable`"
+    )
+
+
+def test_report_and_inspect_list_the_candidates_left_out(tmp_path):
+    """600 KB per CPU and tp free: the weights fill an instance of tp 1, and at tp 2 the
+    longest prompts need more instances than a node has: compile leaves both out, each with
+    its reason, in report.md and `espc inspect`, and compiles tp 4."""
+    spec = write_spec(tmp_path, "small.toml", ("tp = 1 ", "# tp unset "))
+    text = spec.read_text().replace('memory_bandwidth = "200MB/s"', 'memory_bandwidth = "200MB/s", memory = "600KB"')
+    spec.write_text(text.replace("max_context = 4096", "max_context = 1024").replace("zipf(1.2, 8, 2K)", "zipf(1.2, 8, 900)"))
+    out = tmp_path / "small"
+    result = runner.invoke(app, ["compile", str(spec), "-o", str(out), *FAST])
+    assert result.exit_code == 0, result.output
+    policy, _ = load_artifact(out)
+    assert policy.runnable and policy.elastic.tp == 4
+    assert [(s.strategy, s.configuration) for s in policy.skipped] == [("elastic", "tp=1"), ("elastic", "tp=2")]
+    no_kv, slo = (s.reason for s in policy.skipped)
+    assert no_kv == "an instance of tp = 1 may use 293KiB (memory_fraction × device memory × tp), and the weights take 489KiB: no KV fits"
+    assert slo.startswith("the SLOs cannot be met: ") and "193 KV slots at tp(2)" in slo
+    report = (out / "report.md").read_text()
+    assert "compiled to run" in report and "## Candidates left out" in report
+    assert f"| elastic | tp=1 | {no_kv} |" in report
+    shown = runner.invoke(app, ["inspect", str(out)])
+    assert shown.exit_code == 0, shown.output
+    assert "candidates left out (not simulated)" in shown.stdout and "compiled to run" in shown.stdout
+    left_out = shown.stdout[shown.stdout.index("candidates left out"):]
+    rows = [line for line in left_out.splitlines() if line.startswith("│ elastic ")]
+    assert [[cell.strip() for cell in row.strip("│ ").split("│")][:2] for row in rows] == [["elastic", "tp=1"], ["elastic", "tp=2"]]
 
 
 def test_an_edited_artifact_is_refused(compiled, tmp_path):

@@ -1,21 +1,31 @@
 """The compile pipeline's search: elastic equivalents of static groupings, and a search that
-keeps the best policy it verified."""
+keeps the best policy it verified; what compile may choose: candidates that cannot run, or
+that the spec's tp or the calibration rule out, are left out with the reason."""
 
 from pathlib import Path
 
 import pytest
+from small_specs import small_spec_text
 
 from espc import load_spec
 from espc.frontend.loader import validate_spec
+from espc.frontend.spec import Spec
 from espc.planner.compile.artifact import spec_hash
 from espc.planner.compile.compiler import SEED_LAYOUTS, CompileOptions, compile_spec, goodput_metric, static_equivalent
 from espc.planner.compile.evaluation import Evaluator
-from espc.planner.compile.policy import ElasticPolicy, LengthBucket
+from espc.planner.compile.feasibility import (
+    UNSERVED_STRATEGIES,
+    Limits,
+    NothingFeasible,
+    runs_by_default,
+    runtime_limit,
+)
+from espc.planner.compile.policy import ElasticPolicy, LengthBucket, SkippedCandidate
+from espc.planner.sim.costmodel import CostModel
 from espc.planner.sim.strategies import StaticLayout
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 TINY = SPECS / "tiny-cpu.toml"
-SLOW_CPU = 'device = { name = "cpu", peak_flops = "1GFLOP/s", memory_bandwidth = "200MB/s" }'
 
 
 def template(tp: int = 1) -> ElasticPolicy:
@@ -104,19 +114,20 @@ def test_the_search_starts_from_static_seeds_and_keeps_the_best_verified_policy(
     groupings beside the MILP's policies, and what it predicts for elastic is at least every
     policy it verified (the search only ever keeps improvements)."""
     path = tmp_path / "tiny.toml"
-    path.write_text(TINY.read_text().replace('device = "cpu"', SLOW_CPU) + '\n[policy]\nstrategy = "elastic"\nlength_buckets = 3\n')
+    path.write_text(small_spec_text(strategy="elastic"))
     spec = load_spec(path)
     result = compile_spec(spec, spec_hash(spec), tmp_path, CompileOptions(search_seconds=1.0, trial_requests=40))
     seeds = [trial for trial in result.trials if trial.stage == "seed"]
     assert 1 <= len(seeds) <= 2 * SEED_LAYOUTS  # partitioned and shared
     assert all(trial.label.startswith("as static tp=") for trial in seeds)
-    assert any(trial.label.endswith("partitioned") for trial in seeds)
+    assert any("partitioned" in trial.label for trial in seeds)
     elastic = next(p for p in result.policy.predictions if p.strategy == "elastic")
-    verified = [trial.goodput_rps for trial in result.trials if trial.stage in ("verify", "seed")]
+    # (None: a seed rejected by one trial at the goodput it had to clear.)
+    verified = [t.goodput_rps for t in result.trials if t.stage in ("verify", "seed") and t.goodput_rps is not None]
     assert elastic.goodput_rps >= max(verified)
     # The ablate stage measured the best policy without ESP's choices: the compiled policy is
     # whichever of the two measured higher, and its prediction is that goodput.
-    searched = max(trial.goodput_rps for trial in result.trials if trial.stage != "ablate")
+    searched = max(trial.goodput_rps for trial in result.trials if trial.stage != "ablate" and trial.goodput_rps is not None)
     ablated = [trial.goodput_rps for trial in result.trials if trial.stage == "ablate"]
     if result.policy.elastic.is_rigid() and ablated:
         assert ablated[0] > searched and elastic.goodput_rps == ablated[0]
@@ -133,3 +144,140 @@ def test_auto_goodput_metric_is_per_class_when_a_prompt_needs_several_instances(
         "policy": spec.policy.model_dump(mode="json") | {"goodput_metric": "p90"}}, {}, "test")
     assert goodput_metric(pinned, Evaluator(pinned, TINY.parent, kv_capacity=1)) == "p90"
 
+
+
+# ------------------------------------------------------------------ what compile may choose
+
+
+def small_variant(tmp_path: Path, *replacements: tuple[str, str], **spec) -> Spec:
+    """tests/small_specs.py's spec (the tiny model on 4 CPUs, tp = 1 pinned, strategy auto
+    unless `spec` says otherwise), edited."""
+    text = small_spec_text(**spec)
+    for old, new in replacements:
+        assert old in text
+        text = text.replace(old, new)
+    path = tmp_path / "spec.toml"
+    path.write_text(text)
+    return load_spec(path)
+
+
+
+
+def test_a_six_head_model_compiles_on_the_tiny_spec(tmp_path):
+    """static-tp's replica of a node (tp = 4) cannot split 6 heads: compile leaves the family
+    out with the reason instead of failing, and compares every other strategy at the
+    spec's tp = 1."""
+    spec = small_variant(tmp_path, heads=6)
+    result = compile_spec(spec, spec_hash(spec), tmp_path, CompileOptions(search_seconds=0, trial_requests=40))
+    policy = result.policy
+    assert policy.runnable
+    assert SkippedCandidate("static-tp", "every configuration", "tp(4) does not divide the model's 6 heads") in policy.skipped
+    assert {p.strategy for p in policy.predictions} == {"elastic", "static-sp", "chunked", "disaggregated", "best-static"}
+    assert all(p.configuration.startswith("tp=1") for p in policy.predictions)
+    assert policy.strategy in {p.strategy for p in policy.predictions}
+
+
+def test_a_pinned_tp_binds_every_strategy(tmp_path):
+    """The tiny spec pins tp = 1: static-tp (a replica of the node, tp = 4) is left out, in
+    simulation-only compiles too — the pin is the spec's, not the runtime's."""
+    spec = small_variant(tmp_path)
+    for runnable in (True, False):
+        evaluator = Evaluator(spec, tmp_path, limits=Limits.of(spec, CostModel.from_spec(spec), runnable))
+        assert evaluator.candidates("static-tp") == []
+        assert evaluator.skipped == [
+            SkippedCandidate("static-tp", "tp=4", "the spec pins tp = 1 (cluster.tp); this configuration has tp = 4")
+        ]
+        assert {c.label.split(",")[0] for c in evaluator.candidates("best-static")} == {"tp=1"}
+    # Without limits (`espc compare`, the benchmarks) static-tp stays vLLM's deployment.
+    assert [c.label for c in Evaluator(spec, tmp_path).candidates("static-tp")] == ["tp=4"]
+
+
+def test_cpu_specs_compile_to_run_at_every_tp_the_model_allows(tmp_path):
+    """With tp free, a CPU spec compiles to run at tp 1, 2 and 4 alike (the runtime shards an
+    instance's model over its tp ranks: `espc.backend.tensor_parallel`), the MILP included;
+    --simulation-only considers the same candidates."""
+    spec = small_variant(tmp_path, tp=None)
+    assert spec.cluster.tp is None and runs_by_default(spec)
+    runnable = Evaluator(spec, tmp_path, limits=Limits.of(spec, CostModel.from_spec(spec)))
+    assert {c.label.split(",")[0] for c in runnable.candidates("best-static")} == {"tp=1", "tp=2", "tp=4"}
+    assert runnable.skipped == []
+    assert all(runtime_limit(strategy, tp) is None for strategy in ("elastic", "best-static") for tp in (1, 2, 4))
+    simulated = Evaluator(spec, tmp_path, limits=Limits.of(spec, CostModel.from_spec(spec), runnable=False))
+    assert {c.label.split(",")[0] for c in simulated.candidates("best-static")} == {"tp=1", "tp=2", "tp=4"}
+    assert simulated.skipped == []
+
+
+def test_a_strategy_the_runtime_does_not_serve_is_left_out_unless_for_simulation(tmp_path, monkeypatch):
+    """A CPU spec compiles to run by default: a strategy in the runtime's table of unserved
+    ones (empty today: the test enters disaggregated) is left out, every configuration with
+    the table's reason; --simulation-only keeps it. Accelerator specs compile for
+    simulation by default."""
+    monkeypatch.setitem(UNSERVED_STRATEGIES, "disaggregated", "a limit this test declares")
+    spec = small_variant(tmp_path)
+    assert not runs_by_default(load_spec(SPECS / "lwm7b-a800x8.toml"))
+    runnable = Evaluator(spec, tmp_path, limits=Limits.of(spec, CostModel.from_spec(spec)))
+    assert runnable.candidates("disaggregated") == []
+    reason = "the runtime does not serve disaggregated: a limit this test declares"
+    assert runtime_limit("disaggregated", 1) == reason
+    assert runnable.skipped == [SkippedCandidate("disaggregated", f"tp=1, {p}P+{4 - p}D", reason) for p in (1, 2, 3)]
+    simulated = Evaluator(spec, tmp_path, limits=Limits.of(spec, CostModel.from_spec(spec), runnable=False))
+    assert [c.label for c in simulated.candidates("disaggregated")] == [f"tp=1, {p}P+{4 - p}D" for p in (1, 2, 3)]
+    assert simulated.skipped == []
+
+
+def test_a_calibrated_compile_compares_only_calibrated_candidates(tmp_path):
+    """`espc profile` measures tp = 1: with tp free, a calibrated compile leaves tp 2 and 4 out
+    rather than rank their analytic guesses against measured tp = 1 — even for simulation."""
+    spec = small_variant(tmp_path, tp=None)
+    analytic = CostModel.from_spec(spec)
+    shapes = [(sp, [n] * batch) for sp in (1, 2, 4) for n, batch in ((64, 1), (512, 2), (2048, 1))]
+    rows = [(sp, 1, lengths, analytic.prefill_time(lengths, sp, 1)) for sp, lengths in shapes]  # measured: tp 1
+    calibrated = analytic.calibrate(prefill=rows)
+    limits = Limits.of(spec, calibrated, runnable=False)
+    assert limits.calibrated_tps == {1}
+    evaluator = Evaluator(spec, tmp_path, cost=calibrated, limits=limits)
+    assert {c.label.split(",")[0] for c in evaluator.candidates("best-static")} == {"tp=1"}
+    assert evaluator.candidates("static-tp") == []
+    assert SkippedCandidate(
+        "static-tp", "tp=4",
+        "tp = 4 is not calibrated (the calibration measured tp 1): its goodput would be the analytic model's guess "
+        "beside measured ones",
+    ) in evaluator.skipped
+
+
+def test_compile_fails_only_when_nothing_is_left_and_names_every_reason(tmp_path, monkeypatch):
+    monkeypatch.setitem(UNSERVED_STRATEGIES, "disaggregated", "a limit this test declares")
+    spec = small_variant(
+        tmp_path, ('strategy = "disaggregated"', 'strategy = "disaggregated"\nprefill_instances = 1'), strategy="disaggregated",
+    )
+    with pytest.raises(NothingFeasible) as raised:
+        compile_spec(spec, spec_hash(spec), tmp_path, CompileOptions(search_seconds=0, trial_requests=40))
+    assert raised.value.runtime_bound
+    assert str(raised.value) == f"no candidate can be compiled: disaggregated (tp=1, 1P+3D): {runtime_limit('disaggregated', 1)}"
+    pinned = small_variant(tmp_path, strategy="static-tp")
+    with pytest.raises(NothingFeasible) as raised:  # a pinned tp binds simulation-only compiles too
+        compile_spec(pinned, spec_hash(pinned), tmp_path, CompileOptions(search_seconds=0, trial_requests=40, runnable=False))
+    assert not raised.value.runtime_bound
+    assert str(raised.value) == (
+        "no candidate can be compiled: static-tp (tp=4): the spec pins tp = 1 (cluster.tp); this configuration has tp = 4"
+    )
+
+
+def test_a_tp_whose_instances_hold_no_kv_is_left_out(tmp_path):
+    """600 KB per CPU: one device's half (293 KiB) cannot hold the 489 KiB of weights, two can
+    (193 KV slots). A simulation-only compile compares tp 2 and 4; tp 1 is left out with the
+    arithmetic, instead of being simulated at goodput 0."""
+    spec = small_variant(
+        tmp_path, ('device = { name = "cpu"', 'device = { name = "cpu", memory = "600KB"'),
+        ("max_context = 4096", "max_context = 1024"), ("zipf(1.2, 8, 2K)", "zipf(1.2, 8, 900)"), tp=None,
+    )
+    cost = CostModel.from_spec(spec)
+    assert [cost.kv_capacity_tokens(tp) for tp in (1, 2, 4)] == [0, 193, 682]
+    evaluator = Evaluator(spec, tmp_path, limits=Limits.of(spec, cost, runnable=False))
+    assert evaluator.candidates("static-sp") == []  # static-sp runs at the spec's tp, 1 when unset
+    assert {c.label.split(",")[0] for c in evaluator.candidates("best-static")} == {"tp=2", "tp=4"}
+    assert {s.configuration.split(",")[0] for s in evaluator.skipped} == {"tp=1"}
+    assert evaluator.skipped[0].reason == (
+        "an instance of tp = 1 may use 293KiB (memory_fraction × device memory × tp), and the weights take 489KiB: "
+        "no KV fits"
+    )

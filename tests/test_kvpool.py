@@ -37,21 +37,28 @@ def _arange(start: int, end: int, step: int = 1) -> torch.Tensor:
 
 
 class TableMachine(RuleBasedStateMachine):
-    """Random allocate / release sequences; the model is {request: {position: slot}} in
-    allocation order, so `resident` must match it exactly, order included, and a token's slot
-    never moves while it is held."""
+    """Random allocate / release sequences against a plain model: `model` is {request:
+    [positions in allocation order]}, `pool` {slot: (request, position)} what a pool tensor
+    would hold — written by allocations, moved by the table's compaction moves the way the
+    graph applies them (all reads, then all writes). `resident` must match the model, order
+    included, and every held token's slot must hold that token.
+
+    The property that makes fragmentation harmless: an allocation fails only when the
+    tokens or the request limit do not fit — never for pages."""
 
     @initialize(capacity=st.integers(0, 80), page_size=st.sampled_from([1, 3, 4, 16]), max_requests=st.integers(1, 4))
     def setup(self, capacity: int, page_size: int, max_requests: int) -> None:
         self.table = PagedKVTable(capacity, page_size, max_requests)
-        self.model: dict[int, dict[int, int]] = {}
+        self.model: dict[int, list[int]] = {}
+        self.pool: dict[int, tuple[int, int]] = {}
 
     def _snapshot(self) -> tuple:
         t = self.table
-        return str(t), t.used_tokens, t.free_pages, {r: tuple(x.tolist() for x in t.resident(r)) for r in range(5)}
+        resident = {r: tuple(x.tolist() for x in t.resident(r)) for r in range(5)}
+        return str(t), t.used_tokens, sorted(t._free_pages), resident, [x.tolist() for x in t.take_moves()]
 
     def _allocate(self, request: int, positions: torch.Tensor) -> None:
-        t, held = self.table, self.model.get(request, {})
+        t, held = self.table, self.model.get(request, [])
         if any(p in held for p in positions.tolist()):
             before = self._snapshot()
             with pytest.raises(ValueError, match=f"request {request}: positions .* already allocated"):
@@ -59,22 +66,36 @@ class TableMachine(RuleBasedStateMachine):
             assert self._snapshot() == before
             return
         n = len(positions)
-        spare = len(t.pages(request)) * t.page_size - len(held)
         full = n > 0 and (
             (request not in self.model and len(self.model) >= t.max_requests)
             or t.used_tokens + n > t.capacity_tokens
-            or math.ceil(max(n - spare, 0) / t.page_size) > t.free_pages
         )
         if full:
             before = self._snapshot()
-            with pytest.raises(KVPoolFull, match=f"request {request}: "):
+            with pytest.raises(KVPoolFull, match=f"request {request}: ") as error:
                 t.allocate(request, positions)
+            assert error.value.request == request
             assert self._snapshot() == before
             return
-        slots = t.allocate(request, positions)
+        slots = t.allocate(request, positions)  # fits the free tokens: must get them
         assert slots.dtype == torch.int64 and len(slots) == n
         if n:
-            self.model.setdefault(request, {}).update(zip(positions.tolist(), slots.tolist()))
+            self.model.setdefault(request, []).extend(positions.tolist())
+            self.pool.update((slot, (request, p)) for slot, p in zip(slots.tolist(), positions.tolist()))
+
+    def _apply_moves(self) -> None:
+        sources, destinations = self.table.take_moves()
+        moved = {d: self.pool.get(s) for s, d in zip(sources.tolist(), destinations.tolist())}
+        self.pool.update(moved)
+        assert self.table.take_moves()[0].numel() == 0  # taken once
+
+    def _release_span(self, request: int, start: int, length: int) -> None:
+        self.table.release(request, TokenRange(start, start + length))
+        held = [p for p in self.model.get(request, []) if not start <= p < start + length]
+        if held:
+            self.model[request] = held
+        else:
+            self.model.pop(request, None)
 
     @rule(request=REQUESTS, start=st.integers(0, POSITIONS), length=st.integers(0, 40))
     def allocate_range(self, request: int, start: int, length: int) -> None:
@@ -86,17 +107,46 @@ class TableMachine(RuleBasedStateMachine):
 
     @rule(request=REQUESTS)
     def allocate_decode_token(self, request: int) -> None:
-        held = self.model.get(request, {})
+        held = self.model.get(request, [])
         self._allocate(request, _arange(max(held, default=-1) + 1, max(held, default=-1) + 2))
 
     @rule(request=REQUESTS, start=st.integers(0, POSITIONS), length=st.integers(0, 50))
     def release_span(self, request: int, start: int, length: int) -> None:
-        self.table.release(request, TokenRange(start, start + length))
-        held = self.model.get(request, {})
-        for position in [p for p in held if start <= p < start + length]:
-            del held[position]
-        if not held:
-            self.model.pop(request, None)
+        self._release_span(request, start, length)
+        self._apply_moves()
+
+    @rule(spans=st.lists(st.tuples(REQUESTS, st.integers(0, POSITIONS), st.integers(0, 30)), min_size=2, max_size=4))
+    def release_spans_then_move(self, spans: list[tuple[int, int, int]]) -> None:
+        """Several migrations out of one rank in one plan: moves compose before the graph runs."""
+        for request, start, length in spans:
+            self._release_span(request, start, length)
+        self._apply_moves()
+
+    @rule(
+        steps=st.lists(st.tuples(st.booleans(), REQUESTS, st.integers(0, POSITIONS), st.integers(0, 30)), max_size=5)
+    )
+    def transaction_rolled_back(self, steps: list[tuple[bool, int, int, int]]) -> None:
+        """A plan's bookkeeping that fails part-way leaves the table exactly as it was."""
+        t = self.table
+        before = self._snapshot()
+
+        class Abort(Exception):
+            pass
+
+        with pytest.raises((Abort, KVPoolFull)):  # KVPoolFull: over the request limit
+            with t.transaction():
+                for allocate, request, start, length in steps:
+                    if allocate:
+                        held = set(t.resident(request)[0].tolist())
+                        positions = [p for p in range(start, start + length) if p not in held]
+                        if len(positions) <= t.free_tokens:
+                            t.allocate(request, torch.tensor(positions, dtype=torch.int64))
+                    else:
+                        t.release(request, TokenRange(start, start + length) if length else None)
+                        t.take_moves()
+                raise Abort
+        assert self._snapshot() == before
+        t.verify()
 
     @rule(request=REQUESTS)
     def release_all(self, request: int) -> None:
@@ -116,10 +166,13 @@ class TableMachine(RuleBasedStateMachine):
         t = self.table
         t.verify()
         assert t.requests() == tuple(sorted(self.model))
+        slots = []
         for request in range(5):
-            positions, slots = t.resident(request)
-            assert list(zip(positions.tolist(), slots.tolist())) == list(self.model.get(request, {}).items())
-        slots = [s for held in self.model.values() for s in held.values()]
+            positions, held_slots = t.resident(request)
+            assert positions.tolist() == self.model.get(request, [])
+            assert all(self.pool.get(s) == (request, p) for s, p in zip(held_slots.tolist(), positions.tolist()))
+            assert len(t.pages(request)) == math.ceil(len(positions) / t.page_size)  # compacted
+            slots += held_slots.tolist()
         assert len(set(slots)) == len(slots) and all(0 <= s < t.num_slots for s in slots)
         assert t.used_tokens == len(slots) <= t.capacity_tokens
         assert t.free_tokens == t.capacity_tokens - len(slots)
@@ -183,18 +236,79 @@ def test_request_limit_error():
         table.allocate(2, _arange(0, 1))
 
 
-def test_fragmentation_can_run_out_of_pages_before_tokens():
-    # Request 2 keeps one token in each of its 4 pages; the 12 free tokens need 3 pages, 2 are left.
+def test_releases_out_of_the_middle_of_pages_compact_the_request():
+    # Without compaction request 2 would keep one token in each of its 4 pages, and the 12
+    # free tokens would need 3 pages with 2 left: free tokens that cannot be allocated.
     table = PagedKVTable(capacity_tokens=16, page_size=4, max_requests=2)
     table.allocate(2, _arange(0, 16))
     for start in (1, 5, 9, 13):
         table.release(2, TokenRange(start, start + 3))
-    before = str(table)
-    full = r"request 1: 9 tokens need 3 new pages of 4 beyond its 0 spare slots, 2 of 6 pages free"
-    with pytest.raises(KVPoolFull, match=full):
-        table.allocate(1, _arange(0, 9))
-    assert str(table) == before
-    assert len(table.allocate(2, _arange(16, 28))) == 12  # its own spare slots still serve request 2
+    # Positions 0, 4, 8, 12 sit at slots 0, 4, 8, 12; the moves bring them into page 0.
+    sources, destinations = table.take_moves()
+    assert list(zip(sources.tolist(), destinations.tolist())) == [(4, 1), (8, 2), (12, 3)]
+    assert table.resident(2)[1].tolist() == [0, 1, 2, 3] and table.pages(2) == (0,)
+    assert table.allocate(1, _arange(0, 12)).tolist() == list(range(4, 16))  # every free token
+    table.verify()
+
+
+def test_compaction_moves_the_kv_with_its_tokens_in_a_real_pool():
+    """A ring of 2 retains [0, 151) on one rank (two striped allocations, as a prefill
+    allocates), then migrates [100, 151) away: the moves, applied with the graph's own ops
+    (`kv_pack` then `kv_unpack`), leave every held position's K and V in its new slot."""
+    spec = ModelSpec(preset="tiny")
+    table = PagedKVTable(capacity_tokens=160, page_size=16, max_requests=2)
+    pool = pool_tensor(spec, table.num_slots, torch.float32)
+
+    def kv_of(positions: torch.Tensor) -> torch.Tensor:  # [layers, 2, n, kv_heads, head_dim], unique per position
+        return positions.double().reshape(1, 1, -1, 1, 1).expand(spec.layers, 2, -1, spec.kv_heads, spec.head_dim) + 0.5
+
+    for origin in (0, 1):
+        positions = _arange(origin, 151, 2)
+        pool[:, :, table.allocate(4, positions)] = kv_of(positions).float()
+    table.release(4, TokenRange(100, 151))
+    sources, destinations = table.take_moves()
+    assert len(sources) > 0 and len(table.pages(4)) == math.ceil(100 / 16)
+    torch.ops.espc.kv_unpack(pool, destinations, torch.ops.espc.kv_pack(pool, sources))
+    positions, slots = table.resident(4)
+    assert torch.equal(pool[:, :, slots], kv_of(positions).float())
+    assert len(table.allocate(5, _arange(0, 60))) == 60 == table.capacity_tokens - 100
+    table.verify()
+
+
+def test_moves_of_one_plan_compose_and_allocation_waits_for_them():
+    table = PagedKVTable(capacity_tokens=12, page_size=4, max_requests=1)
+    table.allocate(5, _arange(0, 12))
+    table.release(5, TokenRange(0, 4))  # page 0 empties: returned, nothing moves
+    table.release(5, TokenRange(5, 7))  # [4, 5) and [7, 12) in pages 1, 2: nothing to compact yet
+    table.release(5, TokenRange(8, 10))  # 4 tokens left in pages 1 and 2: page 2's move into page 1
+    with pytest.raises(RuntimeError, match="request 5: allocating while 2 compaction moves are pending"):
+        table.allocate(5, _arange(20, 21))
+    sources, destinations = table.take_moves()
+    assert list(zip(sources.tolist(), destinations.tolist())) == [(10, 5), (11, 6)]
+    assert table.resident(5)[1].tolist() == [4, 7, 5, 6] and table.pages(5) == (1,)
+    table.release(5, TokenRange(4, 5))  # one hole in its one page: nothing to compact
+    assert table.take_moves()[0].tolist() == [] and table.resident(5)[1].tolist() == [7, 5, 6]
+    table.verify()
+
+
+def test_a_transaction_rolls_every_change_back():
+    table = PagedKVTable(capacity_tokens=16, page_size=4, max_requests=2)
+    table.allocate(1, _arange(0, 10))
+    table.allocate(2, _arange(0, 3))
+    before = (str(table), table.used_tokens, table.free_pages, [t.tolist() for t in table.resident(1)])
+    with pytest.raises(KVPoolFull, match="request 1: 2 tokens do not fit, 1 of 16 tokens free"):
+        with table.transaction():
+            table.release(1, TokenRange(2, 9))  # compacts request 1 into one page
+            table.take_moves()
+            table.allocate(1, _arange(20, 22))
+            table.release(2)
+            table.allocate(3, _arange(0, 10))
+            table.allocate(1, _arange(30, 32))
+    assert (str(table), table.used_tokens, table.free_pages, [t.tolist() for t in table.resident(1)]) == before
+    table.verify()
+    with table.transaction():  # no exception: the changes stay
+        table.release(2)
+    assert table.requests() == (1,)
 
 
 def test_bad_positions_are_value_errors():

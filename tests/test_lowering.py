@@ -119,7 +119,8 @@ def test_graph_ops_per_role(model):
     assert count(1, ops.COMM_START) == layers * 2 and count(1, torch.ops.espc.attn_partial.default) == layers * 3
     assert count(0, ops.COMM_START) == layers * 2 + 1  # and one migration exchange
     assert count(3, ops.COMM_START) == 2 * layers  # queries out, partials back
-    assert count(6, ops.COMM_START) == 1 and count(6, torch.ops.espc.kv_pack.default) == 1
+    assert count(6, ops.COMM_START) == 1 and count(6, torch.ops.espc.kv_pack.default) == 2  # and its compaction
+    assert [n.name for n in program.graph(6).graph.nodes][-3:] == ["compact_kv", "compact_store", "output"]  # last
     assert count(0, torch.ops.espc.kv_unpack.default) == 1
 
 
@@ -168,11 +169,8 @@ def test_migration_source_sends_its_tokens_in_position_order(model):
 
 
 def test_clear_errors(model):
-    with pytest.raises(NotImplementedError, match="tensor parallelism inside an instance is not lowered yet"):
+    with pytest.raises(ValueError, match="shard it first"):  # tp = 2 needs a TP shard of the model
         Lowering(model, tp=2)
-    chunked = IterationPlan(0, (PrefillBatch((0,), (PrefillItem(1, 4, 9, even_retention(4, 9, (0,))),)),))
-    with pytest.raises(NotImplementedError, match="chunked prefill"):
-        Lowering(model).lower(chunked)
     with pytest.raises(PlanError, match="instance 0 appears twice"):
         Lowering(model).lower(prefill_plan((0, 0), {1: 4}, keep_on=(0,)))
     with pytest.raises(ValueError, match="the comm proof spans every rank"):
@@ -226,7 +224,6 @@ def test_espc_graph_prints_the_lowered_graphs(args, expected):
     [
         ("tiny-cpu.toml", ["--dop", "5"], "--dop 5: the cluster has 4 elastic instances"),
         ("tiny-cpu.toml", ["--rank", "2"], "--rank 2: the plan runs on ranks 0 to 1"),
-        ("llama2-70b-a100-2nodes.toml", [], "tensor parallelism inside an instance is not lowered yet"),
     ],
 )
 def test_espc_graph_rejects_bad_arguments_clearly(spec, args, message):

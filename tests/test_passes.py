@@ -124,22 +124,24 @@ def test_a_message_to_a_rank_without_a_graph_is_rejected(model):
         check_comm(replace(program, bindings=bindings, verified=False))
 
 
-def _hand_written(steps: list[tuple[str, str]]) -> fx.GraphModule:
-    """A graph of message ops only: ("recv" | "send" | "wait", name), peer placeholder `peer`."""
+def _hand_written(steps: list[tuple[str, ...]]) -> fx.GraphModule:
+    """A graph of message ops only: ("recv" | "send" | "wait", name[, channel]) (channel
+    "ring" unless named), peer placeholder `peer`."""
     graph = fx.Graph()
     peer = graph.placeholder("peer")
     rows = graph.placeholder("rows")
     tickets = {}
-    for kind, name in steps:
+    for kind, name, *channel_name in steps:
+        channel = ops.CHANNELS[channel_name[0] if channel_name else "ring"]
         if kind == "wait":
             start = tickets[name]
             graph.create_node("call_function", ops.COMM_WAIT, (start, [rows], [-1], torch.float32), name=f"{name}_wait")
             continue
         sends, recvs = ([rows], []) if kind == "send" else ([], [rows])
         peers = ([peer], []) if kind == "send" else ([], [peer])
-        meta = CommMeta(1, 0, (("peer", "m"),) if kind == "send" else (), (("peer", "m"),) if kind == "recv" else ())
+        meta = CommMeta(channel, 0, (("peer", "m"),) if kind == "send" else (), (("peer", "m"),) if kind == "recv" else ())
         node = graph.create_node(
-            "call_function", ops.COMM_START, (sends, peers[0], [rows] if recvs else [], peers[1], [-1], torch.float32, 1),
+            "call_function", ops.COMM_START, (sends, peers[0], [rows] if recvs else [], peers[1], [-1], torch.float32, channel),
             name=f"{name}_start",
         )
         node.meta["comm"] = meta
@@ -164,9 +166,9 @@ def test_receive_before_send_on_both_ranks_deadlocks_and_names_the_ops():
         check_comm(_two_ranks(steps, steps))
     assert error.value.violations == [
         "deadlock: rank 0 blocks in `get_wait`: its receive of hand 0, layer 0 from rank 1 on channel ring "
-        "(message 0) is never matched; rank 1 is blocked in `get_wait`",
+        "(message 0 from rank 1 to rank 0) is never matched; rank 1 is blocked in `get_wait`",
         "deadlock: rank 1 blocks in `get_wait`: its receive of hand 0, layer 0 from rank 0 on channel ring "
-        "(message 0) is never matched; rank 0 is blocked in `get_wait`",
+        "(message 0 from rank 0 to rank 1) is never matched; rank 0 is blocked in `get_wait`",
     ]
     # Either rank sending first (or both posting before waiting) is fine.
     check_comm(_two_ranks([("send", "put"), ("recv", "get"), ("wait", "put"), ("wait", "get")], steps))
@@ -181,3 +183,42 @@ def test_unmatched_and_unwaited_messages_are_rejected():
         "rank 0 `put_start` sends hand 0, layer 0 to rank 1 on channel ring, which never receives it",
         "rank 0 `put_start` starts messages it never waits for",
     ]
+
+
+def test_messages_match_in_order_per_rank_pair_whatever_their_channel():
+    """NCCL ignores P2P tags: the k-th send from a to b meets the k-th receive at b from a.
+    Rank 1 receives the query message first and the ring message second, rank 0 sends them
+    the other way round — fine where each channel is a tag of its own, a mismatch on NCCL."""
+    sender = [("send", "block", "ring"), ("send", "query", "query"), ("wait", "block"), ("wait", "query")]
+    swapped = [("recv", "query", "query"), ("recv", "block", "ring"), ("wait", "query"), ("wait", "block")]
+    with pytest.raises(CommError) as error:
+        check_comm(_two_ranks(sender, swapped))
+    assert error.value.violations[:2] == [
+        "message 0 from rank 0 to rank 1: rank 0 `block_start` sends hand 0, layer 0 ((-1,), torch.float32) on "
+        "channel ring, but rank 1 `query_start` expects hand 0, layer 0 ((-1,), torch.float32) on channel query",
+        "message 1 from rank 0 to rank 1: rank 0 `query_start` sends hand 0, layer 0 ((-1,), torch.float32) on "
+        "channel query, but rank 1 `block_start` expects hand 0, layer 0 ((-1,), torch.float32) on channel ring",
+    ]
+    in_order = [("recv", "block", "ring"), ("recv", "query", "query"), ("wait", "query"), ("wait", "block")]
+    check_comm(_two_ranks(sender, in_order))
+
+
+def test_every_lowered_shape_keeps_one_message_order_per_rank_pair(model):
+    """The lowering orders messages so the per-pair proof holds where several kinds of
+    messages share a pair of ranks: migrations in both directions between members of a ring
+    and of a decode batch, two migrations of one pair, an idle sender."""
+    prefill = PrefillBatch((0, 1), (PrefillItem(1, 0, 9, even_retention(0, 9, (0, 1))),))
+    decode = DecodeBatch((2, 3, 4), (DecodeItem(2, 2, ((2, 4), (3, 3), (4, 2))), DecodeItem(3, 3, ((2, 1), (3, 5)))))
+    migrations = (
+        Migration(4, 2, 1, TokenRange(0, 4)), Migration(5, 1, 2, TokenRange(0, 3)), Migration(5, 3, 0, TokenRange(3, 6)),
+        Migration(6, 5, 0, TokenRange(0, 2)), Migration(7, 5, 0, TokenRange(0, 1)), Migration(8, 0, 1, TokenRange(0, 2)),
+    )
+    program = Lowering(model).lower(IterationPlan(0, (prefill, decode), migrations))
+    assert program.verified
+    channels: dict[tuple[int, int], set[str]] = {}  # (src, dst) -> channels of its messages
+    for rank in program.ranks:
+        for op in comm_ops(program, rank):
+            for peer, _ in op.sends:
+                channels.setdefault((rank, peer), set()).add(op.channel)
+    assert channels[(0, 1)] == {"ring", "migration"}  # two kinds of messages share the pair
+    assert channels[(2, 3)] == {"query", "partial"}

@@ -9,9 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from espc.frontend.loader import load_spec, parse_spec
-from espc.planner.compile.evaluation import Evaluator
+from espc.planner.compile.evaluation import DEFAULT_WINDOW_S, Evaluator
+from espc.planner.sim.cluster_state import ClusterState
 from espc.planner.sim.costmodel import CostModel, LinearFit
-from espc.planner.sim.metrics import find_goodput, length_classes, summarize
+from espc.planner.sim.metrics import TrialJudge, find_goodput, length_classes, summarize
 from espc.planner.sim.simulator import RequestRecord, SimulationResult, simulate
 from espc.planner.sim.strategies import ChunkedScheduler, Deployment, DisaggregatedScheduler, StaticScheduler
 from espc.planner.sim.workload import Request
@@ -221,8 +222,107 @@ def test_goodputs_are_remembered_per_policy_not_per_label():
     spec = load_spec(Path(__file__).resolve().parent.parent / "specs" / "tiny-cpu.toml")
     evaluator = Evaluator(spec, requests=40, window_s=0.0)
     policy = evaluator.milp_policies()[0].policy
-    narrow = dataclasses.replace(policy, buckets=tuple(dataclasses.replace(b, max_instances=1) for b in policy.buckets))
+    narrow = dataclasses.replace(
+        policy, buckets=tuple(dataclasses.replace(b, max_instances=b.prefill_dop) for b in policy.buckets)
+    )
+    assert narrow != policy
     first, second = evaluator.elastic_candidate(policy), evaluator.elastic_candidate(narrow)
     assert first.label == second.label and first.identity() != second.identity()
     assert evaluator.goodput(first, 0) is evaluator.goodput(first, 0)
     assert evaluator.goodput(second, 0) is not evaluator.goodput(first, 0)
+
+
+class _CheckedQueues(StaticScheduler):
+    """A static scheduler that checks, whenever it plans, that its queue index (token sums
+    and arrival order per group) is what a rescan of the state gives."""
+
+    def __init__(self, deployment: Deployment, groups: tuple[int, ...]):
+        super().__init__(deployment, groups)
+        self.routed_to: dict[int, int] = {}
+        self.checks = 0
+
+    def admit(self, state, request):
+        counts = [self.members.count(g) for g in range(len(self.groups))]
+        reason = super().admit(state, request)
+        if reason is None:
+            (group,) = [g for g in range(len(self.groups)) if self.members.count(g) > counts[g]]
+            self.routed_to[request.id] = group
+        return reason
+
+    def schedule(self, state):
+        self.members.sync(state)
+        for group in range(len(self.groups)):
+            waiting = sorted(
+                (r for r in state.waiting.values() if self.routed_to.get(r.id) == group),
+                key=lambda r: (r.request.arrival_s, r.id),
+            )
+            assert [r.id for r in self.members.queue(group)] == [r.id for r in waiting]
+            assert self.members.queued_tokens(group) == sum(r.pending_target for r in waiting)
+        self.checks += 1
+        return super().schedule(state)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(requests=WORKLOADS, capacity=st.integers(170, 400))
+def test_static_queue_index_follows_the_state(requests, capacity):
+    """Preemptions on tight capacities requeue requests: the index sees them rejoin."""
+    cost = CostModel.from_spec(parse_spec(SPEC.format(devices=4), "test.toml"))
+    scheduler = _CheckedQueues(Deployment(1, (capacity,) * 4, cost), (2, 1, 1))
+    assert all(record.completed for record in simulate(scheduler, requests, check=True).records)
+    assert scheduler.checks > 0
+
+
+def test_static_queue_index_drops_a_request_failed_while_queued():
+    """The runtime fails requests from outside the scheduler (a cancel, a dead worker)."""
+    cost = CostModel.from_spec(parse_spec(SPEC.format(devices=1), "test.toml"))
+    scheduler = StaticScheduler(Deployment(1, (400,), cost), (1,))
+    state = ClusterState((400,), check=True)
+    queued = [state.arrive(Request(i, 0.0, 300, 4)) for i in range(3)]
+    for request in queued:
+        assert scheduler.admit(state, request) is None
+    state.fail(queued[0], "cancelled")
+    plan = scheduler.schedule(state)
+    assert [item.request_id for batch in plan.batches for item in batch.items] == [1]
+    state.start(plan)
+    scheduler.members.sync(state)
+    assert scheduler.members.queued_tokens(0) == 300 and [r.id for r in scheduler.members.queue(0)] == [2]
+
+
+def test_a_judged_trial_has_the_full_runs_verdict():
+    """TrialJudge stops a trial once it cannot reach the target; the verdict is the full
+    run's, and the stopped trial's attainment at most the full run's."""
+    spec = load_spec(Path(__file__).resolve().parent.parent / "specs" / "tiny-cpu.toml")
+    evaluator = Evaluator(spec, requests=200)
+    (candidate,) = [c for c in evaluator.candidates("static-sp") if c.label.endswith("groups=2+2")]
+    target = spec.slo.attainment
+    verdicts = set()
+    for rate in (20.0, 80.0, 320.0):
+        requests = evaluator.workload(rate, 0, 200)
+        full = evaluator.run(candidate, requests)[1].attainment
+        judge = TrialJudge(requests, spec.slo, evaluator.prefill_s, "p90", target)
+        judged = evaluator.run(candidate, requests, watch=judge)[1].attainment
+        assert (judged >= target) == (full >= target) and judged <= full, (rate, judged, full)
+        verdicts.add(full >= target)
+    assert verdicts == {True, False}  # both kinds of trial were judged
+
+
+def test_goodput_stops_halving_where_no_lower_rate_can_meet_it():
+    trials = []
+
+    def attainment(rate: float) -> float:
+        trials.append(rate)
+        return 0.5
+
+    found = find_goodput(attainment, 0.9, 8.0, hopeless_below=lambda rate: rate <= 4.0)
+    assert found.rate == 0.0 and trials == [8.0, 4.0]
+
+
+def test_trials_span_what_a_bisection_needs():
+    """A window past settle_s only repeats the verdict: tiny-cpu's 0.2 s TTFT bounds settle
+    in seconds, while LoongServe's 15 s bounds keep the whole 60 s window (the benchmarks'
+    trial shapes on lwm7b-a800x8 are unchanged)."""
+    specs = Path(__file__).resolve().parent.parent / "specs"
+    tiny = Evaluator(load_spec(specs / "tiny-cpu.toml"))
+    assert tiny.settle_s(0.08) == pytest.approx(tiny.median_ttft_s() / (0.08 * 0.9)) and tiny.settle_s(0.08) < 5.0
+    lwm = Evaluator(load_spec(specs / "lwm7b-a800x8.toml"))
+    assert lwm.settle_s(0.03) > lwm.settle_s(0.08) > DEFAULT_WINDOW_S

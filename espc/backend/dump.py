@@ -10,6 +10,7 @@ from pathlib import Path
 
 from espc.backend.lower import Lowering
 from espc.backend.printing import format_program
+from espc.backend.tensor_parallel import shard_model
 from espc.frontend.spec import Spec
 from espc.model.llama import build_model
 from espc.planner.plan import DecodeBatch, DecodeItem, IterationPlan, PrefillBatch, PrefillItem, even_retention
@@ -58,7 +59,9 @@ def render_graph(
         raise ValueError(f"--dop {dop}: the cluster has {instances} elastic instances; choose 1 to {instances}")
     if rank is not None and not 0 <= rank < dop:
         raise ValueError(f"--rank {rank}: the plan runs on ranks 0 to {dop - 1}")
-    lowering = Lowering(build_model(spec.model, device="meta"), attention=spec.runtime.attention, tp=spec.cluster.tp or 1)
+    tp = spec.cluster.tp or 1  # the graphs of TP rank 0; every TP rank runs the same, on its shard
+    model = shard_model(build_model(spec.model, device="meta"), tp, 0)
+    lowering = Lowering(model, attention=spec.runtime.attention, tp=tp)
     program = lowering.lower(representative_plan(phase, dop), dump_ir=dump_ir)
     ranks = None if rank is None else (rank,)
     if fmt == "svg":

@@ -32,18 +32,26 @@ import torch.multiprocessing as mp
 from espc.backend import ops
 from espc.backend.kvpool import PagedKVTable, pool_tensor
 from espc.backend.lower import Lowering
+from espc.backend.tensor_parallel import init_tp_group, shard_model, tp_shard
 from espc.frontend.spec import ModelSpec
 from espc.model.llama import build_model
 from espc.planner.plan import DecodeBatch, IterationPlan, PrefillBatch, RequestId, TokenRange
 
 
-def expected_traffic(plan: IterationPlan, spec: ModelSpec, dtype: torch.dtype) -> dict[int, dict[str, int]]:
-    """Bytes each rank sends per channel, from the plan alone (an independent account of what
-    the lowering must move): the prefill ring passes each rank's KV block d - 1 hops per
-    layer; decode sends each query to the instances holding a non-empty shard and gets one
-    (o, lse) answer back; a migration moves its tokens' KV of every layer once."""
+def expected_traffic(plan: IterationPlan, spec: ModelSpec, dtype: torch.dtype, tp: int = 1) -> dict[int, dict[str, int]]:
+    """Bytes each instance sends per channel, from the plan alone (an independent account of
+    what the lowering must move), per TP rank of the instance (each moves its own heads): the
+    prefill ring passes each rank's KV block d - 1 hops per
+    layer, and each query of a continued request (start > 0) goes to the d - 1 other ring
+    members, which answer with (o, lse) over the prefix they hold; decode sends each query
+    to the instances holding a non-empty shard and gets one (o, lse) answer back; a
+    migration moves its tokens' KV of every layer once."""
     size = torch.empty((), dtype=dtype).element_size()
-    kv_token = 2 * spec.kv_heads * spec.head_dim * size
+    shard = tp_shard(spec, tp, 0)  # every TP rank holds as many heads
+    heads, kv_heads = shard.local_heads, shard.local_kv_heads
+    kv_token = 2 * kv_heads * spec.head_dim * size
+    query = spec.layers * heads * spec.head_dim * size
+    answer = spec.layers * heads * (spec.head_dim + 1) * 4  # fp32 o and lse
     traffic: dict[int, dict[str, int]] = {}
 
     def add(rank: int, channel: str, amount: int) -> None:
@@ -58,12 +66,18 @@ def expected_traffic(plan: IterationPlan, spec: ModelSpec, dtype: torch.dtype) -
                     origin = (p - s) % d
                     tokens = sum(len(range(item.start + (origin - item.start) % d, item.end, d)) for item in batch.items)
                     add(rank, "ring", spec.layers * tokens * kv_token)
+                continued = sum(len(range(item.start + (p - item.start) % d, item.end, d)) for item in batch.items if item.start)
+                if continued and d > 1:
+                    add(rank, "query", (d - 1) * continued * query)
+                    for other in batch.instances:
+                        if other != rank:
+                            add(other, "partial", continued * answer)
         if isinstance(batch, DecodeBatch):
             for item in batch.items:
                 for holder, tokens in item.shards:
                     if holder != item.master and tokens:
-                        add(item.master, "query", spec.layers * spec.heads * spec.head_dim * size)
-                        add(holder, "partial", spec.layers * spec.heads * (spec.head_dim + 1) * 4)
+                        add(item.master, "query", query)
+                        add(holder, "partial", answer)
     for migration in plan.migrations:
         add(migration.src, "migration", spec.layers * len(migration.range) * kv_token)
         add(migration.dst, "migration", 0)
@@ -96,10 +110,12 @@ def _worker(rank: int, world: int, port: int, spec: ModelSpec, options: dict, co
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
             timeout=timedelta(seconds=options["timeout"]),
         )
-        model = build_model(spec, dtype=options["dtype"])
-        lowering = Lowering(model, attention=options["attention"])
+        tp = options["tp"]
+        init_tp_group(world, tp, rank)
+        model = shard_model(build_model(spec, dtype=options["dtype"]), tp, rank % tp)
+        lowering = Lowering(model, attention=options["attention"], tp=tp)
         table = PagedKVTable(options["slots"], options["page_size"], options["max_requests"])
-        pool = pool_tensor(spec, table.num_slots, options["dtype"])
+        pool = pool_tensor(spec, table.num_slots, options["dtype"], kv_heads=tp_shard(spec, tp, rank % tp).local_kv_heads)
         results.put((rank, "ready", None))
     except Exception:
         results.put((rank, None, traceback.format_exc()))
@@ -122,15 +138,21 @@ def _worker(rank: int, world: int, port: int, spec: ModelSpec, options: dict, co
 
 def _step(rank, spec, options, lowering, pool, table, plan, tokens) -> RankResult:
     ops.reset_comm_counters()
+    tp = options["tp"]
+    instance, tp_rank = divmod(rank, tp)
     started = time.perf_counter()
-    program = lowering.lower(plan, ranks=(rank,), verify=False)
+    program = lowering.lower(plan, ranks=(instance,), verify=False)
     with torch.inference_mode():
-        logits = program.run(rank, pool, table, tokens)
+        logits = program.run(instance, pool, table, tokens, tp_rank)
     seconds = time.perf_counter() - started
     counters = ops.comm_counters()
-    expected = expected_traffic(plan, spec, options["dtype"]).get(rank, dict.fromkeys(ops.CHANNELS, 0))
+    expected = expected_traffic(plan, spec, options["dtype"], tp).get(instance, dict.fromkeys(ops.CHANNELS, 0))
     sent = {channel: counters[channel]["bytes_sent"] for channel in ops.CHANNELS}
     assert sent == expected, f"rank {rank}: sent {sent} bytes per channel, the plan needs exactly {expected}"
+    # Two all-reduces per layer (o_proj, MLP) in a batch's graph; none at tp = 1 or when idle.
+    computes = tp > 1 and instance in program.bindings and program.bindings[instance].batch is not None
+    reduces = 2 * spec.layers if computes else 0
+    assert counters["tp"]["calls"] == reduces, f"rank {rank}: {counters['tp']['calls']} TP all-reduces, the plan needs {reduces}"
     for request, row in logits.items():
         assert torch.isfinite(row).all(), f"rank {rank}: request {request} has non-finite logits"
     return RankResult(rank, logits, counters, table.held(), seconds)
@@ -139,17 +161,23 @@ def _step(rank, spec, options, lowering, pool, table, plan, tokens) -> RankResul
 class Harness:
     """N gloo ranks on the CPU executing lowered plans; use as a context manager. Each rank's
     table holds up to `slots` tokens of up to `max_requests` requests in pages of
-    `page_size` (`PagedKVTable`)."""
+    `page_size` (`PagedKVTable`). With `tp` > 1 the N ranks are N / tp elastic instances of
+    tp ranks each (world rank = instance · tp + TP rank); plans name instances, and every
+    TP rank of an instance answers with the instance's logits."""
 
     def __init__(
         self, spec: ModelSpec, world: int, *, slots: int = 16384, page_size: int = 16, max_requests: int = 64,
         dtype: torch.dtype = torch.float32, attention: str = "torch", threads: int = 1, timeout: float = 120.0,
+        tp: int = 1,
     ):
-        self.spec, self.world, self.timeout = spec, world, timeout
-        self.lowering = Lowering(build_model(spec, dtype=dtype, device="meta"), attention=attention)
+        if world % tp:
+            raise ValueError(f"tp({tp}) does not divide the world of {world} ranks")
+        self.spec, self.world, self.timeout, self.tp = spec, world, timeout, tp
+        meta = shard_model(build_model(spec, dtype=dtype, device="meta"), tp, 0)
+        self.lowering = Lowering(meta, attention=attention, tp=tp)
         options = {
             "slots": slots, "page_size": page_size, "max_requests": max_requests, "dtype": dtype,
-            "attention": attention, "threads": threads, "timeout": timeout,
+            "attention": attention, "threads": threads, "timeout": timeout, "tp": tp,
         }
         context = mp.get_context("spawn")
         self._results = context.Queue()

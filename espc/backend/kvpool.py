@@ -13,9 +13,28 @@ every-d-th share of a prefill, a migrated span).
 
 Sizing: `capacity_tokens` bounds the tokens held; the pool has one extra page per request on
 top of ceil(capacity / page_size), which covers the partly filled last page of each of the
-`max_requests` resident requests. A request that releases spans out of the middle of its pages
-keeps those pages (their free slots are its own to refill, lowest first), so heavy
-fragmentation can run out of pages before tokens — that is reported as `KVPoolFull` too.
+`max_requests` resident requests.
+
+No fragmentation: every request keeps fewer than `page_size` spare slots (free slots inside
+its own pages). An allocation fills its spare slots first and then takes fresh pages, which
+keeps that true; a release of a span out of the middle of its pages (a migration's source
+gives up the range it sent: striped prefill slots spread any range over every page) would
+not, so the release *compacts* the request: it keeps the ceil(held / page_size) pages with
+the most used slots, moves the tokens of the others into the kept pages' holes and returns
+the emptied pages. A request holding n tokens thus owns exactly ceil(n / page_size) pages,
+and the pages of all of them fit the pool whenever their tokens fit the capacity:
+sum ceil(n_r / page_size) <= ceil(capacity / page_size) + max_requests. So an allocation
+that fits the free tokens (and the request limit) always gets its slots (the property test
+in tests/test_kvpool.py); `KVPoolFull` means tokens or the request limit, never pages.
+
+Compaction moves KV inside the pool: `take_moves` hands out the (source, destination) slot
+pairs of the releases since the last call, composed so that they apply all at once, reads
+before writes (`kv_pack` then `kv_unpack`). `Program.inputs` takes them after the releases
+of a plan and the graph applies them last, after everything of the iteration has read or
+written the pool; no slot is allocated while moves are pending.
+
+`transaction()` applies a plan's bookkeeping all or nothing: the driver computes every rank's
+inputs inside one, and an exception (a `KVPoolFull`) rolls each table back to where it was.
 """
 
 from __future__ import annotations
@@ -23,6 +42,8 @@ from __future__ import annotations
 import heapq
 import math
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -34,14 +55,22 @@ _LONG = torch.int64
 _INTEGER = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-def pool_tensor(spec: ModelSpec, slots: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+def pool_tensor(
+    spec: ModelSpec, slots: int, dtype: torch.dtype, device: torch.device | str = "cpu", kv_heads: int | None = None
+) -> torch.Tensor:
     """The pool of one rank, not zeroed: every read goes through slots a table handed out,
-    which a graph wrote first, so untouched pages of a large CPU pool cost no memory."""
-    return torch.empty((spec.layers, 2, slots, spec.kv_heads, spec.head_dim), dtype=dtype, device=device)
+    which a graph wrote first, so untouched pages of a large CPU pool cost no memory.
+    `kv_heads`: the KV heads the rank holds (its TP shard's); default all of the model's."""
+    heads = spec.kv_heads if kv_heads is None else kv_heads
+    return torch.empty((spec.layers, 2, slots, heads, spec.head_dim), dtype=dtype, device=device)
 
 
 class KVPoolFull(RuntimeError):
-    """An allocation does not fit; the table is unchanged."""
+    """An allocation does not fit; the table is unchanged. `request`: whose allocation it was."""
+
+    def __init__(self, request: RequestId, message: str) -> None:
+        super().__init__(message)
+        self.request = request
 
 
 @dataclass
@@ -85,6 +114,11 @@ class PagedKVTable:
         self._free_pages = list(range(self.num_pages))  # a heap: the lowest page goes out first
         self._residents: dict[RequestId, _Resident] = {}
         self._used = 0
+        self._moves: dict[int, int] = {}  # compaction moves not yet taken: destination -> source slot
+        # In a transaction: each touched request's state before it (None: not resident), and
+        # the pages taken from (+1) and returned to (-1) the free heap since it began.
+        self._touched: dict[RequestId, tuple | None] | None = None
+        self._page_moves: Counter[int] = Counter()
 
     # ------------------------------------------------------------------------ SlotTable
 
@@ -96,31 +130,33 @@ class PagedKVTable:
     def allocate(self, request: RequestId, positions: torch.Tensor) -> torch.Tensor:
         """One slot per position, in the same order: the request's free slots in its own pages
         first (lowest first), then fresh pages. Raises `KVPoolFull` (table unchanged) when the
-        tokens, the request count or the pages run out."""
+        tokens or the request count run out; pages cannot (see the module docstring)."""
+        if self._moves:
+            raise RuntimeError(
+                f"request {request}: allocating while {len(self._moves)} compaction moves are pending would "
+                "hand out a slot they still read; take_moves() first"
+            )
         entry = self._residents.get(request)
         positions, values = self._checked(request, positions, entry.members if entry else set())
         n = len(positions)
         if n == 0:  # a rank that keeps nothing of a batch does not become resident
             return _empty()
         if entry is None and len(self._residents) >= self.max_requests:
-            raise KVPoolFull(
+            raise KVPoolFull(request, (
                 f"request {request}: cannot become resident for {n} tokens, "
                 f"{len(self._residents)} of {self.max_requests} requests already are"
-            )
+            ))
         if self._used + n > self.capacity_tokens:
-            raise KVPoolFull(
+            raise KVPoolFull(request, (
                 f"request {request}: {n} tokens do not fit, {self.free_tokens} of "
                 f"{self.capacity_tokens} tokens free"
-            )
+            ))
         spare = entry.spare if entry else _empty()
         new_pages = math.ceil(max(n - len(spare), 0) / self.page_size)
-        if new_pages > len(self._free_pages):
-            raise KVPoolFull(
-                f"request {request}: {n} tokens need {new_pages} new pages of {self.page_size} "
-                f"beyond its {len(spare)} spare slots, {len(self._free_pages)} of {self.num_pages} pages free"
-            )
-        # Checks done: from here on nothing raises, so a failed allocation changed nothing.
-        pages = [heapq.heappop(self._free_pages) for _ in range(new_pages)]
+        # Every request owns ceil(held / page_size) pages, so tokens that fit find their pages.
+        assert new_pages <= len(self._free_pages), f"request {request}: {new_pages} pages needed, {self}"
+        self._touch(request)
+        pages = [self._take_page() for _ in range(new_pages)]
         candidates = torch.cat((spare, self._page_slots(pages)))
         slots, spare = candidates[:n], candidates[n:]
         if entry is None:
@@ -140,6 +176,7 @@ class PagedKVTable:
         entry = self._residents.get(request)
         if entry is None:
             return
+        self._touch(request)
         if span is not None:
             drop = (entry.positions >= span.start) & (entry.positions < span.end)
             if not drop.all():
@@ -147,8 +184,49 @@ class PagedKVTable:
                 return
         self._used -= len(entry.positions)
         for page in entry.pages:
-            heapq.heappush(self._free_pages, page)
+            self._return_page(page)
         del self._residents[request]
+
+    def take_moves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sources, destinations): the compaction moves of the releases since the last call,
+        to apply at once, reading every source before writing any destination
+        (`pool[:, :, destinations] = pool[:, :, sources]`). Empty when nothing moved."""
+        moves, self._moves = self._moves, {}
+        if not moves:
+            return _empty(), _empty()
+        return torch.tensor(list(moves.values()), dtype=_LONG), torch.tensor(list(moves), dtype=_LONG)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All or nothing: an exception inside restores the table as it was on entry (the
+        tokens held, slots, pages, pending moves), then propagates."""
+        if self._touched is not None:
+            raise RuntimeError("PagedKVTable.transaction() does not nest")
+        used, moves = self._used, dict(self._moves)
+        touched: dict[RequestId, tuple | None] = {}
+        self._touched = touched
+        self._page_moves.clear()
+        try:
+            yield
+        except BaseException:
+            for request, before in touched.items():
+                if before is None:
+                    self._residents.pop(request, None)
+                    continue
+                entry, pages, num_pages, positions, slots, spare = before
+                entry.pages = pages[:num_pages]  # an allocation extends the list in place
+                entry.positions, entry.slots, entry.spare = positions, slots, spare
+                entry.members = set(positions.tolist())
+                self._residents[request] = entry
+            # Rebuilt only on a rollback: a copy of the heap per plan would cost O(pages).
+            taken = [page for page, net in self._page_moves.items() if net > 0]
+            returned = {page for page, net in self._page_moves.items() if net < 0}
+            self._free_pages = [page for page in self._free_pages if page not in returned] + taken
+            heapq.heapify(self._free_pages)
+            self._used, self._moves = used, moves
+            raise
+        finally:
+            self._touched = None
 
     # ------------------------------------------------------------------------ accounting
 
@@ -218,8 +296,11 @@ class PagedKVTable:
                 )
             if not torch.equal(entry.spare, entry.spare.sort().values):
                 problems.append(f"request {request}: spare slots are not sorted")
-            if len(entry.spare) and (entry.spare // self.page_size).bincount().max() >= self.page_size:
-                problems.append(f"request {request} keeps a page with no used slot")
+            if len(entry.spare) >= self.page_size:
+                problems.append(
+                    f"request {request} keeps {len(entry.spare)} spare slots, a page's worth or more: "
+                    f"{len(entry.pages)} pages for {n} tokens (compaction keeps ceil({n} / {self.page_size}))"
+                )
             all_slots += [entry.slots, entry.spare]
         missing, beyond = set(range(self.num_pages)) - set(owner), set(owner) - set(range(self.num_pages))
         if missing or beyond:
@@ -272,25 +353,56 @@ class PagedKVTable:
             )
         return positions, values
 
+    def _take_page(self) -> int:
+        page = heapq.heappop(self._free_pages)
+        if self._touched is not None:
+            self._page_moves[page] += 1
+        return page
+
+    def _return_page(self, page: int) -> None:
+        heapq.heappush(self._free_pages, page)
+        if self._touched is not None:
+            self._page_moves[page] -= 1
+
+    def _touch(self, request: RequestId) -> None:
+        """In a transaction, remember the request's state before its first change."""
+        if self._touched is None or request in self._touched:
+            return
+        entry = self._residents.get(request)
+        self._touched[request] = None if entry is None else (
+            entry, entry.pages, len(entry.pages), entry.positions, entry.slots, entry.spare
+        )
+
     def _drop(self, entry: _Resident, drop: torch.Tensor) -> None:
-        """Release some (not all) of a request's tokens; pages left with no used slot go back."""
+        """Release some (not all) of a request's tokens, then compact it: keep the
+        ceil(held / page_size) pages with the most used slots (the earlier in its page table
+        on a tie), move the tokens of the others into their holes, and return the rest."""
         dropped = int(drop.sum())
         if dropped == 0:
             return
         self._used -= dropped
         spare = torch.cat((entry.spare, entry.slots[drop])).sort().values
         entry.members.difference_update(entry.positions[drop].tolist())
-        entry.positions, entry.slots = entry.positions[~drop], entry.slots[~drop]
-        page_of = spare // self.page_size
-        page_ids, counts = page_of.unique(return_counts=True)
-        emptied = page_ids[counts == self.page_size]
-        if len(emptied):
-            spare = spare[~torch.isin(page_of, emptied)]
-            gone = set(emptied.tolist())
-            entry.pages = [page for page in entry.pages if page not in gone]
-            for page in gone:
-                heapq.heappush(self._free_pages, page)
-        entry.spare = spare
+        entry.positions, slots = entry.positions[~drop], entry.slots[~drop]
+        if len(spare) >= self.page_size:
+            keep_count = math.ceil(len(slots) / self.page_size)
+            used = Counter((slots // self.page_size).tolist())
+            ranked = sorted(range(len(entry.pages)), key=lambda i: (-used[entry.pages[i]], i))
+            kept = sorted(ranked[:keep_count])
+            vacated = torch.tensor([entry.pages[i] for i in ranked[keep_count:]], dtype=_LONG)
+            moving = torch.isin(slots // self.page_size, vacated)
+            holes = spare[~torch.isin(spare // self.page_size, vacated)]
+            sources, destinations = slots[moving], holes[:int(moving.sum())]
+            slots = slots.clone()
+            slots[moving] = destinations
+            for source, destination in zip(sources.tolist(), destinations.tolist()):
+                # Composed: a token moved twice before the pool applies them moves once.
+                self._moves[destination] = self._moves.pop(source, source)
+            spare = holes[len(destinations):]
+            entry.pages = [entry.pages[i] for i in kept]
+            for page in vacated.tolist():
+                self._return_page(page)
+        entry.slots, entry.spare = slots, spare
 
     def _page_slots(self, pages: list[int]) -> torch.Tensor:
         if not pages:

@@ -1,7 +1,12 @@
 """IterationPlan + model -> one torch.fx GraphModule per rank, built together (MPMD).
 
-Each rank is one elastic instance (tp = 1) with a KV pool tensor [layers, 2, slots, kv_heads,
-head_dim] (see `espc.backend.ops`). The graphs reuse the model's own modules for the
+Each rank of a plan is one elastic instance with a KV pool tensor [layers, 2, slots,
+kv_heads, head_dim] (see `espc.backend.ops`). With tensor parallelism (tp > 1) an instance is
+tp processes, each with its shard of the model (`espc.backend.tensor_parallel`: its query
+and KV heads, its ffn columns, its KV heads in the pool); they run the same graph, which
+all-reduces the row-parallel `o_proj` and MLP outputs over the instance's TP group, and
+TP rank t exchanges the ring, decode and migration messages with TP rank t of the other
+instances (`Program.peer_ranks`). The graphs reuse the model's own modules for the
 embedding, norms, projections (`Attention.qkv`, `o_proj`), MLP and `lm_head`, and replace its
 attention with elastic sequence parallelism:
 
@@ -16,6 +21,14 @@ attention with elastic sequence parallelism:
   every other instance holding a shard of the request; those compute (o, lse) over their
   shard and send it back; the master merges it with its own partial and runs the rest of the
   layer. Adding instances to a decode batch moves no KV. A master emits its requests' logits.
+- continued prefill (an item with start > 0: a chunk of a chunked prefill, a decode step
+  piggybacked on a chunk as a 1-token item, or a prompt after a cached prefix): its tokens
+  attend to each other on the ring as above, and to the KV of [0, start) already resident
+  in the pools, which stays where it is — the decode path's remote-KV exchange: each rank
+  attends its own queries to the prefix it holds and sends them to every other ring member,
+  which answers with (o, lse) over the prefix it holds; one merge takes the ring's partials
+  and the prefix's. Every instance holding part of the prefix must therefore be in the ring
+  (`Program.inputs` refuses a plan that puts one elsewhere).
 - migrations: the source packs the KV of a token range (every layer) into one contiguous
   buffer at the start of the iteration; the destination unpacks it into newly allocated
   slots at the end, so the transfer overlaps the batch. Frees and the source's release of
@@ -51,6 +64,7 @@ from espc.backend import ops
 from espc.backend.cache import GraphCache
 from espc.backend.passes import PIPELINE, check_comm
 from espc.backend.printing import format_comm, format_program
+from espc.backend.tensor_parallel import local_heads, world_rank
 from espc.model.llama import Llama
 from espc.planner.plan import (
     DecodeBatch,
@@ -73,14 +87,17 @@ class Role:
     size: int  # instances in the rank's batch (0 when idle)
     sends: int  # migrations it sends
     receives: int  # migrations it receives
+    prefix: bool = False  # a prefill batch continuing requests from their resident KV
 
     def __str__(self) -> str:
         where = f"{self.phase} dop={self.size}" if self.size else "idle"
+        if self.prefix:
+            where += " +resident prefix"
         return f"{where}, migrations out={self.sends} in={self.receives}"
 
     @property
     def name(self) -> str:
-        return f"{self.phase}_d{self.size}_s{self.sends}_r{self.receives}"
+        return f"{self.phase}_d{self.size}{'_prefix' if self.prefix else ''}_s{self.sends}_r{self.receives}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +140,10 @@ class SlotTable(Protocol):
     def release(self, request: RequestId, span: TokenRange | None = None) -> None:
         """Drop the request's tokens in `span` (all of them when None)."""
 
+    def take_moves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sources, destinations) of the slots the releases since the last call moved: the
+        graph copies them at once, all reads before any write."""
+
 
 # --------------------------------------------------------------------------------- binding
 
@@ -151,8 +172,9 @@ def bind(plan: IterationPlan) -> dict[int, RankBinding]:
     for b, batch in enumerate(plan.batches):
         ring = batch.instances
         d = len(ring)
+        prefix = isinstance(batch, PrefillBatch) and any(item.start for item in batch.items)
         for p, rank in enumerate(ring):
-            role = Role(batch.phase, d, len(sends[rank]), len(receives[rank]))
+            role = Role(batch.phase, d, len(sends[rank]), len(receives[rank]), prefix)
             peers: dict[str, int] = {}
             messages: dict[str, tuple] = {}
             if isinstance(batch, PrefillBatch):
@@ -161,12 +183,14 @@ def bind(plan: IterationPlan) -> dict[int, RankBinding]:
                 for s in range(d - 1):  # exchange s passes on the block that originated s hops back
                     messages[f"ring_send{s}"] = ("ring", b, (p - s) % d)
                     messages[f"ring_recv{s}"] = ("ring", b, (p - s - 1) % d)
-            else:
-                for k in range(1, d):  # a "decode" label is (batch, master position, holder position)
+            if isinstance(batch, DecodeBatch) or prefix:
+                # Remote KV: a "decode" or "prefix" label is (batch, asking position, holder position).
+                kind = "prefix" if prefix else "decode"
+                for k in range(1, d):
                     q = (p + k) % d
                     peers[f"peer{k}"] = ring[q]
-                    messages[f"q_to{k}"] = messages[f"answer_from{k}"] = ("decode", b, p, q)
-                    messages[f"q_from{k}"] = messages[f"answer_to{k}"] = ("decode", b, q, p)
+                    messages[f"q_to{k}"] = messages[f"answer_from{k}"] = (kind, b, p, q)
+                    messages[f"q_from{k}"] = messages[f"answer_to{k}"] = (kind, b, q, p)
             bindings[rank] = binding(rank, role, p, batch, peers, messages)
     for rank in sorted((sends.keys() | receives.keys()) - bindings.keys()):
         bindings[rank] = binding(rank, Role("idle", 0, len(sends[rank]), len(receives[rank])), 0, None, {}, {})
@@ -179,10 +203,13 @@ def bind(plan: IterationPlan) -> dict[int, RankBinding]:
 class _Builder:
     """fx.Graph construction with names that read well in dumps."""
 
-    def __init__(self, model: Llama, attention: str):
+    def __init__(self, model: Llama, attention: str, tp: int = 1):
         spec = model.spec
         self.graph = fx.Graph()
-        self.layers, self.heads, self.kv_heads, self.head_dim = spec.layers, spec.heads, spec.kv_heads, spec.head_dim
+        # This rank's heads: all of them at tp = 1, its shard's otherwise (`shard_model`).
+        self.heads, self.kv_heads = local_heads(model)
+        self.layers, self.head_dim = spec.layers, spec.head_dim
+        self.tp = tp
         self.dtype = model.dtype
         self.attention = attention
         self.scale = 1.0 / math.sqrt(spec.head_dim)
@@ -227,12 +254,17 @@ class _Builder:
         return self.call(ops.COMM_WAIT, ticket, recv_rows, shape, dtype, name=f"{name}_wait")
 
     def layer_out(self, layer: int, x: fx.Node, o: fx.Node) -> fx.Node:
-        """The rest of a decoder layer after attention: o_proj, residual, MLP, residual."""
+        """The rest of a decoder layer after attention: o_proj, residual, MLP, residual. With
+        tp > 1 the row-parallel o_proj and MLP give partial sums, all-reduced over the TP group."""
         o = self.graph.call_method("to", (o, self.dtype))
         o = self.graph.call_method("flatten", (o, 1))
-        x = self.call(operator.add, x, self.module(f"layers.{layer}.self_attn.o_proj", o))
+        x = self.call(operator.add, x, self.reduced(self.module(f"layers.{layer}.self_attn.o_proj", o), f"attn_out{layer}"))
         mlp_in = self.module(f"layers.{layer}.post_attention_layernorm", x)
-        return self.call(operator.add, x, self.module(f"layers.{layer}.mlp", mlp_in))
+        return self.call(operator.add, x, self.reduced(self.module(f"layers.{layer}.mlp", mlp_in), f"mlp_out{layer}"))
+
+    def reduced(self, partial: fx.Node, name: str) -> fx.Node:
+        """A row-parallel layer's output made whole: the TP all-reduce (nothing at tp = 1)."""
+        return partial if self.tp == 1 else self.call(_ops.tp_all_reduce.default, partial, name=f"{name}_all_reduce")
 
     def qkv(self, layer: int, x: fx.Node, cos: fx.Node, sin: fx.Node):
         h = self.module(f"layers.{layer}.input_layernorm", x)
@@ -246,8 +278,8 @@ class _Builder:
         return x, self.item(rope, 0, "cos"), self.item(rope, 1, "sin")
 
 
-def _build(model: Llama, role: Role, attention: str) -> fx.GraphModule:
-    g = _Builder(model, attention)
+def _build(model: Llama, role: Role, attention: str, tp: int = 1) -> fx.GraphModule:
+    g = _Builder(model, attention, tp)
     pool = g.input("pool")
     migration_wait = _migrations_start(g, role, pool)
     outputs: tuple[fx.Node, ...]
@@ -283,12 +315,69 @@ def _migrations_start(g: _Builder, role: Role, pool: fx.Node) -> Callable[[], No
         name="migrate_start", comm=meta,
     )
 
+    compact = (g.input("compact_src"), g.input("compact_dst")) if role.sends else None
+
     def finish() -> None:
         received = g.call(ops.COMM_WAIT, ticket, in_slots, shape, g.dtype, name="migrate_wait")
         for k, slots in enumerate(in_slots):
             g.call(_ops.kv_unpack.default, pool, slots, g.item(received, k, f"mig_in{k}_kv"), name=f"mig_in{k}_store")
+        if compact is not None:  # the table's compaction after the sends' releases: last of all
+            moved = g.call(_ops.kv_pack.default, pool, compact[0], name="compact_kv")
+            g.call(_ops.kv_unpack.default, pool, compact[1], moved, name="compact_store")
 
     return finish
+
+
+class _RemoteKV:
+    """The remote-KV exchange of a batch of m instances, one layer at a time: a rank's
+    queries go to every other member (`ask`), each member attends the queries it receives to
+    the KV it holds and sends the (o, lse) back, and the asker lines the answers up with its
+    own partial (`answer`). Multi-master decode reads a request's shards this way, a
+    continued prefill its resident prefix. Inputs, per peer k = 1..m-1: `peer{k}` (its rank),
+    `q_to{k}_index` (rows of this rank's queries it gets), `q_from{k}_pos`/`_seq` (the
+    positions and sequence ids of the queries it sends here)."""
+
+    def __init__(self, g: _Builder, m: int):
+        self.g, self.m = g, m
+        self.peers = [g.input(f"peer{k}") for k in range(1, m)]
+        self.send_index = [g.input(f"q_to{k}_index") for k in range(1, m)]
+        self.recv_pos = [g.input(f"q_from{k}_pos") for k in range(1, m)]
+        self.recv_seq = [g.input(f"q_from{k}_seq") for k in range(1, m)]
+        self.in_pos = g.call(torch.cat, self.recv_pos, name="q_in_pos")
+        self.in_seq = g.call(torch.cat, self.recv_seq, name="q_in_seq")
+        self.names = tuple(f"peer{k}" for k in range(1, m))
+
+    def ask(self, layer: int, q: fx.Node) -> fx.Node:
+        """Post this rank's queries to its peers and the receives of theirs: the ticket."""
+        g = self.g
+        queries = g.call(_ops.query_scatter.default, q, self.send_index, name=f"query_scatter{layer}")
+        meta = CommMeta(
+            ops.CHANNELS["query"], layer, tuple((p, f"q_to{k}") for k, p in enumerate(self.names, 1)),
+            tuple((p, f"q_from{k}") for k, p in enumerate(self.names, 1)),
+        )
+        return g.call(
+            ops.COMM_START, queries, self.peers, self.recv_pos, self.peers, [-1, g.heads, g.head_dim], g.dtype,
+            ops.CHANNELS["query"], name=f"query{layer}_start", comm=meta,
+        )
+
+    def answer(self, layer: int, ticket: fx.Node, kv, kv_pos, kv_seq, o: fx.Node, lse: fx.Node) -> tuple[fx.Node, fx.Node]:
+        """Answer the peers' queries over the local KV `kv`, and gather their answers to
+        this rank's queries beside its own partial (o, lse): [m, n, Hq, D], [m, n, Hq]."""
+        g = self.g
+        received = g.call(ops.COMM_WAIT, ticket, self.recv_pos, [-1, g.heads, g.head_dim], g.dtype, name=f"query{layer}_wait")
+        q_in = g.call(torch.cat, received, name=f"q_in{layer}")
+        o_in, lse_in = g.attention_partial(q_in, kv, self.in_pos, kv_pos, self.in_seq, kv_seq, f"attn_peer{layer}")
+        answers = g.call(_ops.partial_pack.default, o_in, lse_in, self.recv_pos, name=f"partial_pack{layer}")
+        meta = CommMeta(
+            ops.CHANNELS["partial"], layer, tuple((p, f"answer_to{k}") for k, p in enumerate(self.names, 1)),
+            tuple((p, f"answer_from{k}") for k, p in enumerate(self.names, 1)),
+        )
+        answer_shape = [-1, g.heads, g.head_dim + 1]  # o with lse as the last column
+        got = g.exchange(
+            answers, self.peers, self.send_index, self.peers, answer_shape, torch.float32, "partial", meta, f"partial{layer}"
+        )
+        parts = g.call(_ops.partial_gather.default, o, lse, got, self.send_index, name=f"partial_gather{layer}")
+        return g.item(parts, 0, f"remote_o{layer}"), g.item(parts, 1, f"remote_lse{layer}")
 
 
 def _prefill(g: _Builder, role: Role, pool: fx.Node) -> fx.Node:
@@ -300,12 +389,17 @@ def _prefill(g: _Builder, role: Role, pool: fx.Node) -> fx.Node:
     keep_slots = [g.input(f"keep{s}_slots") for s in range(d)]
     last_index = g.input("last_index")
     ring_next, ring_prev = (g.input("ring_next"), g.input("ring_prev")) if d > 1 else (None, None)
+    if role.prefix:  # the resident prefix KV this rank holds of the batch's continued requests
+        prefix_slots, prefix_pos, prefix_seq = g.input("prefix_slots"), g.input("prefix_pos"), g.input("prefix_seq")
+    remote = _RemoteKV(g, d) if role.prefix and d > 1 else None
     # Block s originated s hops back on the ring; block 0 is the rank's own tokens.
     block_pos, block_seq = [pos, *recv_pos], [seq, *recv_seq]
 
     x, cos, sin = g.embed(tokens, pos)
     for layer in range(g.layers):
         q, k, v = g.qkv(layer, x, cos, sin)
+        # The queries leave for the prefix holders first: they are in flight during the ring.
+        ticket = remote.ask(layer, q) if remote is not None else None
         block = g.call(torch.stack, [k, v], name=f"kv{layer}_0")
         o_parts, lse_parts = [], []
         for s in range(d):
@@ -322,11 +416,23 @@ def _prefill(g: _Builder, role: Role, pool: fx.Node) -> fx.Node:
                     f"ring{layer}_{s}",
                 )
                 block = g.item(received, 0, f"kv{layer}_{s + 1}")
-        if d == 1:
+        if role.prefix:
+            prefix = g.halves(g.call(_ops.kv_gather.default, pool, layer, prefix_slots, name=f"prefix{layer}"))
+            o, lse = g.attention_partial(q, prefix, pos, prefix_pos, seq, prefix_seq, f"attn_prefix{layer}")
+            if ticket is None:  # a ring of one: the whole prefix is local
+                o_parts.append(o)
+                lse_parts.append(lse)
+        if len(o_parts) == 1:
             o = o_parts[0]
         else:
             o_stack = g.call(torch.stack, o_parts, name=f"o_parts{layer}")
-            o = g.merge(layer, o_stack, g.call(torch.stack, lse_parts, name=f"lse_parts{layer}"))
+            lse_stack = g.call(torch.stack, lse_parts, name=f"lse_parts{layer}")
+            if ticket is not None:  # the prefix partials: this rank's and its peers' answers
+                assert remote is not None  # a ticket comes from remote.ask
+                o_prefix, lse_prefix = remote.answer(layer, ticket, prefix, prefix_pos, prefix_seq, o, lse)
+                o_stack = g.call(torch.cat, [o_stack, o_prefix], name=f"o_all{layer}")
+                lse_stack = g.call(torch.cat, [lse_stack, lse_prefix], name=f"lse_all{layer}")
+            o = g.merge(layer, o_stack, lse_stack)
         x = g.layer_out(layer, x, o)
     last = g.call(torch.index_select, x, 0, last_index)
     return g.module("lm_head", g.module("norm", last))
@@ -336,41 +442,20 @@ def _decode(g: _Builder, role: Role, pool: fx.Node) -> fx.Node:
     m = role.size
     tokens, pos, seq, new_slots = g.input("tokens"), g.input("pos"), g.input("seq"), g.input("new_slots")
     kv_slots, kv_pos, kv_seq = g.input("kv_slots"), g.input("kv_pos"), g.input("kv_seq")
-    peers = [g.input(f"peer{k}") for k in range(1, m)]
-    send_index = [g.input(f"q_to{k}_index") for k in range(1, m)]
-    recv_pos = [g.input(f"q_from{k}_pos") for k in range(1, m)]
-    recv_seq = [g.input(f"q_from{k}_seq") for k in range(1, m)]
-    if m > 1:
-        in_pos, in_seq = g.call(torch.cat, recv_pos, name="q_in_pos"), g.call(torch.cat, recv_seq, name="q_in_seq")
-    q_shape = [-1, g.heads, g.head_dim]
-    answer_shape = [-1, g.heads, g.head_dim + 1]  # o with lse as the last column
+    remote = _RemoteKV(g, m) if m > 1 else None
 
     x, cos, sin = g.embed(tokens, pos)
     for layer in range(g.layers):
         q, k, v = g.qkv(layer, x, cos, sin)
-        if m > 1:
-            queries = g.call(_ops.query_scatter.default, q, send_index, name=f"query_scatter{layer}")
+        ticket = remote.ask(layer, q) if remote is not None else None
         new_kv = g.call(torch.stack, [k, v], name=f"new_kv{layer}")
         g.call(_ops.kv_store.default, pool, layer, new_slots, new_kv, name=f"append{layer}")
         kv = g.halves(g.call(_ops.kv_gather.default, pool, layer, kv_slots, name=f"kv{layer}"))
         o, lse = g.attention_partial(q, kv, pos, kv_pos, seq, kv_seq, f"attn_local{layer}")
-        if m > 1:
-            names = tuple(f"peer{k}" for k in range(1, m))
-            meta = CommMeta(
-                ops.CHANNELS["query"], layer, tuple((p, f"q_to{k}") for k, p in enumerate(names, 1)),
-                tuple((p, f"q_from{k}") for k, p in enumerate(names, 1)),
-            )
-            received = g.exchange(queries, peers, recv_pos, peers, q_shape, g.dtype, "query", meta, f"query{layer}")
-            q_in = g.call(torch.cat, received, name=f"q_in{layer}")
-            o_in, lse_in = g.attention_partial(q_in, kv, in_pos, kv_pos, in_seq, kv_seq, f"attn_peer{layer}")
-            answers = g.call(_ops.partial_pack.default, o_in, lse_in, recv_pos, name=f"partial_pack{layer}")
-            meta = CommMeta(
-                ops.CHANNELS["partial"], layer, tuple((p, f"answer_to{k}") for k, p in enumerate(names, 1)),
-                tuple((p, f"answer_from{k}") for k, p in enumerate(names, 1)),
-            )
-            got = g.exchange(answers, peers, send_index, peers, answer_shape, torch.float32, "partial", meta, f"partial{layer}")
-            parts = g.call(_ops.partial_gather.default, o, lse, got, send_index, name=f"partial_gather{layer}")
-            o = g.merge(layer, g.item(parts, 0, f"o_parts{layer}"), g.item(parts, 1, f"lse_parts{layer}"))
+        if remote is not None:
+            assert ticket is not None  # asked above: remote is set
+            o_parts, lse_parts = remote.answer(layer, ticket, kv, kv_pos, kv_seq, o, lse)
+            o = g.merge(layer, o_parts, lse_parts)
         x = g.layer_out(layer, x, o)
     return g.module("lm_head", g.module("norm", x))
 
@@ -414,6 +499,8 @@ def _prefill_inputs(b: RankBinding, kv: SlotTable, tokens: Mapping[RequestId, to
             )
         ids.append(chunk[positions - item.start])
     inputs["tokens"] = _cat(ids)
+    if b.role.prefix:  # before the retained tokens below are allocated: the prefix only
+        inputs.update(_prefix_inputs(b, kv, local))
     for s in range(d):
         origin = (p - s) % d
         block = _striped(batch, origin)
@@ -439,6 +526,60 @@ def _prefill_inputs(b: RankBinding, kv: SlotTable, tokens: Mapping[RequestId, to
         offset += len(positions)
     inputs["last_index"] = torch.tensor(last, dtype=_LONG)
     return inputs
+
+
+def _prefix_inputs(b: RankBinding, kv: SlotTable, local: list[torch.Tensor]) -> dict[str, Any]:
+    """What a rank of a continued prefill reads of the resident prefix [0, start) of its
+    requests: the tokens it holds, and (ring of d > 1) the rows of the queries it exchanges
+    with every other member. `local`: positions of its own tokens, per request."""
+    batch = b.batch
+    assert isinstance(batch, PrefillBatch)  # only prefill roles read a prefix this way
+    d, p = len(batch.instances), b.position
+    prefix_pos, prefix_slots, prefix_seq = [], [], []
+    for i, item in enumerate(batch.items):
+        if not item.start:
+            continue
+        positions, slots = kv.resident(item.request_id)
+        beyond = positions[positions >= item.start]
+        if len(beyond):
+            raise ValueError(
+                f"request {item.request_id}: prefill of tokens [{item.start}, {item.end}) continues a resident "
+                f"prefix [0, {item.start}), but instance {b.rank} already holds positions {beyond.tolist()[:8]} "
+                f"at or past {item.start}"
+            )
+        prefix_pos.append(positions)
+        prefix_slots.append(slots)
+        prefix_seq.append(torch.full_like(positions, i))
+    inputs = {"prefix_pos": _cat(prefix_pos), "prefix_slots": _cat(prefix_slots), "prefix_seq": _cat(prefix_seq)}
+    # Every query of a continued request asks every peer: only the peers know what they hold.
+    rows, offset = [], 0
+    for item, positions in zip(batch.items, local):
+        if item.start:
+            rows.append(_arange(offset, offset + len(positions), 1))
+        offset += len(positions)
+    asked = _cat(rows)
+    for k in range(1, d):
+        theirs = [pos if item.start else pos[:0] for item, pos in zip(batch.items, _striped(batch, (p + k) % d))]
+        inputs[f"q_to{k}_index"] = asked
+        inputs[f"q_from{k}_pos"], inputs[f"q_from{k}_seq"] = _with_seq(theirs)
+    return inputs
+
+
+def _check_prefix_holders(plan: IterationPlan, rank: int, kv: SlotTable) -> None:
+    """A continued prefill reads its prefix where it lives: a rank outside the ring must
+    hold none of it (the plan would silently attend to part of the prefix otherwise)."""
+    for batch in plan.batches:
+        if not isinstance(batch, PrefillBatch) or rank in batch.instances:
+            continue
+        for item in batch.items:
+            held = len(kv.resident(item.request_id)[0]) if item.start else 0
+            if held:
+                raise ValueError(
+                    f"request {item.request_id}: instance {rank} holds {held} tokens of the resident prefix "
+                    f"[0, {item.start}) that its prefill of [{item.start}, {item.end}) attends to, but is not in "
+                    f"the ring {list(batch.instances)}; a continued prefill reads its prefix where it lives, so "
+                    "every instance holding part of it must be in the ring"
+                )
 
 
 def _decode_inputs(b: RankBinding, kv: SlotTable, tokens: Mapping[RequestId, torch.Tensor]) -> dict[str, Any]:
@@ -509,13 +650,21 @@ class Program:
     """The IR of a lowered plan: one GraphModule per rank (shared between ranks of equal Role)
     and the bindings that give each graph its inputs. `fresh`: Roles whose graphs were built
     for this plan (the graph passes transform those; cached ones already went through them).
-    `verified`: the comm-matching proof holds for this plan."""
+    `verified`: the comm-matching proof holds for this plan.
+
+    A "rank" here is an elastic instance, as in the plan. With `tp` > 1 an instance is `tp`
+    world ranks that run the same graph on their own shards; TP rank t of an instance talks
+    only to TP rank t of the others (`peer_ranks`), so each TP slice exchanges exactly the
+    messages of the instance-level program, and the comm proof over instances covers every
+    slice (the TP all-reduces stay inside an instance, called in the same order by all of
+    its ranks)."""
 
     plan: IterationPlan
     bindings: Mapping[int, RankBinding]
     modules: Mapping[Role, fx.GraphModule]
     fresh: frozenset[Role] = frozenset()
     verified: bool = False
+    tp: int = 1
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -529,6 +678,11 @@ class Program:
         went through them when they were built)."""
         return [self.modules[role] for role in sorted(self.fresh)]
 
+    def peer_ranks(self, rank: int, tp_rank: int = 0) -> dict[str, int]:
+        """The world ranks behind instance `rank`'s peer placeholders, for its TP rank
+        `tp_rank` (the same TP rank of each peer instance); the instances at tp = 1."""
+        return {name: world_rank(peer, tp_rank, self.tp) for name, peer in self.bindings[rank].peers.items()}
+
     def comm_key(self) -> tuple:
         """Everything the comm proof depends on: Roles, peers and message labels."""
         return tuple(
@@ -537,12 +691,14 @@ class Program:
         )
 
     def inputs(
-        self, rank: int, kv: SlotTable, tokens: Mapping[RequestId, torch.Tensor], pool: torch.Tensor | None
+        self, rank: int, kv: SlotTable, tokens: Mapping[RequestId, torch.Tensor], pool: torch.Tensor | None,
+        tp_rank: int = 0,
     ) -> dict[str, Any] | None:
         """Apply the plan to `rank`'s slot table `kv` and return the rank's graph inputs, or
         None when the rank runs no graph in this plan (it only frees). Call it for every rank
         of the world, once per plan. `tokens`: per request, the ids of the prefill chunk
-        [start, end), or the one new token of a decode step.
+        [start, end), or the one new token of a decode step. `tp_rank`: whose peers the
+        inputs name (`peer_ranks`); the other inputs are the same for every TP rank.
 
         This is the one order of a plan's slot bookkeeping; the driver (on each worker's
         table) and the gloo harness (on each rank's own) both go through it:
@@ -552,24 +708,31 @@ class Program:
            into the space it frees (a preemption); a freed request is in no batch or
            migration of the plan, so the graph reads nothing of it.
         2. The inputs allocate the slots the graph writes (retained prefill tokens, decode
-           appends, migrations in) and name those it reads.
+           appends, migrations in) and name those it reads. The batch's come first: the KV
+           a batch reads (decode shards, a continued prefill's prefix) is what was resident
+           before the plan, never the slots a migration into the rank is still to fill.
         3. A migration's source releases the tokens it sends: step 2 named their slots for
            the pack, which runs first in the graph, and a rank runs its plans in order, so
            only a later plan can reuse them (`IterationPlan.verify` does not credit that
-           release to the plan itself either).
+           release to the plan itself either). The table compacts the request it releases
+           from (`PagedKVTable`); the graph moves those slots last (`compact_kv`).
         """
         for request in self.plan.frees:
             kv.release(request)
+        _check_prefix_holders(self.plan, rank, kv)
         b = self.bindings.get(rank)
         if b is None:
             return None
-        inputs = {"pool": pool, **b.peers, **_migration_inputs(b, kv)}
+        inputs = {"pool": pool, **self.peer_ranks(rank, tp_rank)}
         if b.role.phase == "prefill":
             inputs.update(_prefill_inputs(b, kv, tokens))
         elif b.role.phase == "decode":
             inputs.update(_decode_inputs(b, kv, tokens))
+        inputs.update(_migration_inputs(b, kv))
         for migration in b.sends:
             kv.release(migration.request_id, migration.range)
+        if b.sends:
+            inputs["compact_src"], inputs["compact_dst"] = kv.take_moves()
         return inputs
 
     def outputs(self, rank: int) -> tuple[RequestId, ...]:
@@ -585,11 +748,12 @@ class Program:
         )
 
     def run(
-        self, rank: int, pool: torch.Tensor, kv: SlotTable, tokens: Mapping[RequestId, torch.Tensor]
+        self, rank: int, pool: torch.Tensor, kv: SlotTable, tokens: Mapping[RequestId, torch.Tensor], tp_rank: int = 0
     ) -> dict[RequestId, torch.Tensor]:
-        """Apply the plan to `rank`'s table (`inputs`) and execute its graph, in one process
-        that holds both the pool and its table: logits per request."""
-        inputs = self.inputs(rank, kv, tokens, pool)
+        """Apply the plan to `rank`'s table (`inputs`) and execute its graph (as TP rank
+        `tp_rank` of the instance), in one process that holds both the pool and its table:
+        logits per request."""
+        inputs = self.inputs(rank, kv, tokens, pool, tp_rank)
         if inputs is None:
             return {}
         outputs = self.graph(rank)(**inputs)
@@ -636,12 +800,14 @@ class Lowering:
     lowers its own rank on its real model, `verify=False` (same code, same graphs)."""
 
     def __init__(self, model: Llama, *, attention: str = "torch", tp: int = 1, cache: GraphCache | None = None):
-        if tp != 1:
-            raise NotImplementedError(
-                f"tp={tp}: tensor parallelism inside an instance is not lowered yet; use tp = 1 "
-                "(one rank per elastic instance)"
+        spec, (heads, _) = model.spec, local_heads(model)
+        if heads * tp != spec.heads:
+            raise ValueError(
+                f"tp={tp}: a rank's model has {heads} of the {spec.heads} query heads, not {spec.heads} / {tp}; "
+                "shard it first (espc.backend.tensor_parallel.shard_model)"
             )
         self.model = model
+        self.tp = tp
         self.attention = attention
         self.cache = cache if cache is not None else GraphCache()
 
@@ -653,16 +819,6 @@ class Lowering:
         to some ranks (the comm proof then needs `verify=False`: it spans every rank).
         `dump_ir`: write each stage into that directory (bypasses the cache)."""
         plan.verify()
-        for batch in plan.batches:
-            if not isinstance(batch, PrefillBatch):
-                continue
-            for item in batch.items:
-                if item.start:
-                    raise NotImplementedError(
-                        f"request {item.request_id}: prefill of tokens [{item.start}, {item.end}) continues a "
-                        "resident prefix (chunked prefill / cached prefix), which is not lowered yet; "
-                        "only prefills from token 0 are"
-                    )
         if verify and ranks is not None:
             raise ValueError("the comm proof spans every rank: lower all ranks, or pass verify=False")
         bindings = bind(plan)
@@ -675,10 +831,10 @@ class Lowering:
                 continue
             cached = None if dump_ir is not None else self.cache.get(b.role)
             if cached is None:
-                cached = _build(self.model, b.role, self.attention)
+                cached = _build(self.model, b.role, self.attention, self.tp)
                 fresh.add(b.role)
             modules[b.role] = cached
-        program = Program(plan, bindings, modules, frozenset(fresh))
+        program = Program(plan, bindings, modules, frozenset(fresh), tp=self.tp)
         if verify and dump_ir is None and program.comm_key() in self.cache.verified:
             program = replace(program, verified=True)
         program = run_pipeline(program, dump_ir, skip=() if verify else ("verify_comm",))

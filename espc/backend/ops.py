@@ -18,7 +18,12 @@ The KV pool of a rank is one tensor [layers, 2, slots, kv_heads, head_dim]: `poo
 Every message size is known to both ends from the plan: a receive is described by a 1-D
 tensor with one entry per expected row (`recv_rows`, e.g. the positions of the tokens) and a
 row shape with -1 where the rows go. Zero-row messages are not sent at all; both ends know.
-Comm ops count calls, messages and bytes per channel (`comm_counters`). Ops that communicate
+Tensor parallelism: `tp_all_reduce` sums a tensor over the rank's TP group (the ranks of
+its elastic instance, `espc.backend.tensor_parallel`), after the row-parallel `o_proj` and
+MLP; the group is registered once per process with `set_tp_group`.
+
+Comm ops count calls, messages and bytes per channel (`comm_counters`; the all-reduces as
+`tp`). Ops that communicate
 or write the pool are registered with `torch.fx.node.has_side_effect`, else DCE drops them.
 """
 
@@ -33,8 +38,10 @@ from torch.fx.node import has_side_effect
 
 from espc.backend import kernels
 
-# Channels keep kinds of messages apart: each is its own tag, so a receive on one channel
-# never consumes a message of another, even between the same two ranks.
+# Channels name kinds of messages; each is sent as its own tag, but nothing relies on tags:
+# NCCL ignores them and matches the k-th send a -> b with the k-th receive at b from a. The
+# comm verifier (`espc.backend.passes.check_comm`) proves that order per rank pair, channel
+# included, so messages match whether or not the transport separates tags (gloo does).
 CHANNELS = {"ring": 1, "query": 2, "partial": 3, "migration": 4}
 CHANNEL_NAMES = {tag: name for name, tag in CHANNELS.items()}
 
@@ -43,11 +50,19 @@ _counters: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(_COUNTE
 # Tickets of started exchanges: id -> (works to wait for, receive buffers).
 _pending: dict[int, tuple[list, list[torch.Tensor]]] = {}
 _tickets = itertools.count()
+# This process's TP group (its instance's ranks), set once at start-up; None: tp = 1.
+_tp_group: list[dist.ProcessGroup | None] = [None]
 
 
 def comm_counters() -> dict[str, dict[str, int]]:
-    """Per channel: start calls, messages sent, bytes sent and received by this process."""
-    return {name: dict(_counters[name]) for name in CHANNELS}
+    """Per channel: start calls, messages sent, bytes sent and received by this process;
+    under `tp`, its TP all-reduces (messages: 0; bytes: the tensors reduced)."""
+    return {name: dict(_counters[name]) for name in (*CHANNELS, "tp")}
+
+
+def set_tp_group(group: dist.ProcessGroup) -> None:
+    """Register the TP group `tp_all_reduce` reduces over (see `tensor_parallel.init_tp_group`)."""
+    _tp_group[0] = group
 
 
 def reset_comm_counters() -> None:
@@ -202,7 +217,16 @@ def send_recv_start(
 ) -> torch.Tensor:
     """Issue sends[k] -> rank send_to[k] and receives from recv_from[k] of len(recv_rows[k])
     rows of `recv_shape` (-1 marks the rows), all at once with batch_isend_irecv on the world
-    group. Returns a ticket for `send_recv_wait`."""
+    group. Returns a ticket for `send_recv_wait`.
+
+    Devices and streams (NCCL): a receive buffer is allocated on the device of its row
+    descriptor, which the worker places with every graph input on its pool's device
+    (`espc.runtime.worker`), so it is a tensor of the rank's own GPU. No stream is created:
+    the process group runs the transfers on its internal communication stream, ordered after
+    the work already queued on the current stream; `send_recv_wait` makes the current
+    stream wait for them (`Work.wait`, without blocking the host), and the process group
+    records the tensors on its stream so the caching allocator reuses none in flight. The
+    ticket is a host-side scalar."""
     if not dist.is_initialized():
         raise RuntimeError("espc::send_recv_start: torch.distributed is not initialised (no process group)")
     ops, sent, received = [], 0, 0
@@ -249,12 +273,35 @@ def _(ticket, recv_rows, recv_shape, dtype):
     return [torch.empty(_row_shape(rows.shape[0], recv_shape), dtype=dtype, device=rows.device) for rows in recv_rows]
 
 
+@torch.library.custom_op("espc::tp_all_reduce", mutates_args=())
+def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """The sum of `x` over this rank's TP group: the whole output of a row-parallel layer
+    from each rank's partial. Every rank of an instance runs the same graph, so the
+    all-reduces of a group are called in the same order on all of its ranks."""
+    group = _tp_group[0]
+    if group is None:
+        raise RuntimeError("espc::tp_all_reduce: no TP group registered (tensor_parallel.init_tp_group at start-up)")
+    out = x.contiguous().clone()
+    dist.all_reduce(out, group=group)
+    counters = _counters["tp"]
+    counters["calls"] += 1
+    counters["bytes_sent"] += out.nbytes
+    counters["bytes_received"] += out.nbytes
+    return out
+
+
+@tp_all_reduce.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
 # Ops that DCE must keep although nothing reads their result: messages and pool writes.
 SIDE_EFFECT_OPS = (
     torch.ops.espc.send_recv_start.default,
     torch.ops.espc.send_recv_wait.default,
     torch.ops.espc.kv_store.default,
     torch.ops.espc.kv_unpack.default,
+    torch.ops.espc.tp_all_reduce.default,  # a collective: every rank of the group must call it
 )
 COMM_START = torch.ops.espc.send_recv_start.default
 COMM_WAIT = torch.ops.espc.send_recv_wait.default

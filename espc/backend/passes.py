@@ -8,7 +8,8 @@ named pipeline:
   passes block s + 1 while attending to block s; a master's queries leave before it attends
   to its own shard). Message ops never move past one another: the order the verifier proves
   is the order that runs.
-- `verify_comm`: the comm-matching proof across ranks (`check_comm`).
+- `verify_comm`: the comm-matching proof across ranks (`check_comm`): messages match in
+  order per rank pair, whatever their channel, because NCCL ignores P2P tags.
 
 Graph passes only touch graphs built for this plan (`Program.fresh`); cached graphs already
 went through them. They edit the fx.Graph; `espc.backend.lower.run_pipeline` runs PIPELINE,
@@ -138,6 +139,8 @@ def describe_label(label: tuple) -> str:
         return f"batch {where[0]} KV block of ring position {where[1]}"
     if kind == "decode":
         return f"batch {where[0]} decode, master position {where[1]} <-> shard position {where[2]}"
+    if kind == "prefix":
+        return f"batch {where[0]} resident prefix, query position {where[1]} <-> holder position {where[2]}"
     if kind == "migration":
         return f"migration {where[0]}"
     return " ".join(map(str, label))
@@ -152,34 +155,38 @@ def describe_message(message: tuple) -> str:
 
 def check_comm(program: Program) -> None:
     """Simulate every rank's message ops and prove that each send meets a receive with the
-    same message, in the same order, on the same channel, and that no rank waits forever.
+    same message on the same channel, in the same order, and that no rank waits forever.
 
     Semantics: a start posts its sends and receives without blocking; a wait blocks until
     each of its messages is matched by the peer's posted counterpart (rendezvous — safe
-    whether or not the transport buffers sends). Messages between two ranks on one channel
-    match first-in first-out. Raises CommError naming the ops at fault.
+    whether or not the transport buffers sends). Messages from rank a to rank b match
+    first-in first-out *per rank pair*, whatever their channel: NCCL ignores P2P tags and
+    pairs the k-th send a -> b with the k-th receive at b from a. The k-th messages must
+    also agree on the channel, so the proof holds as well where tags do separate messages
+    (gloo): each channel's subsequence then matches in order too. Raises CommError naming
+    the ops at fault.
     """
     ranks = program.ranks
     sequences = {rank: comm_ops(program, rank) for rank in ranks}
     errors: list[str] = []
-    # (src, dst, channel) -> posted sends / receives, as (op, message)
+    # (src, dst) -> posted sends / receives, as (op, message); channels share the pair's queue
     posted_sends: dict[tuple, list[tuple[CommOp, tuple]]] = {}
     posted_recvs: dict[tuple, list[tuple[CommOp, tuple]]] = {}
-    # start node -> its messages as (direction, channel key, index)
+    # start node -> its messages as (direction, (src, dst), index)
     tickets: dict[tuple[int, str], list[tuple[str, tuple, int]]] = {}
     waited: set[tuple[int, str]] = set()
 
     def check_pair(key: tuple, index: int) -> None:
-        """Message `index` on channel `key` has both ends posted: they must agree."""
+        """Message `index` from src to dst (`key`) has both ends posted: they must agree."""
         sends, recvs = posted_sends.get(key, []), posted_recvs.get(key, [])
         if index < len(sends) and index < len(recvs):
             (send_op, sent), (recv_op, expected) = sends[index], recvs[index]
-            if sent != expected:
-                src, dst, channel = key
+            if sent != expected or send_op.channel != recv_op.channel:
+                src, dst = key
                 errors.append(
-                    f"message {index} from rank {src} to rank {dst} on channel {channel}: rank {src} "
-                    f"`{send_op.node}` sends {describe_message(sent)} {sent[2:]}, but rank {dst} `{recv_op.node}` "
-                    f"expects {describe_message(expected)} {expected[2:]}"
+                    f"message {index} from rank {src} to rank {dst}: rank {src} `{send_op.node}` sends "
+                    f"{describe_message(sent)} {sent[2:]} on channel {send_op.channel}, but rank {dst} "
+                    f"`{recv_op.node}` expects {describe_message(expected)} {expected[2:]} on channel {recv_op.channel}"
                 )
 
     def post(op: CommOp) -> None:
@@ -191,7 +198,7 @@ def check_comm(program: Program) -> None:
                     why = "is itself" if peer == op.rank else "runs no graph in this plan"
                     errors.append(f"rank {op.rank} `{op.node}` {verb} rank {peer}, which {why}")
                     continue
-                key = (op.rank, peer, op.channel) if direction == "send" else (peer, op.rank, op.channel)
+                key = (op.rank, peer) if direction == "send" else (peer, op.rank)
                 queue = posted.setdefault(key, [])
                 entries.append((direction, key, len(queue)))
                 queue.append((op, message))
@@ -222,8 +229,8 @@ def check_comm(program: Program) -> None:
     blocked = [rank for rank in ranks if pc[rank] < len(sequences[rank])]
     for rank in blocked:
         op = sequences[rank][pc[rank]]
-        for direction, (src, dst, channel), index in tickets[(rank, op.start)]:
-            if matched(direction, (src, dst, channel), index):
+        for direction, (src, dst), index in tickets[(rank, op.start)]:
+            if matched(direction, (src, dst), index):
                 continue
             peer = dst if direction == "send" else src
             where = (
@@ -231,20 +238,20 @@ def check_comm(program: Program) -> None:
                 else f"rank {peer} has finished"
             )
             mine = posted_sends if direction == "send" else posted_recvs
-            message = mine[(src, dst, channel)][index][1]
+            message = mine[(src, dst)][index][1]
             verb = f"its send of {describe_message(message)} to" if direction == "send" else f"its receive of {describe_message(message)} from"
             errors.append(
-                f"deadlock: rank {rank} blocks in `{op.node}`: {verb} rank {peer} on channel {channel} "
-                f"(message {index}) is never matched; {where}"
+                f"deadlock: rank {rank} blocks in `{op.node}`: {verb} rank {peer} on channel {op.channel} "
+                f"(message {index} from rank {src} to rank {dst}) is never matched; {where}"
             )
     if not blocked:
         for key in sorted(posted_sends.keys() | posted_recvs.keys()):
             sends, recvs = posted_sends.get(key, []), posted_recvs.get(key, [])
-            src, dst, channel = key
+            src, dst = key
             for op, message in sends[len(recvs):]:
-                errors.append(f"rank {src} `{op.node}` sends {describe_message(message)} to rank {dst} on channel {channel}, which never receives it")
+                errors.append(f"rank {src} `{op.node}` sends {describe_message(message)} to rank {dst} on channel {op.channel}, which never receives it")
             for op, message in recvs[len(sends):]:
-                errors.append(f"rank {dst} `{op.node}` receives {describe_message(message)} from rank {src} on channel {channel}, which never sends it")
+                errors.append(f"rank {dst} `{op.node}` receives {describe_message(message)} from rank {src} on channel {op.channel}, which never sends it")
         for rank in ranks:
             errors += [
                 f"rank {rank} `{op.node}` starts messages it never waits for"

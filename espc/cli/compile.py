@@ -17,6 +17,7 @@ from espc.cli.common import ArtifactDir, SpecFile, fail, load_artifact, load_spe
 from espc.frontend.errors import SpecError
 from espc.planner.compile.artifact import POLICY_FILE, ArtifactError, plot_policy, render_ir, spec_hash, write_artifact
 from espc.planner.compile.compiler import TRIAL_REQUESTS, CompileOptions, compile_spec
+from espc.planner.compile.feasibility import NothingFeasible
 from espc.planner.compile.ilp import InfeasibleSLO
 from espc.planner.compile.policy import PolicyError
 from espc.planner.compile.report import render_policy
@@ -36,6 +37,15 @@ def compile_(
     seed: Annotated[int | None, typer.Option(help="workload seed of the trials (default: the spec's)")] = None,
     calibration: Annotated[Path | None, typer.Option(help="cost-model calibration from `espc profile`")] = None,
     dump_ir: Annotated[bool, typer.Option("--dump-ir", help="print every stage's output: MILP solutions, trials, the policy")] = False,
+    runnable: Annotated[
+        bool | None,
+        typer.Option(
+            "--runnable/--simulation-only",
+            help="hold every candidate to what the runtime serves (espc.planner.compile.feasibility), or lift those limits to "
+            "study the spec in simulation (default: --runnable for CPU specs, --simulation-only for accelerator specs)",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Solve the MILP for an elastic scaling policy, verify it in simulation and write an artifact directory."""
     spec = load_spec_file(spec_file)
@@ -51,7 +61,7 @@ def compile_(
         fail("--search-seconds must be at least 0 and --requests at least 1")
     if output.exists() and not output.is_dir():
         fail(f"{output}: exists and is not a directory")
-    options = CompileOptions(search_seconds, requests, seed)
+    options = CompileOptions(search_seconds, requests, seed, runnable)
     progress = _StageProgress()
     try:
         with native_stdout_to_stderr():
@@ -64,6 +74,10 @@ def compile_(
     except InfeasibleSLO as error:
         progress.close()
         fail(f"{spec_file}: the SLOs cannot be met: {error}")
+    except NothingFeasible as error:
+        progress.close()
+        hint = "; `--simulation-only` lifts the runtime's limits (for `espc simulate` and `espc compare`)" if error.runtime_bound else ""
+        fail(f"{spec_file}: {error}{hint}")
     except SpecError as error:
         progress.close()
         fail(str(error))

@@ -30,6 +30,7 @@ _VERBS = {
     "run": "run",
     "profile": "profile",
     "serve": "serve",
+    "bench": "bench",
 }
 
 

@@ -29,9 +29,9 @@ def serve(
     kv_capacity: Annotated[int | None, typer.Option(help="KV tokens per instance (default: the spec's memory)")] = None,
     log_level: Annotated[str, typer.Option(help="the HTTP server's log level: " + ", ".join(_LOG_LEVELS))] = "info",
 ) -> None:
-    """Serve the compiled policy over an OpenAI-compatible HTTP API: /v1/completions (streamed
-    with server-sent events), /v1/models, /health and /metrics (Prometheus); admission control
-    comes from the spec's `serving` section. Stops on Ctrl-C."""
+    """Serve the compiled policy over an OpenAI-compatible HTTP API: /v1/completions and
+    /v1/chat/completions (streamed with server-sent events), /v1/models, /health and /metrics
+    (Prometheus); admission control comes from the spec's `serving` section. Stops on Ctrl-C."""
     if not 0 <= port <= 65535:
         fail(f"--port {port}: expected 0..65535")
     if kv_capacity is not None and kv_capacity < 1:

@@ -18,7 +18,10 @@ its instance retired; every request with KV on it or in flight with it fails wit
 reason, the rest go on with the remaining instances (the scheduler only plans idle ones;
 a retired instance never is). Peers that then fail to talk to the dead worker report
 errors too: those count as answers, not faults. When requests wait, nothing is in flight
-and no plan comes for `stall_timeout_s`, they fail: the engine never hangs.
+and no plan comes for `stall_timeout_s`, they fail: the engine never hangs. A plan fault
+touches only the requests it must (`_dispatch`): a batch the backend cannot lower fails its
+own requests; a `KVPoolFull` rolls every table back and preempts or refuses the one request
+that needed the room (counted in `stats()["kv_full"]`).
 """
 
 from __future__ import annotations
@@ -31,13 +34,15 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from espc.backend.kvpool import PagedKVTable
-from espc.backend.lower import Lowering
+from espc.backend.kvpool import KVPoolFull, PagedKVTable
+from espc.backend.lower import Lowering, Program
+from espc.backend.tensor_parallel import shard_model
 from espc.frontend.spec import Spec
 from espc.model.llama import build_model
 from espc.planner.plan import DecodeBatch, IterationPlan, Migration, PrefillBatch, PrefillItem, RequestId
@@ -45,8 +50,8 @@ from espc.planner.sim.cluster_state import ClusterState, RequestState
 from espc.planner.sim.simulator import BatchRecord, SimulationResult, request_record
 from espc.planner.sim.strategies import Scheduler
 from espc.planner.sim.workload import Request
-from espc.runtime.launch import LaunchError, WorkerHandle, spawn_workers, torchrun_workers
-from espc.runtime.sampling import SamplingParams
+from espc.runtime.launch import LaunchError, WorkerHandle, instance_workers, spawn_workers, torchrun_workers
+from espc.runtime.sampling import SamplingParams, TokenLogprobs
 from espc.runtime.worker import BEAT, DTYPES, ERROR, READY, RESULT, Sampling, Step, StepResult, WorkerConfig
 
 # A scheduler may first free KV (preemption) and then plan into the freed space.
@@ -64,6 +69,7 @@ class TokenEvent:
     token: int
     index: int  # 0 for the first generated token
     logits: torch.Tensor | None = None
+    logprobs: TokenLogprobs | None = None  # with SamplingParams.logprobs
 
 
 @dataclass(frozen=True)
@@ -72,7 +78,8 @@ class FinishEvent:
     reason: str  # "length", "stop", "cancelled", "rejected" or "error"
     error: str | None = None
     # Why a request was rejected: "queue_full" or "ttft_unreachable" (overload: try again
-    # later), "unservable" (no instance group in service can hold its KV).
+    # later), "unservable" (no instance group in service can hold its KV), "kv_full" (a KV
+    # table could not hold what its plan allocated, and it held no KV to preempt).
     code: str | None = None
 
 
@@ -105,6 +112,7 @@ class _Task:
     started_s: float
     tokens: dict[RequestId, int] = field(default_factory=dict)
     logits: dict[RequestId, torch.Tensor] = field(default_factory=dict)
+    logprobs: dict[RequestId, TokenLogprobs] = field(default_factory=dict)
     worker_s: float = 0.0  # the slowest rank's own time (graph, inputs, sampling)
 
     @property
@@ -163,9 +171,12 @@ class Driver:
         self.state = ClusterState(deployment.capacity)
         page = spec.runtime.kv_block_size
         self.tables = [PagedKVTable(capacity, page, options.max_running) for capacity in deployment.capacity]
+        # The driver's world is instances: with tp > 1 each is tp workers (`instance_workers`)
+        # that run the same graph on their shards; it lowers TP rank 0's structure to verify.
+        self.tp = deployment.tp
         self.lowering = Lowering(
-            build_model(spec.model, dtype=DTYPES[options.dtype], device="meta"), attention=spec.runtime.attention,
-            tp=deployment.tp,
+            shard_model(build_model(spec.model, dtype=DTYPES[options.dtype], device="meta"), self.tp, 0),
+            attention=spec.runtime.attention, tp=self.tp,
         )
         self._inbox: queue.Queue = queue.Queue()  # ("submit", live) | ("cancel", id) | worker messages
         self._ids = itertools.count()
@@ -180,6 +191,8 @@ class Driver:
         self.migrated_bytes = 0
         self.migrations = 0
         self.rejected: dict[str, int] = {}  # rejection code -> requests
+        # Requests a KV table could not hold when a plan allocated for them (see `_kv_full`).
+        self.kv_full = {"preempted": 0, "refused": 0}
         self.failures: list[str] = []  # one line per worker taken out of service
         self._workers: list[WorkerHandle] = []
         self._thread: threading.Thread | None = None
@@ -195,15 +208,16 @@ class Driver:
         torchrun = self.options.launcher == "torchrun"
         device = self.spec.cluster.nodes[0].device.kind
         config = WorkerConfig(
-            self.spec.model, self.base_dir, self.world, "env://" if torchrun else f"tcp://127.0.0.1:{free_port()}",
+            self.spec.model, self.base_dir, self.world * self.tp, "env://" if torchrun else f"tcp://127.0.0.1:{free_port()}",
             self.spec.runtime.backend, device, self.options.dtype, self.spec.runtime.attention, self.tables[0].num_slots,
-            self.options.threads, self.options.comm_timeout_s,
+            self.options.threads, self.options.comm_timeout_s, self.tp,
         )
         try:
             if torchrun:
-                self._workers = torchrun_workers(config, self._inbox, self.options.start_timeout_s)
+                ranks = torchrun_workers(config, self._inbox, self.options.start_timeout_s)
             else:
-                self._workers = spawn_workers(config, range(self.world), self._inbox)
+                ranks = spawn_workers(config, range(config.world), self._inbox)
+            self._workers = instance_workers(ranks, self.tp)
         except LaunchError as error:
             raise EngineError(str(error)) from None
         ready: set[int] = set()
@@ -412,14 +426,17 @@ class Driver:
             self._stalled_since = None
 
     def _dispatch(self, plan: IterationPlan) -> None:
-        """Apply the plan to the tables and the state, and send each rank its slice."""
-        try:
-            program = self.lowering.lower(plan)
-        except NotImplementedError as error:  # a plan shape the backend cannot run yet
-            for batch in plan.batches:
-                for item in batch.items:
-                    self._fail(self._live[item.request_id], f"cannot execute its plan: {error}")
+        """Apply the plan to the tables and the state, and send each rank its slice.
+
+        Faults touch only what they must: a batch the backend cannot lower fails its own
+        requests and the rest of the plan runs (`_lower`); a table that cannot hold what the
+        plan allocates leaves every table as it was, the plan is dropped, and the request
+        that needed the room is preempted or refused (`_kv_full`) — the scheduler then plans
+        again from the unchanged state."""
+        lowered = self._lower(plan)
+        if lowered is None:
             return
+        plan, program = lowered
         tokens = {}
         for batch in plan.batches:
             for item in batch.items:
@@ -430,19 +447,27 @@ class Driver:
                 else:
                     tokens[item.request_id] = torch.tensor(live.generated[-1:], dtype=_LONG)
         steps = {}
-        for rank, table in enumerate(self.tables):  # every table: the plan's frees apply to all
-            inputs = program.inputs(rank, table, tokens, None)
-            if inputs is None:
-                continue
-            del inputs["pool"]
-            # numpy, not torch: a torch.multiprocessing queue moves every tensor through its
-            # own shared-memory segment, ~1.4 ms per step for a handful of small index tensors.
-            inputs = {name: v.numpy() if isinstance(v, torch.Tensor) else v for name, v in inputs.items()}
-            sampling = {}
-            for request_id in program.outputs(rank):
-                live = self._live[request_id]
-                sampling[request_id] = Sampling(live.params, live.seed, len(live.generated))
-            steps[rank] = Step(plan, inputs, sampling)
+        rank = 0
+        try:
+            with ExitStack() as transactions:  # all tables or none: an exception rolls each back
+                for table in self.tables:
+                    transactions.enter_context(table.transaction())
+                for rank, table in enumerate(self.tables):  # every table: the plan's frees apply to all
+                    inputs = program.inputs(rank, table, tokens, None)
+                    if inputs is None:
+                        continue
+                    del inputs["pool"]
+                    # numpy, not torch: a torch.multiprocessing queue moves every tensor through its
+                    # own shared-memory segment, ~1.4 ms per step for a handful of small index tensors.
+                    inputs = {name: v.numpy() if isinstance(v, torch.Tensor) else v for name, v in inputs.items()}
+                    sampling = {}
+                    for request_id in program.outputs(rank):
+                        live = self._live[request_id]
+                        sampling[request_id] = Sampling(live.params, live.seed, len(live.generated))
+                    steps[rank] = Step(plan, inputs, sampling)
+        except KVPoolFull as error:  # `rank`: the table that could not hold it
+            self._kv_full(plan, rank, error)
+            return
         self.state.start(plan)
         now = self.now()
         tasks = [_Task(batch, set(batch.instances), now) for batch in plan.batches]
@@ -454,6 +479,53 @@ class Driver:
             self._tasks[plan.iteration] = tasks
         for rank, step in steps.items():
             self._workers[rank].send(step)
+
+    def _lower(self, plan: IterationPlan) -> tuple[IterationPlan, Program] | None:
+        """The plan and its program, less the batches the backend cannot lower: each batch of
+        a plan that raises NotImplementedError is lowered alone, and those that raise it fail
+        their own requests with the backend's reason (their migrations leave the plan too);
+        the rest of the plan runs. When no batch alone is at fault, every request of the plan
+        fails. None: nothing is left to run."""
+        try:
+            return plan, self.lowering.lower(plan)
+        except NotImplementedError as error:  # a plan shape the backend cannot run yet
+            whole = error
+        failed: set[RequestId] = set()
+        for batch in plan.batches:
+            try:
+                self.lowering.lower(IterationPlan(plan.iteration, (batch,)))
+            except NotImplementedError as error:
+                for item in batch.items:
+                    failed.add(item.request_id)
+                    self._fail(self._live[item.request_id], f"cannot execute its batch {batch}: {error}")
+        if not failed:
+            for batch in plan.batches:
+                for item in batch.items:
+                    self._fail(self._live[item.request_id], f"cannot execute its plan: {whole}")
+            return None
+        rest = IterationPlan(
+            plan.iteration,
+            tuple(batch for batch in plan.batches if not failed.intersection(item.request_id for item in batch.items)),
+            tuple(migration for migration in plan.migrations if migration.request_id not in failed),
+            plan.frees,
+        )
+        return self._lower(rest)
+
+    def _kv_full(self, plan: IterationPlan, rank: int, error: KVPoolFull) -> None:
+        """Instance `rank`'s table could not hold what `plan` allocates for `error.request`
+        (every table is as it was before the plan): preempt that request when it holds KV —
+        its pages free, it recomputes later (vLLM's recompute preemption) — or refuse it.
+        Only the planner's and the tables' accounting disagreeing gets here (a table holds
+        every token the planner's capacity admits: `espc.backend.kvpool`)."""
+        live = self._live[error.request]
+        assert live.state is not None  # admitted: it is in the plan
+        if live.state.kv_len and not live.state.busy:
+            self.kv_full["preempted"] += 1
+            self._dispatch(IterationPlan(plan.iteration, (), frees=(error.request,)))
+            return
+        self.kv_full["refused"] += 1
+        self.rejected["kv_full"] = self.rejected.get("kv_full", 0) + 1
+        self._fail(live, f"instance {rank} cannot hold its KV: {error}", "rejected", "kv_full")
 
     # --------------------------------------------------------------------- completions
 
@@ -470,6 +542,8 @@ class Driver:
                         task.tokens[request_id] = token
                         if request_id in result.logits:
                             task.logits[request_id] = torch.from_numpy(result.logits[request_id])
+                        if request_id in result.logprobs:
+                            task.logprobs[request_id] = result.logprobs[request_id]
             if not task.ranks:
                 self._complete(task)
         remaining = [task for task in tasks if task.ranks]
@@ -505,7 +579,7 @@ class Driver:
                 if token is None:
                     self._fail(live, "no worker returned its token")
                     continue
-                self._emit_token(live, token, task.logits.get(request_id))
+                self._emit_token(live, token, task.logits.get(request_id), task.logprobs.get(request_id))
             if live.state.done:  # reached max_new_tokens
                 self._end(live, "length")
 
@@ -517,7 +591,9 @@ class Driver:
         target = self.state.requests[item.request_id].prefill_target
         return target is None or item.end >= target
 
-    def _emit_token(self, live: _Live, token: int, logits: torch.Tensor | None) -> None:
+    def _emit_token(
+        self, live: _Live, token: int, logits: torch.Tensor | None, logprobs: TokenLogprobs | None = None,
+    ) -> None:
         """Stream the token, or end the request on a stop token (which is not streamed)."""
         assert live.state is not None  # admitted: only a scheduled batch produces tokens
         if token in live.params.stop_token_ids:
@@ -526,7 +602,7 @@ class Driver:
             self._end(live, "stop")
             return
         live.generated.append(token)
-        self._tell(live, TokenEvent(live.id, token, len(live.generated) - 1, logits))
+        self._tell(live, TokenEvent(live.id, token, len(live.generated) - 1, logits, logprobs))
 
     def _tell(self, live: _Live, event: TokenEvent | FinishEvent) -> None:
         """A listener that raises (its consumer went away) loses its request, not the engine."""
@@ -550,11 +626,11 @@ class Driver:
         self._release(live.id)
         self._tell(live, FinishEvent(live.id, reason, error, code))
 
-    def _fail(self, live: _Live, reason: str, kind: str = "error") -> None:
+    def _fail(self, live: _Live, reason: str, kind: str = "error", code: str | None = None) -> None:
         if live.state is not None:
             self.state.now = self.now()
             self.state.fail(live.state, reason)
-        self._end(live, kind, reason)
+        self._end(live, kind, reason, code)
 
     def _cancel(self, request_id: int) -> None:
         live = self._live.get(request_id)
@@ -636,6 +712,7 @@ class Driver:
             "migrations": self.migrations,
             "dop": dop,
             "rejected": dict(self.rejected),
+            "kv_full": dict(self.kv_full),
             "graph_cache": str(self.lowering.cache),
             "failures": list(self.failures),
         }

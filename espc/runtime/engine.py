@@ -26,11 +26,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
 from espc.frontend.spec import Spec
+from espc.planner.compile.feasibility import runtime_limit
 from espc.planner.compile.policy import Policy
 from espc.planner.sim.costmodel import CostModel
 from espc.planner.sim.strategies import Scheduler
 from espc.runtime.driver import Admission, Driver, DriverOptions, EngineError, FinishEvent, TokenEvent
-from espc.runtime.sampling import SamplingParams
+from espc.runtime.sampling import SamplingParams, TokenLogprobs
 
 Prompt = str | Sequence[int]
 EngineDType = Literal["float32", "float16", "bfloat16", "float64"]
@@ -87,6 +88,7 @@ class Completion:
     code: str | None = None  # a rejection's code: queue_full, ttft_unreachable (overload) or unservable
     text: str | None = None  # decoded when the engine has a tokenizer
     logits: list[torch.Tensor] | None = None  # one fp32 row per generated token, with return_logits
+    logprobs: list[TokenLogprobs] | None = None  # one per generated token, with SamplingParams.logprobs
 
 
 class RequestHandle:
@@ -95,7 +97,9 @@ class RequestHandle:
     def __init__(self, engine: Engine, prompt: list[int], params: SamplingParams):
         self._engine = engine
         self._done = threading.Event()
-        self.completion = Completion(-1, prompt, logits=[] if params.return_logits else None)
+        self.completion = Completion(
+            -1, prompt, logits=[] if params.return_logits else None, logprobs=[] if params.logprobs is not None else None,
+        )
 
     @property
     def request_id(self) -> int:
@@ -107,6 +111,8 @@ class RequestHandle:
             completion.token_ids.append(event.token)
             if completion.logits is not None and event.logits is not None:
                 completion.logits.append(event.logits)
+            if completion.logprobs is not None and event.logprobs is not None:
+                completion.logprobs.append(event.logprobs)
             return
         completion.finish_reason, completion.error, completion.code = event.reason, event.error, event.code
         completion.text = self._engine._decode(completion.token_ids)
@@ -349,11 +355,6 @@ def build_scheduler(spec: Spec, policy: Policy | None, base_dir: Path | None, op
     strategy = options.strategy or (policy.strategy if policy else spec.policy.strategy)
     if strategy == "auto":
         raise EngineError("the spec's strategy is auto: compile it first (espc compile) or pass strategy=")
-    if strategy == "chunked":
-        raise EngineError(
-            "strategy chunked: continuing a prefill from a resident prefix is not lowered by the backend yet; "
-            "serve elastic, static-sp, static-tp or disaggregated"
-        )
     elastic = policy.elastic if policy is not None else None
     # The compiled cost model (calibrated when the artifact was): the scheduler's timing
     # decisions (TTFT/TPOT slack) use the times it was compiled with.
@@ -373,4 +374,11 @@ def build_scheduler(spec: Spec, policy: Policy | None, base_dir: Path | None, op
         raise EngineError(f"strategy {strategy} has {len(family)} configurations; choose one with configuration=: {labels}")
     else:
         chosen = family
-    return chosen[0].make()
+    scheduler = chosen[0].make()
+    # The table compile consults: an artifact compiled for simulation only may hold a choice
+    # the runtime cannot serve.
+    limit = runtime_limit(strategy, scheduler.deployment.tp)
+    if limit is not None:
+        recompile = "; recompile with `espc compile --runnable`" if policy is not None and not policy.runnable else ""
+        raise EngineError(f"strategy {strategy} ({chosen[0].label}): {limit}{recompile}")
+    return scheduler

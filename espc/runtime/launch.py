@@ -1,10 +1,11 @@
 """How the driver gets its workers: spawned on this machine, or started by `torchrun`.
 
 Both give the driver one `WorkerHandle` per rank (send it commands, ask whether it is alive,
-kill it) and put every message a worker sends — (kind, rank, payload) — into the driver's
-inbox.
+kill it) and put every message a worker sends — (kind, instance, payload) — into the
+driver's inbox. With tensor parallelism an elastic instance is tp ranks (consecutive world
+ranks); `instance_workers` makes their handles one handle per instance, as the driver wants.
 
-- `spawn` (the default): one torch.multiprocessing process per instance on this machine.
+- `spawn` (the default): one torch.multiprocessing process per device on this machine.
 - `torchrun`: every process of the torchrun job runs the same command (`espc run DIR
   --launcher torchrun`, or an `Engine(..., launcher="torchrun")`). The process of RANK 0 is
   the driver: it listens on MASTER_ADDR:ESPC_DRIVER_PORT (MASTER_PORT + 1 by default),
@@ -12,7 +13,7 @@ inbox.
   configuration and serves as worker RANK (`serve_worker`). The workers' process group
   forms over torchrun's rendezvous variables (`env://`); commands and results travel over
   the driver's connections, so nothing but the worker processes need the torch.distributed
-  group. WORLD_SIZE must equal the instances of the spec's cluster.
+  group. WORLD_SIZE must equal the devices of the spec's cluster (instances × tp).
 """
 
 from __future__ import annotations
@@ -47,6 +48,39 @@ class WorkerHandle(Protocol):
     def kill(self) -> None: ...
 
     def join(self, timeout: float) -> None: ...
+
+
+class _InstanceWorkers:
+    """The tp ranks of one elastic instance as one handle: every command goes to each of
+    them (they run the same graph on their shards), and the instance is gone as soon as any
+    of its ranks is (the others would wait on it in their TP all-reduces)."""
+
+    def __init__(self, ranks: list[WorkerHandle]):
+        self.ranks = ranks
+        self.pid = ranks[0].pid
+
+    def send(self, command: Any) -> None:
+        for rank in self.ranks:
+            rank.send(command)
+
+    def exitcode(self) -> int | None:
+        return next((code for code in (rank.exitcode() for rank in self.ranks) if code is not None), None)
+
+    def kill(self) -> None:
+        for rank in self.ranks:
+            rank.kill()
+
+    def join(self, timeout: float) -> None:
+        for rank in self.ranks:
+            rank.join(timeout)
+
+
+def instance_workers(ranks: list[WorkerHandle], tp: int) -> list[WorkerHandle]:
+    """One handle per elastic instance of the world ranks' handles: instance i is ranks
+    [i·tp, (i+1)·tp) (`espc.backend.tensor_parallel.world_rank`); tp = 1 keeps them as they are."""
+    if tp == 1:
+        return ranks
+    return [_InstanceWorkers(ranks[start : start + tp]) for start in range(0, len(ranks), tp)]
 
 
 # ------------------------------------------------------------------------------- spawn
@@ -161,8 +195,9 @@ def torchrun_workers(config: WorkerConfig, inbox: queue.Queue, timeout_s: float)
         raise LaunchError(f"launcher torchrun: the driver runs on RANK 0, this is RANK {rank}")
     if world != config.world:
         raise LaunchError(
-            f"launcher torchrun: WORLD_SIZE {world} ≠ the spec's {config.world} instances "
-            "(one torchrun process per device: --nnodes × --nproc-per-node must equal it)"
+            f"launcher torchrun: WORLD_SIZE {world} ≠ the spec's {config.world} devices "
+            f"({config.world // config.tp} instances × tp {config.tp}; one torchrun process per device: "
+            "--nnodes × --nproc-per-node must equal it)"
         )
     listener = Listener(_driver_address(), authkey=_authkey())
     handles: list[WorkerHandle | None] = [None] * world
@@ -236,4 +271,6 @@ def serve_worker(connect_timeout_s: float = 120.0) -> None:
     worker_main(rank, config, channel, channel)
 
 
-__all__ = ["LaunchError", "WorkerHandle", "serve_worker", "spawn_workers", "torchrun_rank", "torchrun_workers"]
+__all__ = [
+    "LaunchError", "WorkerHandle", "instance_workers", "serve_worker", "spawn_workers", "torchrun_rank", "torchrun_workers",
+]

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 from typing import Annotated
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+MAX_LOGPROBS = 20  # most alternatives a token's logprobs list (OpenAI's top_logprobs limit)
+
 
 class SamplingParams(BaseModel):
     """How a request picks its tokens. `temperature` 0 is greedy; `top_k` 0 and `top_p` 1 are
-    off. `seed` None lets the runtime choose the request's seed."""
+    off. `seed` None lets the runtime choose the request's seed. `logprobs` k (0..20) returns
+    each generated token's log-probability and the k most likely tokens' (`TokenLogprobs`);
+    None computes nothing."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -29,6 +34,26 @@ class SamplingParams(BaseModel):
     seed: int | None = None
     stop_token_ids: tuple[Annotated[int, Field(ge=0)], ...] = ()
     return_logits: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """A generated token's log-probability and the `k` most likely tokens' as (id, logprob),
+    most likely first: log_softmax of the model's fp32 logits row, before temperature, top-k
+    and top-p (the distribution of the model, as OpenAI and vLLM report it)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+def token_logprobs(logits: torch.Tensor, token: int, k: int) -> TokenLogprobs:
+    """`TokenLogprobs` of `token` from one row of logits [vocab], computed in float32 (ties
+    in the top k: lowest index first)."""
+    logprobs = torch.log_softmax(logits.detach().float(), dim=0)
+    top = logprobs.sort(descending=True, stable=True) if k else None
+    pairs = () if top is None else tuple(zip(top.indices[:k].tolist(), top.values[:k].tolist()))
+    return TokenLogprobs(float(logprobs[token]), pairs)
 
 
 def _uniform(seed: int, step: int) -> float:

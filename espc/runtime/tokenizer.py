@@ -1,14 +1,24 @@
-"""Text <-> token ids for text prompts and streamed output.
+"""Text <-> token ids for text prompts and streamed output, and chat messages -> prompt text.
 
 A checkpoint's `tokenizer.json` is read with the `tokenizers` package (imported only then,
 so token-id serving needs no extra dependency). Random-weights models have no tokenizer of
 their own; they get UTF-8 bytes as ids, which exercises the whole text path on tiny specs.
+
+Chat messages become a prompt through the checkpoint's chat template (`chat_template` in
+`tokenizer_config.json`, or a `chat_template.jinja` file beside it), rendered with jinja2
+as transformers' `apply_chat_template` renders it: a sandboxed environment with
+`trim_blocks` and `lstrip_blocks`, loop controls, `raise_exception`, `strftime_now` and a
+`tojson` that keeps non-ASCII text, the special tokens (`bos_token`, `eos_token`, ...) as
+variables, and the rendered text tokenized without adding special tokens (the template
+writes them). Random-weights models, and checkpoints without a template, get
+`DEFAULT_CHAT_TEMPLATE` (ChatML: `<|im_start|>role\ncontent<|im_end|>\n` per message).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -16,6 +26,15 @@ from espc.frontend.spec import ModelSpec
 from espc.runtime.weights import checkpoint_dir
 
 TOKENIZER_FILE = "tokenizer.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+# ChatML, transformers' former class-level default: what models without a template of their
+# own (random weights) are prompted with.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 _NO_TOKENIZER = "text prompts need a tokenizer; prompts given as token ids still work"
 
 
@@ -27,7 +46,7 @@ class Tokenizer(Protocol):
     eos_token_id: int | None  # generation stops here; None: only at max_tokens
     vocab_size: int  # ids produced by encode are below this
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
@@ -44,8 +63,8 @@ class ByteTokenizer:
                 f"the byte tokenizer needs vocab >= {self.vocab_size}, the model has vocab = {model_vocab}: {_NO_TOKENIZER}"
             )
 
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(text.encode("utf-8"))  # bytes have no special tokens
 
     def decode(self, ids: Sequence[int]) -> str:
         """Invalid UTF-8, and ids above 255 that a larger model can sample, become U+FFFD."""
@@ -74,8 +93,8 @@ class HFTokenizer:
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         self.eos_token_id = self._eos_token_id(directory)
 
-    def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=True)
@@ -122,3 +141,80 @@ def load_tokenizer(spec: ModelSpec, base_dir: Path | None = None) -> Tokenizer:
             f"{directory / TOKENIZER_FILE} has {tokenizer.vocab_size} tokens, more than the model's vocab = {spec.vocab}"
         )
     return tokenizer
+
+
+class ChatTemplate:
+    """A chat template compiled once; `render(messages)` is the prompt text
+    `apply_chat_template(messages, tokenize=False)` gives for the same template and special
+    tokens. Raises TokenizerError for a template that does not compile or fails to render
+    (its `raise_exception`, an undefined variable's misuse)."""
+
+    def __init__(self, source: str, special_tokens: Mapping[str, str] | None = None, origin: str = "chat template"):
+        import jinja2
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        self.source, self.origin = source, origin
+        self.special_tokens = dict(special_tokens or {})
+        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        environment.filters["tojson"] = _tojson
+        environment.globals["raise_exception"] = _raise_exception
+        environment.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
+        try:
+            self._template = environment.from_string(source)
+        except jinja2.TemplateError as error:
+            raise TokenizerError(f"{origin}: the chat template does not compile: {error}") from None
+
+    def render(self, messages: Sequence[Mapping], add_generation_prompt: bool = True, **variables) -> str:
+        """The prompt of `messages` (dicts with role and content); `variables` reach the
+        template beside the special tokens (and override them, as in transformers)."""
+        import jinja2
+
+        try:
+            return self._template.render(
+                messages=[dict(message) for message in messages], tools=None, documents=None,
+                add_generation_prompt=add_generation_prompt, **{**self.special_tokens, **variables},
+            )
+        except jinja2.TemplateError as error:
+            raise TokenizerError(f"{self.origin}: rendering the messages failed: {error}") from None
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # transformers' filter: jinja's own escapes HTML characters
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _raise_exception(message: str):
+    import jinja2
+
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def load_chat_template(spec: ModelSpec, base_dir: Path | None = None) -> ChatTemplate:
+    """The chat template of `spec`'s model: the checkpoint's (`chat_template.jinja`, else
+    tokenizer_config.json's `chat_template`: a string, or named templates of which "default"
+    is used), with the special tokens tokenizer_config.json names; DEFAULT_CHAT_TEMPLATE for
+    random weights and for checkpoints without a template."""
+    if spec.random_seed is not None:
+        return ChatTemplate(DEFAULT_CHAT_TEMPLATE, origin="the default chat template")
+    directory = checkpoint_dir(spec, base_dir)
+    config_path = directory / "tokenizer_config.json"
+    config = _read_json(config_path)
+    special: dict[str, str] = {}
+    for key, value in config.items():
+        token = value.get("content") if isinstance(value, dict) else value  # a serialised AddedToken, or its text
+        if key.endswith("_token") and isinstance(token, str):
+            special[key] = token
+    if (directory / CHAT_TEMPLATE_FILE).is_file():
+        return ChatTemplate((directory / CHAT_TEMPLATE_FILE).read_text(), special, str(directory / CHAT_TEMPLATE_FILE))
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        named = {item.get("name"): item.get("template") for item in template if isinstance(item, dict)}
+        if "default" not in named:
+            raise TokenizerError(f"{config_path}: chat_template names {sorted(map(str, named))} but no \"default\"")
+        template = named["default"]
+    if template is None:
+        return ChatTemplate(DEFAULT_CHAT_TEMPLATE, special, "the default chat template")
+    if not isinstance(template, str):
+        raise TokenizerError(f"{config_path}: chat_template must be a string or a list of named templates")
+    return ChatTemplate(template, special, f"{config_path} chat_template")

@@ -5,7 +5,9 @@ in `model.safetensors.index.json` (what `save_pretrained` writes). The config is
 against the spec before any tensor is read, so a spec that describes another model fails
 with the field and both values instead of a shape error deep in the load. Tensors are read
 one at a time into a module allocated without initialisation, so peak memory is the model
-plus one tensor.
+plus one tensor. With tensor parallelism a rank reads only its shard of each sharded tensor
+(`espc.backend.tensor_parallel.param_shard`, a slice of the safetensors file), so it never
+holds the whole checkpoint.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from espc.backend.tensor_parallel import TPShard, param_shard, shard_model, tp_shard
 from espc.frontend.spec import ModelSpec
 from espc.model.llama import Llama, Rotary, build_model
 
@@ -109,27 +112,31 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     base_dir: Path | None = None,
+    tp: int = 1,
+    tp_rank: int = 0,
 ) -> Llama:
-    """The model of `spec` in `dtype` (default: the spec's) on `device`, in eval mode.
+    """The model of `spec` in `dtype` (default: the spec's) on `device`, in eval mode; with
+    `tp` > 1, TP rank `tp_rank`'s shard of it (`espc.backend.tensor_parallel`).
 
-    `random:<seed>` weights and the `meta` device go to `build_model`. Otherwise `weights`
-    is a checkpoint directory; a relative one resolves against `base_dir` (the spec file's
-    directory), as trace paths do. Raises CheckpointError naming the file and what is wrong.
+    `random:<seed>` weights and the `meta` device go to `build_model` (then `shard_model`).
+    Otherwise `weights` is a checkpoint directory; a relative one resolves against
+    `base_dir` (the spec file's directory), as trace paths do. Raises CheckpointError
+    naming the file and what is wrong.
     """
     if spec.random_seed is not None or str(device) == "meta":
-        return build_model(spec, dtype=dtype, device=device)
+        return shard_model(build_model(spec, dtype=dtype, device=device), tp, tp_rank)
     directory = checkpoint_dir(spec, base_dir)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist (weights = {spec.weights!r})")
     _check_config(spec, directory / "config.json")
 
     with torch.device("meta"):  # structure only: no memory, no random init to overwrite
-        model = Llama(spec).to(dtype or getattr(torch, spec.dtype))
+        model = shard_model(Llama(spec).to(dtype or getattr(torch, spec.dtype)), tp, tp_rank)
     model.to_empty(device=device)
     if spec.tie_embeddings:  # to_empty gives each module its own copy of a shared parameter
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary = Rotary(spec).to(device)  # computed, not stored: float64 frequencies
-    _load_tensors(spec, directory, model)
+    _load_tensors(spec, directory, model, tp_shard(spec, tp, tp_rank))
     return model.eval()
 
 
@@ -178,12 +185,15 @@ def _shard_files(directory: Path) -> list[Path]:
     )
 
 
-def _load_tensors(spec: ModelSpec, directory: Path, model: Llama) -> None:
-    """Copy every checkpoint tensor into its parameter (casting), checking names and shapes.
+def _load_tensors(spec: ModelSpec, directory: Path, model: Llama, shard: TPShard) -> None:
+    """Copy every checkpoint tensor, or the slice of it that `shard` holds, into its
+    parameter (casting), checking names and the checkpoint's whole shapes.
 
     Skipped, as transformers skips them: stored `rotary_emb.inv_freq` buffers of old
     checkpoints, and `lm_head.weight` when the embeddings are tied.
     """
+    with torch.device("meta"):  # the whole model's shapes, whatever this rank holds of them
+        shapes = {name: tuple(p.shape) for name, p in Llama(spec).named_parameters()}
     params = {("" if name == "lm_head.weight" else "model.") + name: p for name, p in model.named_parameters()}
     loaded: dict[str, Path] = {}
     with torch.no_grad():
@@ -197,12 +207,18 @@ def _load_tensors(spec: ModelSpec, directory: Path, model: Llama) -> None:
                         raise CheckpointError(f"checkpoint {file}: unexpected tensor {name}, not a parameter of the spec's model")
                     if name in loaded:
                         raise CheckpointError(f"checkpoint {file}: {name} is also in {loaded[name].name}")
-                    shape = tuple(tensors.get_slice(name).get_shape())
-                    if shape != tuple(param.shape):
+                    stored = tensors.get_slice(name)
+                    shape, local = tuple(stored.get_shape()), name.removeprefix("model.")
+                    if shape != shapes[local]:
                         raise CheckpointError(
-                            f"checkpoint {file}: {name} has shape {shape}, the spec needs {tuple(param.shape)}"
+                            f"checkpoint {file}: {name} has shape {shape}, the spec needs {shapes[local]}"
                         )
-                    param.copy_(tensors.get_tensor(name))
+                    piece = param_shard(spec, shard, local) if shard.tp > 1 else None
+                    if piece is None:
+                        param.copy_(tensors.get_tensor(name))
+                    else:  # read only this rank's rows (dim 0) or columns (dim 1)
+                        dim, start, stop = piece
+                        param.copy_(stored[start:stop] if dim == 0 else stored[:, start:stop])
                     loaded[name] = file
     missing = sorted(params.keys() - loaded.keys())
     if missing:

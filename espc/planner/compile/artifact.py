@@ -3,8 +3,9 @@
     policy.json      the Policy (espc.planner.compile.policy), JSON, sorted keys
     spec.lock.json   the normalised spec it was compiled from, its hash, the espc version, the
                      compile options and the calibration file (`espc profile`) it used, if any
-    report.md        the compile report for people: chosen strategy and why, predicted goodput
-                     per strategy, the elastic policy per length bucket, thresholds, solver
+    report.md        the compile report for people: chosen strategy and why, whether it was
+                     compiled to run, predicted goodput per strategy, the candidates left out
+                     and why, the elastic policy per length bucket, thresholds, solver
                      statistics, MILP prediction vs simulation, the search trials
     goodput.png      predicted goodput per strategy
     buckets.png      the elastic policy's DoP cap, instance cap and batch budget per bucket
@@ -298,6 +299,28 @@ BUCKET_COLUMNS = (
     "bucket", "prompt tokens", "share", "DoP cap", "batch tokens", "max instances", "instances", "within SLO",
 )
 
+SKIPPED_COLUMNS = ("strategy", "configuration", "left out because")
+
+
+def skipped_rows(policy: Policy) -> list[tuple[str, str, str]]:
+    """(strategy, configuration, reason) per candidate compile left out; shared by report.md
+    and `espc inspect`."""
+    return [(s.strategy, s.configuration, s.reason) for s in policy.skipped]
+
+
+def target_line(policy: Policy) -> str:
+    """Whether the policy was compiled to run (held to the runtime's limits) or for
+    simulation only; shared by report.md and `espc inspect`."""
+    if policy.runnable:
+        return (
+            "compiled to run: every candidate was held to the runtime's limits, so `espc run` serves the choice "
+            "(`espc compile --simulation-only` lifts them)"
+        )
+    return (
+        "compiled for simulation only: the runtime's limits were not applied, and `espc run` refuses a choice the "
+        "runtime cannot serve (`espc compile --runnable` applies them)"
+    )
+
 
 def threshold_rows(policy: Policy) -> list[tuple[str, str]]:
     elastic = policy.elastic
@@ -378,6 +401,7 @@ def render_report(
         f"- espc {policy.espc_version}, policy schema {policy.schema_version}, compiled in {policy.compile_seconds:.1f} s",
         f"- SLOs: TTFT {spec.slo.ttft.shorthand()}, TPOT {spec.slo.tpot.shorthand()}, attainment {spec.slo.attainment:.0%}",
         f"- requested strategy: `{spec.policy.strategy}`",
+        f"- {target_line(policy)}",
     ]
     if options is not None:
         seed = spec.workload.seed if options.seed is None else options.seed
@@ -405,6 +429,10 @@ def render_report(
                     rows, (False, False, True, True, True))
     if GOODPUT_PLOT in plots:
         lines += ["", f"![predicted goodput per strategy]({GOODPUT_PLOT})"]
+    if policy.skipped:
+        lines += ["", "## Candidates left out", "",
+                  "Compile compares only candidates it can price alike and emit: these were not simulated.", ""]
+        lines += _table(SKIPPED_COLUMNS, skipped_rows(policy))
 
     if policy.elastic is not None:
         lines += ["", f"## Elastic policy (tp={policy.elastic.tp})", "",

@@ -14,8 +14,9 @@
     search     local search around the best two policies so far: one instance moved between
                instance classes or the classes dropped, per-bucket instance caps and DoP
                caps ± 1, the batching DP's instance weight × ½ / × 2 — kept when the
-               simulated goodput improves by more than the bisection tolerance, within a
-               time budget shared between them
+               simulated goodput improves by more than the bisection tolerance (a neighbour
+               that misses the attainment target at that bar is rejected by that one trial,
+               without a bisection), within a time budget shared between them
     ablate     the best policy without ESP's choices (ElasticPolicy.rigid: fewest instances
                per prefill, no scale-up, no migration); kept instead when it measures
                higher — compile never turns ESP on where turning it off wins
@@ -24,6 +25,11 @@
                its best screened configuration measured; `espc compare` and the
                benchmarks measure at full length and tolerance)
     choose     the strategy with the highest goodput, and the reason, with the numbers
+
+Every stage sees only the candidates the compile's `Limits` allow (a pinned tp, the
+calibrated tps and, when compiling to run, the runtime's limits:
+espc.planner.compile.feasibility); the others are listed in the policy's `skipped` with the
+reason, and compile fails (NothingFeasible) only when no candidate is left.
 
 Every stage reports progress through `on_progress(stage, message)`.
 """
@@ -39,6 +45,7 @@ from pathlib import Path
 from espc._version import __version__
 from espc.frontend.spec import Spec
 from espc.planner.compile.evaluation import FINALISTS, Evaluator
+from espc.planner.compile.feasibility import Limits, NothingFeasible
 from espc.planner.compile.ilp import MilpSolution
 from espc.planner.compile.policy import (
     POLICY_SCHEMA_VERSION,
@@ -56,9 +63,11 @@ VERIFY_TOLERANCE = 0.08  # relative width of the goodput bisection while compili
 TRIAL_REQUESTS = 300  # requests per simulated trial (at least; high rates simulate a window)
 # A trial covers evaluation.DEFAULT_WINDOW_S of arrivals at high rates, as `espc compare` and
 # the benchmarks measure: a shorter window hides queues that build slowly (on zipf(1.4)
-# lengths, 20 s windows rated a policy that sustains 7.4 req/s at 39.9). At most this many
-# requests, unless that covers less than evaluation.MIN_SPAN_TTFTS TTFT bounds of arrivals
-# (a burst any strategy absorbs within a loose bound).
+# lengths, 20 s windows rated a policy that sustains 7.4 req/s at 39.9) — or what settles
+# the bisection's verdict when that is shorter (Evaluator.settle_s: seconds for TTFT bounds
+# of 0.2 s). At most this many requests, unless that covers less than
+# evaluation.MIN_SPAN_TTFTS TTFT bounds of arrivals (a burst any strategy absorbs within a
+# loose bound).
 MAX_TRIAL_REQUESTS = 3_000
 BASELINE_FINALISTS = 1  # configurations of a baseline family measured after screening
 # Static groupings, best screened first, whose elastic equivalents are simulated: as many
@@ -75,15 +84,20 @@ class CompileOptions:
     search_seconds: float = 20.0
     trial_requests: int = TRIAL_REQUESTS
     seed: int | None = None  # the spec's workload seed when None
+    # Hold the candidates to the runtime's limits (espc.planner.compile.feasibility); None:
+    # when the spec's devices are CPUs.
+    runnable: bool | None = None
 
 
 @dataclass(frozen=True)
 class Trial:
-    """One simulated candidate during verification and search."""
+    """One simulated candidate during verification and search; `goodput_rps` None: a
+    seed or search neighbour rejected by one trial at the rate it had to beat (its label
+    says which and the attainment there)."""
 
     stage: str
     label: str
-    goodput_rps: float
+    goodput_rps: float | None
 
 
 @dataclass(frozen=True)
@@ -101,8 +115,9 @@ def compile_spec(
     cost: CostModel | None = None,
     on_progress: Progress | None = None,
 ) -> CompileResult:
-    """Compile `spec` (see the module docstring); raises ilp.InfeasibleSLO when the SLOs
-    cannot be met by the elastic strategy."""
+    """Compile `spec` (see the module docstring) among the candidates its `Limits` allow
+    (the others are listed in the policy's `skipped`); raises ilp.InfeasibleSLO when the
+    SLOs cannot be met by the elastic strategy, NothingFeasible when no candidate is left."""
     started = time.perf_counter()
 
     def progress(stage: str, message: str) -> None:
@@ -111,9 +126,11 @@ def compile_spec(
 
     strategy = spec.policy.strategy
     seed = spec.workload.seed if options.seed is None else options.seed
+    cost = cost or CostModel.from_spec(spec)
+    limits = Limits.of(spec, cost, options.runnable)
     evaluator = Evaluator(
         spec, base_dir, requests=options.trial_requests, cost=cost, max_trial_requests=MAX_TRIAL_REQUESTS,
-        tolerance=VERIFY_TOLERANCE,
+        tolerance=VERIFY_TOLERANCE, limits=limits,
     )
     progress("metric", "choosing the goodput metric")
     evaluator.metric = goodput_metric(spec, evaluator)
@@ -125,6 +142,7 @@ def compile_spec(
     if strategy in ("elastic", "auto"):
         progress("milp", "solving the policy MILP")
         milp = evaluator.milp_policies()
+    if milp:  # empty when the limits leave out every tp (evaluator.skipped lists them)
         verified: list[tuple[float, ElasticPolicy]] = []
         for solution in milp:
             progress("verify", f"simulating the MILP policy for tp={solution.tp}")
@@ -132,7 +150,7 @@ def compile_spec(
             trials.append(Trial("verify", f"milp tp={solution.tp}", rate))
             verified.append((rate, solution.policy))
         if options.search_seconds > 0:
-            verified += _static_seeds(evaluator, milp, [policy for _, policy in verified], seed, trials, progress)
+            verified += _static_seeds(evaluator, milp, verified, seed, trials, progress)
         # The starts' verified goodputs are often within the simulation's noise of each
         # other, and a neighbour can be worth far more than the difference: search around
         # the best SEARCH_STARTS, each for its share of the time.
@@ -155,6 +173,8 @@ def compile_spec(
 
     baselines = BASELINES if strategy == "auto" else () if strategy == "elastic" else (strategy,)
     for baseline in baselines:
+        if not evaluator.candidates(baseline):  # every configuration left out: listed in evaluator.skipped
+            continue
 
         def baseline_progress(message: str, b: str = baseline) -> None:
             progress("strategies", f"{b}: {message}")
@@ -166,6 +186,8 @@ def compile_spec(
         predictions.append(StrategyPrediction(baseline, found.configuration, found.goodput.rate, found.configurations_searched))
 
     progress("choose", "choosing the strategy")
+    if not predictions:
+        raise NothingFeasible(evaluator.skipped)
     chosen = max(predictions, key=lambda p: (p.goodput_rps, p.strategy == "elastic"))
     best_solution = next((s for s in milp if best_elastic and s.tp == best_elastic[1].tp), None)
     policy = Policy(
@@ -182,6 +204,8 @@ def compile_spec(
         milp_predicted_rps=best_solution.rate if best_solution else None,
         compile_seconds=round(time.perf_counter() - started, 3),
         goodput_metric=evaluator.metric,
+        runnable=limits.runnable,
+        skipped=tuple(evaluator.skipped),
     )
     policy.verify(len(evaluator.cost.cluster.instances(policy.elastic.tp)) if policy.elastic else None)
     return CompileResult(policy, tuple(milp), tuple(trials))
@@ -253,16 +277,26 @@ def static_equivalent(
 
 
 def _static_seeds(
-    evaluator: Evaluator, milp: list[MilpSolution], known: list[ElasticPolicy], seed: int, trials: list[Trial],
-    progress: Progress,
+    evaluator: Evaluator, milp: list[MilpSolution], verified: list[tuple[float, ElasticPolicy]], seed: int,
+    trials: list[Trial], progress: Progress,
 ) -> list[tuple[float, ElasticPolicy]]:
     """The verified elastic equivalents of the best SEED_LAYOUTS screened best-static groupings
     at a tp the MILP solved (its policy is the template), partitioned and not (which wins
     depends on the workload: a partition keeps long prompts' instances free of short
-    requests' KV, sharing lends them while idle), other than the `known` policies."""
+    requests' KV, sharing lends them while idle), other than the `verified` policies. The
+    screen's bisections start from the best verified goodput (the same grid of rates as
+    from the workload's own, without the doublings up to it).
+
+    Only the best SEARCH_STARTS policies matter from here (searched, then chosen from): a
+    seed that misses the attainment target at the goodput of the last of them is not one
+    of them, and that one trial stands for its bisection (its label says so)."""
+    known = [policy for _, policy in verified]
+    start_rate = max(rate for rate, _ in verified)
     templates = {solution.tp: solution.policy for solution in milp}
     prompt_lens = [request.prompt_len for request in evaluator.workload(requests=evaluator.spec.workload.requests)]
-    screened = evaluator.screen("best-static", seed, lambda message: progress("seed", f"best-static: {message}"))
+    screened = evaluator.screen(
+        "best-static", seed, lambda message: progress("seed", f"best-static: {message}"), start_rate=start_rate
+    )
     seeds: list[tuple[float, ElasticPolicy]] = []
     layouts = 0
     for screened_rate, candidate in screened:
@@ -280,6 +314,13 @@ def _static_seeds(
             variant = ", partitioned" if policy.instance_classes() else "" if partitioned else ", shared"
             label = f"as static {candidate.label}{variant}"
             progress("seed", f"simulating the elastic equivalent {label}")
+            ranked = sorted((rate for rate, _ in [*verified, *seeds]), reverse=True)
+            if len(ranked) >= SEARCH_STARTS and ranked[SEARCH_STARTS - 1] > 0:
+                bar = ranked[SEARCH_STARTS - 1]
+                attainment = evaluator.trial_attainment(evaluator.elastic_candidate(policy), bar, seed)
+                if attainment < evaluator.spec.slo.attainment:
+                    trials.append(Trial("seed", f"{label} (misses the target at {bar:.4g} req/s: {attainment:.1%})", None))
+                    continue
             rate = _goodput(evaluator, policy, seed, start_rate=screened_rate)
             trials.append(Trial("seed", label, rate))
             seeds.append((rate, policy))
@@ -369,7 +410,11 @@ def _local_search(
     trials: list[Trial],
     progress: Progress,
 ) -> tuple[float, ElasticPolicy]:
-    """First-improvement hill climbing over `_neighbours` until none improves or time is up."""
+    """First-improvement hill climbing over `_neighbours` until none improves or time is up.
+
+    A neighbour is kept when its goodput clears the bar of the best's × (1 + tolerance),
+    which a bisection finds only where the attainment target is met at about the bar: one
+    trial at the bar rejects most neighbours, for a fifth to a tenth of a bisection."""
     improved = True
     while improved and time.perf_counter() < deadline:
         improved = False
@@ -378,9 +423,14 @@ def _local_search(
             if time.perf_counter() >= deadline:
                 break
             progress("search", f"{label} (best {best[0]:.4g} req/s)")
+            bar = best[0] * (1 + VERIFY_TOLERANCE)
+            attainment = evaluator.trial_attainment(evaluator.elastic_candidate(candidate), bar, seed) if bar else 0.0
+            if bar and attainment < evaluator.spec.slo.attainment:
+                trials.append(Trial("search", f"{label} (misses the target at {bar:.4g} req/s: {attainment:.1%})", None))
+                continue
             rate = _goodput(evaluator, candidate, seed, start_rate=best[0])
             trials.append(Trial("search", label, rate))
-            if rate > best[0] * (1 + VERIFY_TOLERANCE):
+            if rate > bar:
                 best = (rate, candidate)
                 improved = True
                 break

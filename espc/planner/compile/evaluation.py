@@ -19,19 +19,21 @@ from pathlib import Path
 from espc.frontend.loader import validate_spec
 from espc.frontend.spec import GammaArrival, PoissonArrival, Spec
 from espc.planner.compile import ilp
-from espc.planner.compile.policy import ElasticPolicy
+from espc.planner.compile.feasibility import Limits
+from espc.planner.compile.policy import ElasticPolicy, SkippedCandidate
 from espc.planner.compile.scheduler import ElasticScheduler
 from espc.planner.sim.costmodel import CostModel
 from espc.planner.sim.metrics import (
     METRICS,
     Goodput,
     Summary,
+    TrialJudge,
     find_goodput,
     isolated_prefill,
     length_classes,
     summarize,
 )
-from espc.planner.sim.simulator import SimulationResult, simulate
+from espc.planner.sim.simulator import RunWatch, SimulationResult, simulate
 from espc.planner.sim.strategies import Candidate, Deployment, candidates
 from espc.planner.sim.workload import Request, generate, mean_rate
 
@@ -95,7 +97,10 @@ class Evaluator:
         self, spec: Spec, base_dir: Path | None = None, requests: int | None = None, cost: CostModel | None = None,
         window_s: float = DEFAULT_WINDOW_S, elastic: ElasticPolicy | None = None, max_trial_requests: int | None = None,
         tolerance: float = GOODPUT_TOLERANCE, kv_capacity: int | None = None, metric: str = "p90",
+        limits: Limits | None = None,
     ):
+        """`limits`: leave out the candidates they rule out (compile; see
+        espc.planner.compile.feasibility) and list them in `skipped`; None: every candidate."""
         if metric not in METRICS:
             raise ValueError(f"unknown goodput metric {metric!r}; metrics: {', '.join(METRICS)}")
         self.spec = spec
@@ -110,10 +115,12 @@ class Evaluator:
         self.prefill_s = isolated_prefill(self.cost)
         self.elastic = elastic
         self.tolerance = tolerance
-        self._min_span_s: float | None = None
+        self._median_ttft_s: float | None = None
         self._classes: tuple[int, ...] | None = None
         # Goodputs found so far, by what was measured (see `goodput`).
         self._goodputs: dict[tuple, Goodput] = {}
+        self.limits = limits
+        self.skipped: list[SkippedCandidate] = []  # what `limits` left out, in the order met
 
     def elastic_candidate(self, policy: ElasticPolicy, label: str | None = None, strategy: str = "elastic") -> Candidate:
         deployment = Deployment.build(self.cost, policy.tp, self.kv_capacity)
@@ -124,19 +131,33 @@ class Evaluator:
         )
 
     def milp_policies(self) -> list[ilp.MilpSolution]:
-        """The MILP's elastic policy for every tp the spec allows, highest predicted rate
-        first; InfeasibleSLO (from the best-placed tp) when none is feasible."""
+        """The MILP's elastic policy for every tp the spec allows (and the evaluator's
+        `limits`, which may leave none: then []), highest predicted rate first;
+        InfeasibleSLO (from the best-placed tp) when no allowed tp is feasible."""
         sample = self.workload(requests=self.spec.workload.requests)
         tps = [self.spec.cluster.tp] if self.spec.cluster.tp else self.cost.tp_choices()
+        if self.limits is not None:
+            tps = [tp for tp in tps if not self._left_out("elastic", f"tp={tp}", self.limits.reason("elastic", tp))]
         solutions, errors = [], []
         for tp in tps:
             try:
                 solutions.append(ilp.solve(self.cost, tp, sample, self.spec.slo, self.spec.policy, self.prefill_s))
             except ilp.InfeasibleSLO as error:
-                errors.append(error)
-        if not solutions:
-            raise errors[-1]
+                errors.append((tp, error))
+        if not solutions and errors:
+            raise errors[-1][1]
+        for tp, infeasible in errors:  # other tps are feasible: these are left out
+            self._left_out("elastic", f"tp={tp}", f"the SLOs cannot be met: {infeasible}")
         return sorted(solutions, key=lambda solution: -solution.rate)
+
+    def _left_out(self, strategy: str, configuration: str, reason: str | None) -> bool:
+        """Record `reason` (once) when there is one; whether the configuration is left out."""
+        if reason is None:
+            return False
+        skipped = SkippedCandidate(strategy, configuration, reason)
+        if skipped not in self.skipped:
+            self.skipped.append(skipped)
+        return True
 
     def workload(self, rate: float | None = None, seed: int | None = None, requests: int | None = None) -> list[Request]:
         return generate(
@@ -151,12 +172,25 @@ class Evaluator:
             self._classes = length_classes([request.prompt_len for request in self.workload()])
         return self._classes
 
+    def median_ttft_s(self) -> float:
+        """The TTFT bound of the workload's median prompt."""
+        if self._median_ttft_s is None:
+            median_prompt = int(statistics.median(request.prompt_len for request in self.workload()))
+            self._median_ttft_s = self.spec.slo.ttft.target(self.prefill_s(median_prompt))
+        return self._median_ttft_s
+
     def min_span_s(self) -> float:
         """The shortest span of arrivals a goodput trial may cover (see MIN_SPAN_TTFTS)."""
-        if self._min_span_s is None:
-            median_prompt = int(statistics.median(request.prompt_len for request in self.workload()))
-            self._min_span_s = MIN_SPAN_TTFTS * self.spec.slo.ttft.target(self.prefill_s(median_prompt))
-        return self._min_span_s
+        return MIN_SPAN_TTFTS * self.median_ttft_s()
+
+    def settle_s(self, tolerance: float) -> float:
+        """The span of arrivals past which a longer trial changes no verdict of a bisection
+        at `tolerance`: at (1 + tolerance) × the rate a candidate sustains its queue grows
+        by tolerance × the time elapsed, so arrivals wait past the (median) TTFT bound after
+        bound / tolerance, and more than 1 − attainment of the trial's requests have
+        missed once it spans bound / (tolerance × attainment). A window longer than this
+        (60 s on a 0.2 s bound: 300 bounds) only simulates more of the same verdict."""
+        return self.median_ttft_s() / (tolerance * self.spec.slo.attainment)
 
     def nominal_rate(self) -> float:
         """The workload's own arrival rate: the spec's, or the trace's mean."""
@@ -166,19 +200,39 @@ class Evaluator:
         return mean_rate([request.arrival_s for request in self.workload()]) or 1.0
 
     def candidates(self, strategy: str) -> list[Candidate]:
+        """Every configuration of `strategy` on the spec's cluster, less those the
+        evaluator's `limits` leave out (listed in `skipped`; a family the cluster cannot
+        form at all, such as static-tp at a tp that does not divide the model's heads, is
+        left out whole)."""
         if strategy in ELASTIC_STRATEGIES:
             if self.elastic is None:
-                self.elastic = self.milp_policies()[0].policy
-            if strategy == "elastic-rigid":
-                return [self.elastic_candidate(self.elastic.rigid(), strategy=strategy)]
-            return [self.elastic_candidate(self.elastic)]
+                policies = self.milp_policies()
+                if not policies:  # every tp left out by the limits
+                    return []
+                self.elastic = policies[0].policy
+            policy = self.elastic.rigid() if strategy == "elastic-rigid" else self.elastic
+            if self.limits is not None and self._left_out(strategy, f"tp={policy.tp}", self.limits.reason(strategy, policy.tp)):
+                return []
+            return [self.elastic_candidate(policy, strategy=strategy)]
         prompts = [request.prompt_len for request in self.workload()] if strategy == "best-static" else ()
-        return candidates(strategy, self.spec.policy, self.cost, prompts, self.kv_capacity)
+        if self.limits is None:
+            return candidates(strategy, self.spec.policy, self.cost, prompts, self.kv_capacity)
+        try:
+            family = candidates(strategy, self.spec.policy, self.cost, prompts, self.kv_capacity)
+        except ValueError as error:  # the cluster cannot take this strategy's shape
+            self._left_out(strategy, "every configuration", str(error))
+            return []
+        limits = self.limits
+        return [
+            candidate for candidate in family
+            if not self._left_out(strategy, candidate.label, limits.reason(strategy, candidate.make().deployment.tp))
+        ]
 
     def run(
-        self, candidate: Candidate, requests: Sequence[Request], *, timeline: bool = False, check: bool = False
+        self, candidate: Candidate, requests: Sequence[Request], *, timeline: bool = False, check: bool = False,
+        watch: RunWatch | None = None,
     ) -> tuple[SimulationResult, Summary]:
-        result = simulate(candidate.make(), requests, record_timeline=timeline, check=check)
+        result = simulate(candidate.make(), requests, record_timeline=timeline, check=check, watch=watch)
         return result, summarize(result, self.spec.slo, self.prefill_s, self.classes())
 
     def bracket_start(self, hint: float | None = None) -> float:
@@ -196,28 +250,58 @@ class Evaluator:
     ) -> Goodput:
         """Goodput by bisection (metrics.find_goodput; P90 or per-class, as the evaluator's
         `metric`) from `bracket_start(start_rate)`. Each trial simulates `requests` or
-        `window_s` seconds of arrivals, whichever is more, but at most the evaluator's `max_trial_requests`, and always
-        `min_span_s()` of arrivals. Remembered per candidate identity and trial shape:
+        `window_s` seconds of arrivals (at most `settle_s(tolerance)`), whichever is more,
+        but at most the evaluator's `max_trial_requests`, and always `min_span_s()` of arrivals. Remembered per candidate identity and trial shape:
         static-sp, static-tp and best-static share configurations, and the same search from
         another start rate lands within the tolerance of the first."""
         base = requests if requests is not None else self.requests or self.spec.workload.requests
         window = self.window_s if window_s is None else window_s
-        cap = self.max_trial_requests
         tolerance = self.tolerance if tolerance is None else tolerance
-        key = (candidate.identity(), seed, base, window, cap, tolerance, self.metric)
+        key = (candidate.identity(), seed, base, window, self.max_trial_requests, tolerance, self.metric)
         if key in self._goodputs:
             return self._goodputs[key]
+        hopeless: set[float] = set()  # failed rates below which every trial fails alike
 
         def attainment_at(rate: float) -> float:
-            count = max(base, math.ceil(rate * window))
-            if cap is not None:
-                count = min(count, max(base, cap))
-            count = max(count, math.ceil(rate * self.min_span_s()))
-            return self.run(candidate, self.workload(rate, seed, count))[1].attainment_of(self.metric)
+            attainment, refusals_decide = self._trial(candidate, rate, seed, base, window, tolerance)
+            if refusals_decide:
+                hopeless.add(rate)
+            return attainment
 
-        found = find_goodput(attainment_at, self.spec.slo.attainment, self.bracket_start(start_rate), tolerance)
+        found = find_goodput(
+            attainment_at, self.spec.slo.attainment, self.bracket_start(start_rate), tolerance,
+            hopeless_below=hopeless.__contains__,
+        )
         self._goodputs[key] = found
         return found
+
+    def trial_attainment(
+        self, candidate: Candidate, rate: float, seed: int | None = None, requests: int | None = None,
+        window_s: float | None = None, tolerance: float | None = None,
+    ) -> float:
+        """The attainment (of the evaluator's `metric`) of one goodput trial at `rate`, of
+        the shape `goodput` gives the trials of a bisection at `tolerance`. A trial that cannot reach the spec's target
+        stops as soon as that is certain (metrics.TrialJudge): its attainment is then at
+        most the full run's, below the target either way."""
+        return self._trial(candidate, rate, seed, requests, window_s, tolerance)[0]
+
+    def _trial(
+        self, candidate: Candidate, rate: float, seed: int | None, requests: int | None, window_s: float | None,
+        tolerance: float | None,
+    ) -> tuple[float, bool]:
+        """`trial_attainment`, and whether the trial had the fewest requests a trial has (so
+        every lower rate simulates the same lengths) and refused enough of them at
+        admission, which no rate changes, to miss the target: then every lower rate fails."""
+        base = requests if requests is not None else self.requests or self.spec.workload.requests
+        window = min(self.window_s if window_s is None else window_s, self.settle_s(tolerance or self.tolerance))
+        count = max(base, math.ceil(rate * window))
+        if self.max_trial_requests is not None:
+            count = min(count, max(base, self.max_trial_requests))
+        count = max(count, math.ceil(rate * self.min_span_s()))
+        trial = self.workload(rate, seed, count)
+        judge = TrialJudge(trial, self.spec.slo, self.prefill_s, self.metric, self.spec.slo.attainment, self.classes())
+        attainment = self.run(candidate, trial, watch=judge)[1].attainment_of(self.metric)
+        return attainment, count == base and judge.refusals_decide()
 
     def simulate_strategy(
         self, strategy: str, rate: float | None = None, seed: int | None = None, *, timeline: bool = False,

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from espc.planner.sim.metrics import GOODPUT_LABELS, METRICS
 
-POLICY_SCHEMA_VERSION = 3
+POLICY_SCHEMA_VERSION = 4
 # The share of the TPOT bound a decode step leaves for prefills that pause it: the MILP
 # picks decode thresholds and the scheduler spreads long requests' KV by it.
 DECODE_STALL_SHARE = 0.3
@@ -221,6 +221,17 @@ class StrategyPrediction:
 
 
 @dataclass(frozen=True)
+class SkippedCandidate:
+    """A configuration compile left out, and why (espc.planner.compile.feasibility): the
+    cluster cannot form it or hold its KV, its tp is not the spec's or not calibrated, the
+    runtime cannot serve it, or (elastic) the MILP finds its SLOs infeasible."""
+
+    strategy: str
+    configuration: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Policy:
     schema_version: int
     espc_version: str
@@ -237,9 +248,15 @@ class Policy:
     # What the predictions measure and compile maximised: "p90" (P90 goodput) or
     # "per-class" (every prompt-length class meets the attainment target).
     goodput_metric: str = "p90"
+    # Whether compile held its candidates to the runtime's limits (`espc run` serves the
+    # choice) or compiled for simulation only.
+    runnable: bool = True
+    # The configurations compile left out, with the reason.
+    skipped: tuple[SkippedCandidate, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "predictions", tuple(self.predictions))
+        object.__setattr__(self, "skipped", tuple(self.skipped))
 
     def verify(self, instances: int | None = None) -> None:
         if self.schema_version != POLICY_SCHEMA_VERSION:
@@ -278,6 +295,7 @@ class Policy:
                     ),
                     "solver": None if solver is None else SolverStats(**solver),
                     "predictions": tuple(StrategyPrediction(**p) for p in data["predictions"]),
+                    "skipped": tuple(SkippedCandidate(**s) for s in data["skipped"]),
                 }
             )
         except (KeyError, TypeError) as error:
@@ -293,6 +311,10 @@ class Policy:
         ]
         for prediction in sorted(self.predictions, key=lambda p: -p.goodput_rps):
             lines.append(f"  {prediction.strategy:14s} {prediction.goodput_rps:10.4g} req/s  {prediction.configuration}")
+        for skipped in self.skipped:
+            lines.append(f"  {skipped.strategy:14s} {'skipped':>16s}  {skipped.configuration}: {skipped.reason}")
+        if not self.runnable:
+            lines.append("compiled for simulation only: the runtime's limits were not applied")
         if self.elastic is not None:
             lines.append(str(self.elastic))
         if self.solver is not None:

@@ -8,9 +8,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from espc.planner.compile.artifact import BUCKET_COLUMNS, Artifact, bucket_rows, solver_rows, threshold_rows
+from espc.planner.compile.artifact import (
+    BUCKET_COLUMNS,
+    SKIPPED_COLUMNS,
+    Artifact,
+    bucket_rows,
+    skipped_rows,
+    solver_rows,
+    target_line,
+    threshold_rows,
+)
 from espc.planner.compile.evaluation import Comparison
 from espc.planner.sim.metrics import GOODPUT_LABELS, LatencyStats, Summary
 from espc.planner.sim.simulator import SimulationResult
@@ -174,7 +184,8 @@ def render_comparison(comparison: Comparison, console: Console) -> None:
 
 
 def render_policy(artifact: Artifact, console: Console) -> None:
-    """`espc inspect`: the chosen strategy and why, predicted goodput per strategy, the
+    """`espc inspect`: the chosen strategy and why, whether it was compiled to run,
+    predicted goodput per strategy and the candidates left out (with the reason), the
     elastic policy per length bucket, its thresholds, solver statistics."""
     policy = artifact.policy
     source = f" from {artifact.source}" if artifact.source is not None else ""
@@ -184,6 +195,7 @@ def render_policy(artifact: Artifact, console: Console) -> None:
         highlight=False, markup=False,
     )
     console.print(f"strategy {policy.strategy} ({policy.configuration}): {policy.reason}", highlight=False, markup=False)
+    console.print(target_line(policy), highlight=False, markup=False)
 
     table = Table(title=f"predicted {GOODPUT_LABELS[policy.goodput_metric]} per strategy", title_justify="left")
     for column in ("strategy", "best configuration", "goodput (req/s)", "vs chosen", "configurations searched"):
@@ -194,6 +206,13 @@ def render_policy(artifact: Artifact, console: Console) -> None:
         name = f"{p.strategy} (chosen)" if p.strategy == policy.strategy else p.strategy
         table.add_row(name, p.configuration, f"{p.goodput_rps:.4g}", relative, str(p.configurations_searched))
     console.print(table)
+    if policy.skipped:
+        table = Table(title="candidates left out (not simulated)", title_justify="left")
+        for column in SKIPPED_COLUMNS:
+            table.add_column(column, overflow="fold")
+        for skipped in skipped_rows(policy):
+            table.add_row(*map(escape, skipped))  # reasons quote errors: not markup
+        console.print(table)
 
     if policy.elastic is not None:
         table = Table(title=f"elastic policy (tp={policy.elastic.tp}): per prompt-length bucket", title_justify="left")

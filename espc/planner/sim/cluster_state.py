@@ -107,6 +107,9 @@ class ClusterState:
         self.migrated_tokens = 0
         # Instances taken out of service (a runtime worker that died): never idle again.
         self.retired: set[int] = set()
+        # Requests ended by `fail` so far: a scheduler that indexes the queue itself re-reads
+        # it when this changes (every other change of the queue comes from its own plans).
+        self.failures = 0
 
     @property
     def num_instances(self) -> int:
@@ -146,6 +149,7 @@ class ClusterState:
         state.rejected = reason
         state.finish_s = self.now
         state.busy = False
+        self.failures += 1
         self.waiting.pop(state.id, None)
         self.running.pop(state.id, None)
 

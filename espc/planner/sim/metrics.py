@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import heapq
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,8 +27,10 @@ from typing import cast
 import numpy as np
 
 from espc.frontend.spec import SLOSpec
+from espc.planner.sim.cluster_state import RequestState
 from espc.planner.sim.costmodel import CostModel
-from espc.planner.sim.simulator import RequestRecord, SimulationResult
+from espc.planner.sim.simulator import RequestRecord, SimulationResult, request_record
+from espc.planner.sim.workload import Request
 
 # Prompt-length buckets for the per-length table: where long requests starve shows up.
 LENGTH_BUCKETS = (0, 1_024, 8_192, 32_768, 131_072, 524_288)
@@ -162,6 +165,72 @@ def meets_slo(record: RequestRecord, slo: SLOSpec, prefill_s: Callable[[int], fl
     return ttft_met, tpot_met
 
 
+class TrialJudge:
+    """A simulator.RunWatch that stops a goodput trial once it cannot reach `target`: when
+    the requests known to miss their SLOs leave some class (all requests for P90 goodput,
+    each of `classes` for per-class) below the target even if every other request meets
+    them. A request is known to miss when it is refused, when it is still without its
+    first token past its TTFT bound, or when it completes late (`meets_slo`). The trial's
+    outcome against the target is the full run's (the requests left end unfinished and
+    count as misses, so its attainment is at most the full run's), for a fraction of the
+    simulation: past its limit a queue, and the scheduler's work per event, only grow."""
+
+    def __init__(
+        self, requests: Sequence[Request], slo: SLOSpec, prefill_s: Callable[[int], float], metric: str,
+        target: float, classes: Sequence[int] = (0,),
+    ):
+        if metric not in METRICS:
+            raise ValueError(f"unknown goodput metric {metric!r}; metrics: {', '.join(METRICS)}")
+        self.slo, self.prefill_s, self.target = slo, prefill_s, target
+        self.classes = tuple(classes) if metric == "per-class" else (0,)
+        self.sizes = [0] * len(self.classes)
+        for request in requests:
+            self.sizes[self._class(request.prompt_len)] += 1
+        self.misses = [0] * len(self.classes)
+        self.refused = [0] * len(self.classes)  # refused at admission: at any rate, for these lengths
+        self.missed: set[int] = set()
+        self.ttft_s: dict[int, float] = {}  # request id -> its TTFT bound
+        self.deadlines: list[tuple[float, int, RequestState]] = []  # (TTFT deadline, id, request), a heap
+
+    def _class(self, prompt_len: int) -> int:
+        return bisect.bisect_right(self.classes, prompt_len) - 1
+
+    def _miss(self, request: RequestState) -> None:
+        if request.id not in self.missed:
+            self.missed.add(request.id)
+            self.misses[self._class(request.request.prompt_len)] += 1
+
+    def arrived(self, request: RequestState) -> None:
+        bound = self.slo.ttft.target(self.prefill_s(request.request.prompt_len))
+        heapq.heappush(self.deadlines, (request.request.arrival_s + bound, request.id, request))
+        self.ttft_s[request.id] = bound
+
+    def ended(self, request: RequestState) -> None:
+        if request.rejected is not None and request.first_scheduled_s is None:
+            self.refused[self._class(request.request.prompt_len)] += 1
+        if not all(meets_slo(request_record(request), self.slo, self.prefill_s)):
+            self._miss(request)
+
+    def refusals_decide(self) -> bool:
+        """Whether the requests refused at admission (for their lengths, whatever the rate)
+        alone leave some class below the target."""
+        return any(refused and (size - refused) / size < self.target for size, refused in zip(self.sizes, self.refused))
+
+    def stop(self, now: float) -> str | None:
+        deadlines = self.deadlines
+        while deadlines and deadlines[0][0] < now:
+            _, request_id, request = deadlines[0]
+            if request.first_token_s is None and not now - request.request.arrival_s > self.ttft_s[request_id]:
+                break  # past the deadline by rounding only: not yet known to miss
+            heapq.heappop(deadlines)
+            if request.first_token_s is None:
+                self._miss(request)  # its first token comes after its TTFT bound
+        for size, misses in zip(self.sizes, self.misses):
+            if misses and (size - misses) / size < self.target:
+                return f"the trial stopped: {misses} of {size} requests already missed their SLOs, short of the {self.target:.0%} target"
+        return None
+
+
 def _completed_stats(values: list[float | None]) -> LatencyStats:
     """LatencyStats of one latency of completed requests, which every one of them has: it
     was scheduled, produced its first token (`meets_slo` compares both) and finished."""
@@ -234,6 +303,7 @@ def find_goodput(
     relative_tolerance: float = 0.03,
     max_doublings: int = 24,
     confirm: float = CONFIRM_FRACTION,
+    hopeless_below: Callable[[float], bool] | None = None,
 ) -> Goodput:
     """Bisection over the arrival rate for the highest rate meeting `target`.
 
@@ -241,7 +311,8 @@ def find_goodput(
     bracket is narrower than `relative_tolerance`. Attainment is not monotone in the rate
     (a trial's requests change with it), so a rate is reported only when `confirm` × it
     meets the target too: a lucky rate above a failing one is no goodput, and the search
-    goes on below the failure. 0 when even the lowest rate tried fails.
+    goes on below the failure. 0 when even the lowest rate tried fails, or at once when
+    `hopeless_below(rate)` says after a failure at `rate` that no lower rate can meet it.
     """
     trials: list[tuple[float, float]] = []
     measured: dict[float, bool] = {}
@@ -265,6 +336,8 @@ def find_goodput(
     while True:
         if not meets(low):  # find a rate that meets the target below the failing `high`
             for _ in range(max_doublings):
+                if hopeless_below is not None and hopeless_below(low):
+                    return Goodput(0.0, target, tuple(trials))
                 high = low
                 low /= 2
                 if meets(low):

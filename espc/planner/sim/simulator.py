@@ -7,6 +7,9 @@ visible to the requests that arrive then — which makes every run deterministic
 instant the scheduler is asked for a plan; the plan's batches start at once and finish
 after the time the cost model gives them; migrations run beside the batches (DMA over the
 link between the two instances) and hold KV on both ends until they finish.
+
+A `RunWatch` may stop a run early (a goodput trial whose attainment target can no longer
+be met: metrics.TrialJudge); the requests left then end unfinished, as at the end of a run.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import heapq
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Protocol, cast
 
 from espc.planner.plan import DecodeBatch, Migration, PrefillBatch
 from espc.planner.sim.cluster_state import ClusterState, RequestState
@@ -99,6 +102,20 @@ class SimulationResult:
         return [busy / self.duration_s if self.duration_s else 0.0 for busy in self.instance_busy_s]
 
 
+class RunWatch(Protocol):
+    """Follows a run and may stop it: told of every arrival and every request that ends
+    (completed or refused), asked after every instant whether to stop."""
+
+    def arrived(self, request: RequestState) -> None: ...
+
+    def ended(self, request: RequestState) -> None: ...
+
+    def stop(self, now: float) -> str | None:
+        """Why the run should stop at `now` (every request left ends unfinished with this
+        reason), or None to go on."""
+        ...
+
+
 def request_record(state: RequestState) -> RequestRecord:
     request = state.request
     return RequestRecord(
@@ -114,8 +131,10 @@ def simulate(
     *,
     check: bool = False,
     record_timeline: bool = False,
+    watch: RunWatch | None = None,
 ) -> SimulationResult:
-    """Run `requests` through `scheduler` on its deployment; `check` verifies every plan."""
+    """Run `requests` through `scheduler` on its deployment; `check` verifies every plan;
+    `watch` may stop the run early (see RunWatch)."""
     deployment = scheduler.deployment
     state = ClusterState(deployment.capacity, check=check)
     events: list[tuple[float, int, int, object]] = []
@@ -124,6 +143,7 @@ def simulate(
         heapq.heappush(events, (request.arrival_s, _ARRIVAL, request.id, request))
     busy = [0.0] * deployment.num_instances
     timeline: list[BatchRecord] = []
+    unfinished = "never scheduled: the run ended with the request still queued"
 
     while events:
         now = events[0][0]
@@ -132,14 +152,28 @@ def simulate(
             _, kind, _, payload = heapq.heappop(events)
             # The kind says what the payload is (see the pushes below).
             if kind == _BATCH_DONE:
-                state.complete(cast("PrefillBatch | DecodeBatch", payload))
+                ended = state.complete(cast("PrefillBatch | DecodeBatch", payload))
+                if watch is not None:
+                    for request_state in ended:
+                        watch.ended(request_state)
             elif kind == _MIGRATION_DONE:
                 state.complete_migration(cast(Migration, payload))
             else:
                 arrived = state.arrive(cast(Request, payload))
                 reason = scheduler.admit(state, arrived)
+                if watch is not None:
+                    watch.arrived(arrived)
                 if reason is not None:
                     state.reject(arrived, reason)
+                    if watch is not None:
+                        watch.ended(arrived)
+        stopped = watch.stop(now) if watch is not None else None
+        if stopped is not None:
+            unfinished = stopped
+            for _, kind, _, payload in events:
+                if kind == _ARRIVAL:  # arrives never: it ends unfinished too
+                    state.arrive(cast(Request, payload))
+            break
         for _ in range(_MAX_PLANS_PER_INSTANT):
             plan = scheduler.schedule(state)
             if plan is None:
@@ -159,7 +193,7 @@ def simulate(
                 break
 
     for state_left in list(state.waiting.values()) + list(state.running.values()):
-        state_left.rejected = state_left.rejected or "never scheduled: the run ended with the request still queued"
+        state_left.rejected = state_left.rejected or unfinished
     records = sorted((request_record(s) for s in state.requests.values()), key=lambda record: record.id)
     duration = max((r.finish_s for r in records if r.finish_s is not None), default=0.0) - min(
         (r.arrival_s for r in records), default=0.0

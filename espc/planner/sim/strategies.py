@@ -21,9 +21,11 @@ against, configured as their authors ship them:
 
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -163,28 +165,88 @@ def _arrival(request: RequestState) -> tuple[float, int]:
 
 class _Members:
     """The requests routed to each group, so a scheduler looks only at the groups that are
-    idle instead of at every request (the simulator asks after every event). Requests that
-    are done are dropped lazily."""
+    idle instead of at every request (the simulator asks after every event).
+
+    A group's queued members (waiting in the ClusterState) are indexed apart, in arrival
+    order and with their prompt tokens summed: at overload a queue holds thousands of
+    requests, and a scheduler reads only its head and its total. The index follows the
+    requests the scheduler `touch`es while it builds a plan (a prefill it starts, a
+    preemption): `sync`, before it looks at the next state, re-reads the state for them —
+    plans are started as they are returned; a request failed from outside
+    (ClusterState.failures) makes it re-read every member. Requests that are done are
+    dropped lazily."""
 
     def __init__(self, groups: int):
-        self._of: list[dict[int, RequestState]] = [{} for _ in range(groups)]
+        self._started: list[dict[int, RequestState]] = [{} for _ in range(groups)]  # out of the queue
+        self._queued: list[dict[int, RequestState]] = [{} for _ in range(groups)]
+        self._order: list[list[tuple[float, int]]] = [[] for _ in range(groups)]  # _arrival of the queued, sorted
+        self._queued_tokens = [0] * groups
+        self._counted: dict[int, int] = {}  # queued request -> its tokens in _queued_tokens
+        self._group_of: dict[int, int] = {}
+        self._touched: set[int] = set()
+        self._failures = 0
 
     def add(self, group: int, request: RequestState) -> None:
-        self._of[group][request.id] = request
+        """Route the request to the group (queued or not: the next look reads which)."""
+        self._group_of[request.id] = group
+        self._started[group][request.id] = request
+        self._touched.add(request.id)
+
+    def touch(self, request_id: int) -> None:
+        """The request leaves or rejoins its group's queue with the plan being built."""
+        self._touched.add(request_id)
 
     def live(self, group: int) -> list[RequestState]:
-        members = self._of[group]
+        """The group's members out of its queue that are not done: after `sync`, those
+        running (all of them for a scheduler that never syncs: it indexes no queue)."""
+        members = self._started[group]
         for request_id in [i for i, request in members.items() if request.done]:
             del members[request_id]
+            if self._group_of.get(request_id) == group:  # (a resident moved on is a member twice)
+                del self._group_of[request_id]
+                self._touched.discard(request_id)
         return list(members.values())
 
     def count(self, group: int) -> int:
         """Requests routed to the group, counting done ones not dropped yet (an upper bound)."""
-        return len(self._of[group])
+        return len(self._started[group]) + len(self._queued[group])
 
-    def queued_tokens(self, group: int, state: ClusterState) -> int:
+    def queue(self, group: int) -> Iterator[RequestState]:
+        """The group's queued members in arrival order (lazily: the caller stops at the
+        head it cannot serve)."""
+        queued = self._queued[group]
+        return (queued[request_id] for _, request_id in self._order[group])
+
+    def queued_tokens(self, group: int) -> int:
         """Prompt tokens routed to the group and not started yet."""
-        return sum(r.pending_target for r in self.live(group) if r.id in state.waiting)
+        return self._queued_tokens[group]
+
+    def sync(self, state: ClusterState) -> None:
+        """Re-read the state for the requests touched since the last sync (their plan has
+        been started since); `live` then lists those running, `queue` those queued."""
+        if state.failures != self._failures:
+            self._failures = state.failures
+            self._touched.update(self._group_of)
+        for request_id in self._touched:
+            group = self._group_of.get(request_id)
+            if group is None:
+                continue  # done and dropped
+            request = self._started[group].pop(request_id, None) or self._queued[group].pop(request_id)
+            counted = self._counted.pop(request_id, None)
+            if counted is not None:
+                self._queued_tokens[group] -= counted
+                order = self._order[group]
+                del order[bisect.bisect_left(order, _arrival(request))]
+            if request_id in state.waiting:
+                self._queued[group][request_id] = request
+                self._counted[request_id] = request.pending_target
+                self._queued_tokens[group] += request.pending_target
+                bisect.insort(self._order[group], _arrival(request))
+            elif request.done:
+                del self._group_of[request_id]
+            else:
+                self._started[group][request_id] = request
+        self._touched.clear()
 
 
 class StaticScheduler(Scheduler):
@@ -220,6 +282,7 @@ class StaticScheduler(Scheduler):
     def admit(self, state: ClusterState, request: RequestState) -> str | None:
         reason = super().admit(state, request)
         if reason is None:
+            self.members.sync(state)
             group = self._choose_group(state, request)
             if group is None:
                 return f"no instance group in service can hold its {request.request.prompt_len + request.request.output_len:,} tokens"
@@ -244,7 +307,7 @@ class StaticScheduler(Scheduler):
         def load(g: int) -> tuple[int, int, int]:
             held = sum(state.used[i] for i in self.groups[g])
             # Ties (idle groups) go round-robin, so a light load spreads over the groups.
-            return held + self.members.queued_tokens(g, state), self.routed[g], g
+            return held + self.members.queued_tokens(g), self.routed[g], g
 
         chosen = min(fitting, key=load)
         self.routed[chosen] += 1
@@ -253,20 +316,24 @@ class StaticScheduler(Scheduler):
     def schedule(self, state: ClusterState) -> IterationPlan | None:
         batches: list[Batch] = []
         frees: list[int] = []
+        self.members.sync(state)
         for g in sorted({self.group_of[instance] for instance in state.idle}):
             group = self.groups[g]
             if not all(instance in state.idle for instance in group):
                 continue
-            members = self.members.live(g)
-            running = [r for r in members if r.id in state.running]
-            waiting = sorted((r for r in members if r.id in state.waiting), key=_arrival)
-            prefill = self._prefill(state, group, waiting, running) if waiting else None
+            running = self.members.live(g)
+            waiting = self.members.queue(g)
+            prefill = self._prefill(state, group, waiting, running)
             if prefill is not None:
+                for item in prefill.items:
+                    self.members.touch(item.request_id)
                 batches.append(prefill)
                 continue
             decoding = [r for r in running if r.decoding and not r.busy]
             if decoding:
                 items, victims = _decode_step(state, group, decoding)
+                for victim in victims:
+                    self.members.touch(victim)
                 frees += victims
                 if items:
                     batches.append(DecodeBatch(group, tuple(items)))
@@ -275,9 +342,10 @@ class StaticScheduler(Scheduler):
         return IterationPlan(state.iteration, tuple(batches), frees=tuple(frees))
 
     def _prefill(
-        self, state: ClusterState, group: tuple[int, ...], waiting: list[RequestState], running: list[RequestState]
+        self, state: ClusterState, group: tuple[int, ...], waiting: Iterable[RequestState], running: list[RequestState]
     ) -> PrefillBatch | None:
-        """vLLM: new prefills first, FCFS, while the KV fits with a slot left per running request."""
+        """vLLM: new prefills first, FCFS (`waiting` in arrival order), while the KV fits
+        with a slot left per running request."""
         free = {instance: state.free(instance) for instance in group}
         spare = sum(free.values()) - sum(1 for r in running if r.decoding)
         items: list[PrefillItem] = []
@@ -314,16 +382,20 @@ class ChunkedScheduler(Scheduler):
     def admit(self, state: ClusterState, request: RequestState) -> str | None:
         reason = super().admit(state, request)
         if reason is None:
-            load = {i: state.used[i] + self.members.queued_tokens(i, state) for i in range(self.deployment.num_instances)}
+            self.members.sync(state)
+            load = {i: state.used[i] + self.members.queued_tokens(i) for i in range(self.deployment.num_instances)}
             self.members.add(min(load, key=lambda i: (load[i], i)), request)
         return reason
 
     def schedule(self, state: ClusterState) -> IterationPlan | None:
         batches: list[Batch] = []
         frees: list[int] = []
+        self.members.sync(state)
         for instance in sorted(state.idle):
-            requests = [r for r in self.members.live(instance) if not r.busy]
-            items, victims = self._iteration(state, instance, requests)
+            started = [r for r in self.members.live(instance) if not r.busy]
+            items, victims = self._iteration(state, instance, started, self.members.queue(instance))
+            for request_id in [*victims, *(item.request_id for item in items if item.start == 0)]:
+                self.members.touch(request_id)  # preempted, or its first chunk starts
             frees += victims
             if items:
                 batches.append(PrefillBatch((instance,), tuple(items)))
@@ -331,7 +403,11 @@ class ChunkedScheduler(Scheduler):
             return None
         return IterationPlan(state.iteration, tuple(batches), frees=tuple(frees))
 
-    def _iteration(self, state: ClusterState, instance: int, requests: list[RequestState]) -> tuple[list[PrefillItem], list[int]]:
+    def _iteration(
+        self, state: ClusterState, instance: int, requests: list[RequestState], queue: Iterable[RequestState]
+    ) -> tuple[list[PrefillItem], list[int]]:
+        """One iteration of the instance: `requests` are its started ones not in flight,
+        `queue` the queued ones in arrival order."""
         budget = self.chunk_tokens
         free = state.free(instance)
         decoding = sorted((r for r in requests if r.decoding), key=_arrival)
@@ -348,11 +424,9 @@ class ChunkedScheduler(Scheduler):
         free -= len(items)
         # Prefills in progress first, then new ones, in arrival order; a prefill starts only
         # when the KV of its whole prompt fits next to the prefills already under way.
-        prefilling = sorted(
-            (r for r in requests if r.prefilling and r.id not in victims),
-            key=lambda r: (r.kv_len == 0, _arrival(r)),
-        )
-        owed = sum(r.pending_target - r.kv_len for r in prefilling if r.kv_len)
+        under_way = sorted((r for r in requests if r.prefilling and r.id not in victims), key=_arrival)
+        prefilling = itertools.chain(under_way, queue)
+        owed = sum(r.pending_target - r.kv_len for r in under_way)
         for request in prefilling:
             remaining = request.pending_target - request.kv_len
             if request.kv_len == 0:
@@ -496,7 +570,8 @@ def candidates(
     static-tp: vLLM's deployment, one TP replica per node (tp = devices per node).
     static-sp: SP groups of `policy.sp_size` instances (every divisor when unset) at the
       cluster's tp (1 when unset).
-    chunked: Sarathi-Serve / LightLLM SplitFuse on TP replicas of a node, `policy.chunk_tokens`.
+    chunked: Sarathi-Serve / LightLLM SplitFuse on TP replicas of a node (at the cluster's tp
+      when the spec sets one), `policy.chunk_tokens`.
     disaggregated: DistServe at the cluster's tp (1 when unset), every prefill:decode split
       unless `policy.prefill_instances` / `decode_instances` pin it.
     best-static: every tp (only the cluster's when the spec sets one), every homogeneous SP
@@ -514,9 +589,10 @@ def candidates(
             key=_static_key(deployment, groups), layout=StaticLayout(node_tp, groups),
         )]
     if strategy == "chunked":
-        deployment = Deployment.build(cost, node_tp, kv_capacity)
+        tp = cost.cluster.tp or node_tp
+        deployment = Deployment.build(cost, tp, kv_capacity)
         chunk = policy.chunk_tokens
-        return [Candidate(strategy, f"tp={node_tp}, chunk={chunk}", lambda: ChunkedScheduler(deployment, chunk))]
+        return [Candidate(strategy, f"tp={tp}, chunk={chunk}", lambda: ChunkedScheduler(deployment, chunk))]
     if strategy == "static-sp":
         deployment = Deployment.build(cost, cluster_tp, kv_capacity)
         sizes = [policy.sp_size] if policy.sp_size else _divisors(deployment.num_instances)

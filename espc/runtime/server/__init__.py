@@ -4,15 +4,20 @@
     curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
          -d '{"model": "tiny-llama-gqa", "prompt": "Hello", "max_tokens": 8}'
 
-Endpoints: `POST /v1/completions` (a text or token-id prompt; `"stream": true` answers with
-server-sent events, `data: {chunk}` lines and a final `data: [DONE]`), `GET /v1/models`,
-`GET /health` (503 while no instance is in service) and `GET /metrics` (Prometheus text).
+Endpoints: `POST /v1/completions` (text or token-id prompts, one or a list; `"stream": true`
+answers with server-sent events, `data: {chunk}` lines and a final `data: [DONE]`),
+`POST /v1/chat/completions` (messages rendered with the model's chat template), `GET
+/v1/models`, `GET /health` (503 while no instance is in service) and `GET /metrics`
+(Prometheus, through prometheus_client). Both completion endpoints take `n` (choice i
+samples with the request's seed + i) and `logprobs` (computed by the worker from the fp32
+logits row it samples from).
 
 Errors carry OpenAI's body, `{"error": {"message", "type", "param", "code"}}`:
 
 - 400: malformed JSON, an unknown field, a wrong type or range, a prompt the model cannot
   take (empty, unknown token ids, longer than `max_context` with its `max_tokens`), a value
-  espc does not implement (`n` > 1, `echo`, `logprobs`, penalties, batches of prompts);
+  espc does not implement (`echo`, penalties, `logit_bias`), more than 64 choices, a chat
+  template that refuses the messages;
 - 404: another model than the one served;
 - 429: admission control refused the request because the server is overloaded (the spec's
   `[serving]` section: too many queued requests, or a TTFT that cannot meet the SLO);
@@ -28,10 +33,11 @@ first token, while a non-streaming completion is generated, and while it is stre
 to mount inside another FastAPI app; `ServerThread` serves an app from a background thread
 (tests, benchmarks, notebooks); `serve()` is what `espc serve` runs.
 
-The modules: `app` (`create_app`, serving), `routes` (the endpoints), `schemas` (the request
-body, its checks, the response bodies, the OpenAPI schema), `streaming` (text deltas, SSE,
-disconnects), `detokenize` (incremental text, stop strings), `metrics` (Prometheus text) and
-`errors` (OpenAI's error body).
+The modules: `app` (`create_app`, serving), `routes` (the endpoints), `schemas` (the
+completions body, the fields it shares with chat, their checks, the OpenAPI schema), `chat`
+(the chat body and its rendering), `bodies` (the response objects and logprobs),
+`streaming` (text deltas, merged choices, SSE, disconnects), `detokenize` (incremental
+text, stop strings), `metrics` (prometheus_client) and `errors` (OpenAI's error body).
 """
 
 from espc.runtime.server.app import ServerThread, bind, create_app, serve, terminate_as_interrupt

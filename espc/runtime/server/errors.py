@@ -53,7 +53,7 @@ def finish_error(event: FinishEvent) -> APIError:
 
 
 _UNIONS = {
-    "prompt": "prompt must be a string, a list of token ids, or a list holding one of those",
+    "prompt": "prompt must be a string, a list of token ids, or a list of strings or of token-id lists",
     "stop": "stop must be a string or a list of strings",
 }
 

@@ -1,95 +1,107 @@
-"""What the server measures itself, as Prometheus text for `GET /metrics`: latencies as its
-clients see them and request outcomes, beside the engine's state from `Engine.stats()`."""
+"""What the server measures itself, for `GET /metrics` in Prometheus' exposition format
+(`prometheus_client`, one registry per app): latencies as its clients see them and request
+outcomes, the engine's state from `Engine.stats()` read at each scrape, and the standard
+process, platform and garbage-collector metrics (`process_*`, `python_*`)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator
 
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-class Histogram:
-    """A Prometheus histogram (cumulative buckets, sum, count)."""
-
-    def __init__(self, name: str, help_: str, buckets: Sequence[float]):
-        self.name, self.help, self.buckets = name, help_, tuple(buckets)
-        self.counts = [0] * len(self.buckets)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        for index, bound in enumerate(self.buckets):
-            if value <= bound:
-                self.counts[index] += 1
-        self.sum += value
-        self.count += 1
-
-    def lines(self) -> list[str]:
-        out = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        out += [f'{self.name}_bucket{{le="{bound:g}"}} {count}' for bound, count in zip(self.buckets, self.counts)]
-        out += [f'{self.name}_bucket{{le="+Inf"}} {self.count}', f"{self.name}_sum {self.sum!r}", f"{self.name}_count {self.count}"]
-        return out
+__all__ = ["CONTENT_TYPE_LATEST", "ServerMetrics"]
 
 
 class ServerMetrics:
-    """What the server observes itself (latencies as its clients see them, outcomes); the
-    engine's state comes from `Engine.stats()` when /metrics is read."""
+    """What the server observes itself (latencies as its clients see them, outcomes), in a
+    registry of its own (apps in one process do not share metrics); the engine's state comes
+    from `Engine.stats()` when /metrics is read."""
 
     def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        for standard in (ProcessCollector, PlatformCollector, GCCollector):
+            standard(registry=self.registry)
         self.ttft = Histogram(
             "espc_time_to_first_token_seconds", "Time from a completion request's arrival to its first token.",
-            (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=self.registry,
         )
         self.tpot = Histogram(
             "espc_time_per_output_token_seconds", "Mean time between a request's tokens after the first (requests with two or more).",
-            (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=self.registry,
         )
-        self.outcomes: dict[str, int] = {}
-        self.in_flight = 0
+        self.in_flight = Gauge(
+            "espc_http_requests_in_flight", "Completion requests being answered (streams until they end).", registry=self.registry,
+        )
+        self.requests = Counter(
+            "espc_requests", "Completion requests by outcome: each choice's finish reason; rejected, error, cancelled, invalid.",
+            ["outcome"], registry=self.registry,
+        )
+        self._engine = _EngineCollector()
+        self.registry.register(self._engine)
 
     def outcome(self, what: str) -> None:
-        self.outcomes[what] = self.outcomes.get(what, 0) + 1
+        self.requests.labels(what).inc()
 
-    def render(self, stats: dict | None, running: bool) -> str:
-        lines: list[str] = []
+    def count(self, what: str) -> int:
+        """How many requests ended with the outcome `what` so far."""
+        return int(self.registry.get_sample_value("espc_requests_total", {"outcome": what}) or 0)
 
-        def metric(name: str, kind: str, help_: str, samples: Sequence[tuple[str, float]]) -> None:
-            lines.extend((f"# HELP {name} {help_}", f"# TYPE {name} {kind}"))
-            lines.extend(f"{name}{labels} {value:g}" if isinstance(value, int) else f"{name}{labels} {value!r}" for labels, value in samples)
+    def render(self, stats: dict | None, running: bool) -> bytes:
+        """The exposition text, with the engine's `stats` (None: not running or not answering).
+        Called on the event loop: no other scrape runs between setting the snapshot and reading it."""
+        self._engine.stats, self._engine.running = stats, running
+        return generate_latest(self.registry)
 
-        metric("espc_up", "gauge", "1 while the engine runs.", [("", int(running))])
-        metric("espc_http_requests_in_flight", "gauge", "Completion requests being answered (streams until they end).", [("", self.in_flight)])
-        metric(
-            "espc_requests_total", "counter", "Completion requests by outcome (finish reason, rejected, error, cancelled, invalid).",
-            [(f'{{outcome="{what}"}}', count) for what, count in sorted(self.outcomes.items())],
-        )
-        lines += self.ttft.lines() + self.tpot.lines()
-        if stats is not None:
-            instances = range(stats["instances"])
-            used, capacity = stats["kv_used_tokens"], stats["kv_capacity_tokens"]
-            metric("espc_queue_length", "gauge", "Requests waiting for their first prefill.", [("", stats["queued"] + stats["waiting"])])
-            metric("espc_requests_running", "gauge", "Requests prefilled or decoding.", [("", stats["running"])])
-            metric("espc_instances", "gauge", "Elastic instances of the deployment.", [("", stats["instances"])])
-            metric("espc_instances_in_service", "gauge", "Instances whose worker has not failed.", [("", stats["in_service"])])
-            metric(
-                "espc_instance_dop", "gauge", "Degree of parallelism of the batch each instance runs (0: idle).",
-                [(f'{{instance="{i}"}}', stats["dop"][i]) for i in instances],
-            )
-            metric("espc_kv_used_tokens", "gauge", "KV slots in use per instance.", [(f'{{instance="{i}"}}', used[i]) for i in instances])
-            metric("espc_kv_capacity_tokens", "gauge", "KV slots per instance.", [(f'{{instance="{i}"}}', capacity[i]) for i in instances])
-            metric(
-                "espc_kv_usage_ratio", "gauge", "KV slots in use over all slots.",
-                [("", sum(used) / sum(capacity) if sum(capacity) else 0.0)],
-            )
-            metric("espc_iterations_total", "counter", "Scheduling iterations dispatched.", [("", stats["iterations"])])
-            metric("espc_migrations_total", "counter", "KV migrations between instances.", [("", stats["migrations"])])
-            metric("espc_migrated_bytes_total", "counter", "KV bytes moved by migrations.", [("", stats["migrated_bytes"])])
-            codes = {"queue_full": 0, "ttft_unreachable": 0, "unservable": 0} | stats["rejected"]
-            metric(
-                "espc_rejected_requests_total", "counter", "Requests refused by admission control, by reason.",
-                [(f'{{code="{code}"}}', count) for code, count in sorted(codes.items())],
-            )
-            metric("espc_worker_failures_total", "counter", "Workers taken out of service.", [("", len(stats["failures"]))])
-        return "\n".join(lines) + "\n"
+
+class _EngineCollector(Collector):
+    """The engine's state, as of the snapshot `ServerMetrics.render` sets before collecting."""
+
+    def __init__(self) -> None:
+        self.stats: dict | None = None
+        self.running = False
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("espc_up", "1 while the engine runs.", value=int(self.running))
+        stats = self.stats
+        if stats is None:
+            return
+        instances = range(stats["instances"])
+        used, capacity = stats["kv_used_tokens"], stats["kv_capacity_tokens"]
+        yield GaugeMetricFamily("espc_queue_length", "Requests waiting for their first prefill.", value=stats["queued"] + stats["waiting"])
+        yield GaugeMetricFamily("espc_requests_running", "Requests prefilled or decoding.", value=stats["running"])
+        yield GaugeMetricFamily("espc_instances", "Elastic instances of the deployment.", value=stats["instances"])
+        yield GaugeMetricFamily("espc_instances_in_service", "Instances whose worker has not failed.", value=stats["in_service"])
+        for name, help_, values in (
+            ("espc_instance_dop", "Degree of parallelism of the batch each instance runs (0: idle).", stats["dop"]),
+            ("espc_kv_used_tokens", "KV slots in use per instance.", used),
+            ("espc_kv_capacity_tokens", "KV slots per instance.", capacity),
+        ):
+            family = GaugeMetricFamily(name, help_, labels=["instance"])
+            for instance in instances:
+                family.add_metric([str(instance)], values[instance])
+            yield family
+        yield GaugeMetricFamily("espc_kv_usage_ratio", "KV slots in use over all slots.", value=sum(used) / sum(capacity) if sum(capacity) else 0.0)
+        yield CounterMetricFamily("espc_iterations", "Scheduling iterations dispatched.", value=stats["iterations"])
+        yield CounterMetricFamily("espc_migrations", "KV migrations between instances.", value=stats["migrations"])
+        yield CounterMetricFamily("espc_migrated_bytes", "KV bytes moved by migrations.", value=stats["migrated_bytes"])
+        rejected = CounterMetricFamily("espc_rejected_requests", "Requests refused by admission control, by reason.", labels=["code"])
+        for code, count in sorted(({"queue_full": 0, "ttft_unreachable": 0, "unservable": 0} | stats["rejected"]).items()):
+            rejected.add_metric([code], count)
+        yield rejected
+        yield CounterMetricFamily("espc_worker_failures", "Workers taken out of service.", value=len(stats["failures"]))
 
 
 class _Timing:

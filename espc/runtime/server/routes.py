@@ -1,25 +1,30 @@
-"""The endpoints, `GET /v1/models`, `GET /health`, `GET /metrics` and `POST /v1/completions`,
-over the `ServerState` that `create_app` stores on `app.state.server`."""
+"""The endpoints, `GET /v1/models`, `GET /health`, `GET /metrics`, `POST /v1/completions`
+and `POST /v1/chat/completions`, over the `ServerState` that `create_app` stores on
+`app.state.server`."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from espc.runtime.driver import EngineError, FinishEvent
+from espc.runtime.driver import EngineError, FinishEvent, TokenEvent
 from espc.runtime.engine import Engine
+from espc.runtime.server.bodies import ChatFormat, ChoiceState, CompletionFormat, ResponseFormat, response_body
+from espc.runtime.server.chat import ChatCompletionRequest, _prepare_chat
 from espc.runtime.server.detokenize import _Text
 from espc.runtime.server.errors import APIError, _bad, finish_error
-from espc.runtime.server.metrics import ServerMetrics, _Timing
-from espc.runtime.server.schemas import CompletionRequest, _prepare, _usage, choice_body, completion_body
+from espc.runtime.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics, _Timing
+from espc.runtime.server.schemas import CompletionRequest, _Job, _prepare, _usage
 from espc.runtime.server.streaming import _Disconnected, _Failed, _gather, _pieces, _sse, _unless_disconnected
+from espc.runtime.tokenizer import ChatTemplate, TokenizerError, load_chat_template
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,19 @@ class ServerState:
     served: str  # the model name requests must name
     created: int  # when the app was built: the model's `created` in /v1/models
     metrics: ServerMetrics
+
+    loaded: dict[str, ChatTemplate] = field(default_factory=dict, repr=False, compare=False)  # the chat template, once read
+
+    def chat_template(self) -> ChatTemplate:
+        """The model's chat template, read on the first chat request; a checkpoint whose
+        template cannot be read answers 400 to every chat request, naming the file."""
+        if "chat" not in self.loaded:
+            engine = self.engine
+            try:
+                self.loaded["chat"] = load_chat_template(engine.spec.model, engine.base_dir)
+            except TokenizerError as error:
+                raise _bad(f"this model's chat template cannot be used: {error}", "messages") from None
+        return self.loaded["chat"]
 
 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -46,6 +64,7 @@ def add_routes(app: FastAPI) -> None:
     app.add_api_route("/health", health, methods=["GET"], response_model=None, responses={503: {"description": "no instance in service"}})
     app.add_api_route("/metrics", prometheus, methods=["GET"], response_class=PlainTextResponse)
     app.add_api_route("/v1/completions", completions, methods=["POST"], response_model=None, responses=_ERROR_RESPONSES)
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], response_model=None, responses=_ERROR_RESPONSES)
 
 
 def _state(request: Request) -> ServerState:
@@ -70,38 +89,72 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok", "instances": stats["instances"], "in_service": stats["in_service"]})
 
 
-async def prometheus(request: Request) -> PlainTextResponse:
+async def prometheus(request: Request) -> Response:
     state = _state(request)
     stats = await _stats(state.engine)
-    return PlainTextResponse(state.metrics.render(stats, state.engine.running), media_type="text/plain; version=0.0.4; charset=utf-8")
+    return Response(state.metrics.render(stats, state.engine.running), media_type=CONTENT_TYPE_LATEST)
 
 
 async def completions(body: CompletionRequest, request: Request) -> Response:
     state = _state(request)
+    return await _answer(state, request, lambda: _prepare(state.engine, body, state.served), _completion_format(state, body))
+
+
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    state = _state(request)
+    return await _answer(state, request, lambda: _prepare_chat(state.engine, state.chat_template(), body, state.served), ChatFormat(_token_text(state.engine)))
+
+
+def _completion_format(state: ServerState, body: CompletionRequest) -> CompletionFormat:
+    return CompletionFormat(_token_text(state.engine), bool(body.return_token_ids))
+
+
+def _token_text(engine: Engine) -> Callable[[int], str]:
+    """A token's text in logprobs: decoded alone, or "token_id:ID" without a tokenizer."""
+    tokenizer = engine.tokenizer
+    return (lambda token: tokenizer.decode([token])) if tokenizer is not None else (lambda token: f"token_id:{token}")
+
+
+async def _answer(state: ServerState, request: Request, prepare: Callable[[], _Job], format_: ResponseFormat) -> Response:
+    """Answer a request of either endpoint: check it (`prepare`), then serve its choices."""
     metrics = state.metrics
-    metrics.in_flight += 1
+    metrics.in_flight.inc()
     response = None
     try:
-        response = await _complete(state, body, request)
+        response = await _complete(state, prepare(), format_, request)
         return response
     except APIError as error:
         metrics.outcome("invalid" if error.status in (400, 404) else "rejected" if error.status == 429 or error.code == "unservable" else "error")
         return error.response()
     finally:
         if not isinstance(response, StreamingResponse):  # a stream counts until it ends
-            metrics.in_flight -= 1
+            metrics.in_flight.dec()
 
 
-async def _complete(state: ServerState, body: CompletionRequest, request: Request) -> Response:
+async def _first_events(request: Request, streams: list[AsyncGenerator]) -> list[TokenEvent | FinishEvent]:
+    """Each choice's first event; a failure or a disconnect cancels every choice."""
+    firsts = [asyncio.ensure_future(stream.__anext__()) for stream in streams]
+    try:
+        return await _unless_disconnected(request, asyncio.gather(*firsts))
+    except BaseException:
+        for first in firsts:
+            first.cancel()
+        await asyncio.gather(*firsts, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()
+        raise
+
+
+async def _complete(state: ServerState, job: _Job, format_: ResponseFormat, request: Request) -> Response:
     """The answer to a checked request, or an APIError."""
     engine, metrics = state.engine, state.metrics
-    job = _prepare(engine, body, state.served)
-    timing = _Timing(metrics)
     if not engine.running:
         raise APIError(503, "the engine is not running", "service_unavailable", code="engine_unavailable")
-    events = engine.stream(job.prompt_ids, job.params)
+    choices = job.choices()
+    timings = [_Timing(metrics) for _ in choices]  # TTFT counts from here
+    streams = [engine.stream(prompt, params) for prompt, params in choices]
     try:
-        first = await _unless_disconnected(request, events.__anext__())
+        firsts = await _first_events(request, streams)
     except _Disconnected:
         metrics.outcome("cancelled")
         return Response(status_code=499)
@@ -109,29 +162,40 @@ async def _complete(state: ServerState, body: CompletionRequest, request: Reques
         raise APIError(503, str(error), "service_unavailable", code="engine_unavailable") from None
     except ValueError as error:  # the engine's own checks of the prompt
         raise _bad(str(error), "prompt") from None
-    if isinstance(first, FinishEvent) and first.reason not in ("length", "stop"):
-        raise finish_error(first)
-    request_id = f"cmpl-{secrets.token_hex(12)}"
+    failed = [first for first in firsts if isinstance(first, FinishEvent) and first.reason not in ("length", "stop")]
+    if failed:
+        for stream in streams:
+            await stream.aclose()
+        raise finish_error(failed[0])
+    request_id = f"{format_.id_prefix}{secrets.token_hex(12)}"
     # With a tokenizer, _decode always returns text.
     decode = cast("Callable[[list[int]], str]", engine._decode) if engine.tokenizer is not None else None
-    pieces = _pieces(first, events, _Text(decode, job.stops), timing)
+    pieces = [
+        _pieces(first, stream, _Text(decode, job.stops), timing) for first, stream, timing in zip(firsts, streams, timings)
+    ]
+    states = [ChoiceState(index, prompt) for index, (prompt, _) in enumerate(choices)]
     if job.stream:
         return StreamingResponse(
-            _sse(request_id, job, pieces, state.served, metrics), media_type="text/event-stream",
+            _sse(request_id, job, format_, states, pieces, streams, state.served, metrics), media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     try:
-        text, ids, finish = await _unless_disconnected(request, _gather(pieces))
+        await _unless_disconnected(request, _gather(states, pieces, metrics))
     except _Disconnected:
         metrics.outcome("cancelled")
         return Response(status_code=499)
-    except _Failed as failed:
-        raise finish_error(failed.event) from None
-    metrics.outcome(finish)
-    choice = choice_body(text, finish)
-    if job.return_token_ids:
-        choice |= {"prompt_token_ids": job.prompt_ids, "token_ids": ids}
-    return JSONResponse(completion_body(request_id, int(time.time()), state.served, [choice]) | {"usage": _usage(job, len(ids))})
+    except _Failed as failed_choice:
+        raise finish_error(failed_choice.event) from None
+    finally:
+        for stream in (*pieces, *streams):  # the engine's streams too: a choice whose piece never started
+            await stream.aclose()
+    wants_logprobs = job.params.logprobs is not None
+    bodies = [
+        format_.choice(choice, "".join(choice.text), choice.ids, choice.logprobs if wants_logprobs else None, choice.finish or "length", streamed=False)
+        for choice in states
+    ]
+    usage = _usage(job, sum(len(choice.ids) for choice in states))
+    return JSONResponse(response_body(format_, request_id, int(time.time()), state.served, bodies, streamed=False) | {"usage": usage})
 
 
 async def _stats(engine: Engine) -> dict | None:
