@@ -284,7 +284,8 @@ def test_run_an_artifact_replays_its_workload_and_serves_a_prompt(compiled):
     runtime = report["runtime"]
     assert runtime["requests"] == 6 and runtime["failed"] == 0, runtime
     assert runtime["kv_after_run"] == [0, 0, 0, 0]
-    assert sum(runtime["dop_decisions"]["prefill"].values()) >= 6
+    # Batches, not requests: requests that arrive together may share a prefill batch.
+    assert sum(runtime["dop_decisions"]["prefill"].values()) >= 1 and sum(runtime["dop_decisions"]["decode"].values()) >= 1
     assert report["summary"]["completed"] == 6
     prompt = runner.invoke(app, ["run", str(out), "--prompt-ids", "1,2,3", "--max-new-tokens", "3", "--json"])
     assert prompt.exit_code == 0, prompt.output

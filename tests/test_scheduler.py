@@ -109,6 +109,8 @@ class Observed(ElasticScheduler):
             self.decisions.append({
                 "esp_choices": esp_choices(plan, state, max(self.deployment.capacity)),
                 "now": state.now,
+                "iteration": state.iteration,
+                "migrated": sorted({migration.request_id for migration in plan.migrations}),
                 "queue": [r.id for r in queue],
                 "starved": [r.id for r in queue if self._starved(state, r)],
                 # A starved request is protected from every other bucket's requests only once
@@ -302,6 +304,25 @@ FCFS_CAP_CASE = (
     80,
     ElasticPolicy(1, (LengthBucket(0, 100_000, 1.0, 1, 1, 1),), 0.0, 1, 0, False, False, 0, 0.0, 0.0),
 )
+
+
+@PROPERTY
+@example(case=TWO_MIGRATIONS_CASE)
+@given(case=cases())
+def test_migration_hysteresis_moves_a_request_in_one_plan_per_cooldown_at_most(case):
+    """Hysteresis: whatever the traffic, a request's KV moves in at most one plan per
+    `cooldown_iterations`, so demand that alternates (a short prompt wanting an instance
+    free, then a long one wanting the group whole) cannot make the scheduler thrash."""
+    requests, capacity, policy = case
+    policy = policy or milp_policy()
+    observed, _ = run(requests, capacity, policy)
+    moved: dict[int, list[int]] = {}
+    for decision in observed.decisions:
+        for request_id in decision["migrated"]:
+            moved.setdefault(request_id, []).append(decision["iteration"])
+    for request_id, iterations in moved.items():
+        gaps = [later - earlier for earlier, later in zip(iterations, iterations[1:])]
+        assert all(gap >= policy.cooldown_iterations for gap in gaps), (request_id, iterations, policy.cooldown_iterations)
 
 
 @PROPERTY

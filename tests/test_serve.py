@@ -519,3 +519,20 @@ def test_overload_unservable_and_a_killed_worker(tmp_path):
         assert stats["kv_used_tokens"] == [0, 0, 0, 0]
         engine.check_kv()
         client.close()
+
+
+def test_strategy_chunked_is_served_and_equals_the_engine():
+    """`espc serve` of strategy chunked (prefills continued in 8-token chunks, decodes
+    piggybacked): a completion, streamed and not, is the engine's own greedy continuation."""
+    spec = tiny_spec(MAX_CONTEXT)
+    spec = spec.model_copy(update={"policy": spec.policy.model_copy(update={"chunk_tokens": 8})})
+    prompt = list(range(3, 3 + 29))  # four chunks of 8, the last one short
+    with Engine(spec, strategy="chunked", kv_capacity=1024) as engine, ServerThread(create_app(engine)) as server:
+        [expected] = engine.generate([prompt], SamplingParams(max_new_tokens=6), timeout=120)
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            whole = client.post("/v1/completions", json=body(prompt, max_tokens=6, temperature=0, return_token_ids=True))
+            events, done = stream(client, body(prompt, max_tokens=6, temperature=0, stream=True, return_token_ids=True))
+        assert whole.status_code == 200, whole.text
+        assert whole.json()["choices"][0]["token_ids"] == expected.token_ids
+        assert done and [t for event in events for choice in event["choices"] for t in choice.get("token_ids") or []] == expected.token_ids
+        assert wait_idle(engine)["kv_used_tokens"] == [0, 0, 0, 0]
