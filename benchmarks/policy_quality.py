@@ -248,7 +248,9 @@ def render(results: list[dict]) -> str:
             row = f"{workload:22s}{len(cells):6d}"
             for strategy in strategies:
                 rates = [c["goodputs"][strategy][metric] for c in cells if strategy in c["goodputs"]]
-                row += f"{statistics.fmean(rates):15.3f}" if rates else f"{'-':>15s}"
+                # A strategy measured on fewer seeds than the row says how many (its ratio pairs only those).
+                mean = f"{statistics.fmean(rates):.3f}" + (f" ({len(rates)})" if len(rates) < len(cells) else "") if rates else "-"
+                row += f"{mean:>15s}"
             rigid = [(c["goodputs"]["elastic"][metric], c["goodputs"]["elastic-rigid"][metric]) for c in cells]
             best = [
                 (c["goodputs"]["elastic"][metric], max(c["goodputs"][s][metric] for s in baselines))
