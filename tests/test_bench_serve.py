@@ -13,6 +13,7 @@ from espc.cli.main import app as cli
 from espc.runtime import loadgen
 from espc.runtime.engine import Engine
 from espc.runtime.server import ServerThread, create_app
+from tests.kv_checks import assert_only_cache_holds_kv
 from tests.test_serve import GROUPS, MODEL, tiny_spec, wait_idle
 
 AZURE = """TIMESTAMP,ContextTokens,GeneratedTokens
@@ -64,7 +65,7 @@ def test_trace_replay_prints_percentiles_and_goodput(served, tmp_path):
     assert summary["tpot_s"]["mean"] == pytest.approx(float(np.mean(tpots)))
     assert (tmp_path / "cdf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert app.state.metrics.count("length") == before + 6  # the server saw each request finish
-    assert wait_idle(engine)["kv_used_tokens"] == [0, 0, 0, 0]
+    assert_only_cache_holds_kv(wait_idle(engine))
 
 
 def test_poisson_load_with_a_concurrency_cap_and_an_unmeetable_slo(served, tmp_path):

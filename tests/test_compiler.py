@@ -2,15 +2,17 @@
 keeps the best policy it verified; what compile may choose: candidates that cannot run, or
 that the spec's tp or the calibration rule out, are left out with the reason."""
 
+import io
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 from small_specs import small_spec_text
 
 from espc import load_spec
 from espc.frontend.loader import validate_spec
 from espc.frontend.spec import Spec
-from espc.planner.compile.artifact import spec_hash
+from espc.planner.compile.artifact import open_artifact, spec_hash, write_artifact
 from espc.planner.compile.compiler import SEED_LAYOUTS, CompileOptions, compile_spec, goodput_metric, static_equivalent
 from espc.planner.compile.evaluation import Evaluator
 from espc.planner.compile.feasibility import (
@@ -21,6 +23,7 @@ from espc.planner.compile.feasibility import (
     runtime_limit,
 )
 from espc.planner.compile.policy import ElasticPolicy, LengthBucket, SkippedCandidate
+from espc.planner.compile.report import render_policy
 from espc.planner.sim.costmodel import CostModel
 from espc.planner.sim.strategies import StaticLayout
 
@@ -144,6 +147,47 @@ def test_auto_goodput_metric_is_per_class_when_a_prompt_needs_several_instances(
         "policy": spec.policy.model_dump(mode="json") | {"goodput_metric": "p90"}}, {}, "test")
     assert goodput_metric(pinned, Evaluator(pinned, TINY.parent, kv_capacity=1)) == "p90"
 
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_report_and_inspect_show_the_reuse_the_milp_priced(tmp_path, caching):
+    """The tiny prefix spec (every prompt opens with one of two 1,536-token system prompts)
+    compiled with caching on records the share of its sample's prompt tokens that repeat an
+    earlier request's blocks (reference: all requests but the first of each system prompt
+    reuse 1,536 tokens) and the share the MILP priced as hits; report.md and `espc inspect`
+    show both. With caching off, neither is estimated and both say caching is off."""
+    text = (SPECS / "tiny-cpu-prefix.toml").read_text()
+    for old, new in (("prefix_caching = true", f"prefix_caching = {str(caching).lower()}"),
+                     ("[runtime]", '[policy]\nstrategy = "elastic"\n\n[runtime]')):
+        assert old in text
+        text = text.replace(old, new)
+    path = tmp_path / "prefix.toml"
+    path.write_text(text)
+    spec = load_spec(path)
+    result = compile_spec(spec, spec_hash(spec), tmp_path, CompileOptions(search_seconds=0, trial_requests=40))
+    policy = result.policy
+    write_artifact(tmp_path / "out", spec, result, plots=False)
+    shown = io.StringIO()
+    render_policy(open_artifact(tmp_path / "out"), Console(file=shown, width=400))
+    report = (tmp_path / "out" / "report.md").read_text()
+    if not caching:
+        assert policy.prefix_reusable_share is None and policy.prefix_hit_share is None
+        assert result.milp[0].prefix_hit_share is None
+        line = "prefix caching off (runtime.prefix_caching = false): every prompt token is computed"
+        assert f"- {line}" in report and line in shown.getvalue()
+        return
+    sample = Evaluator(spec, tmp_path).workload(requests=spec.workload.requests)
+    firsts = {r.prefix_hashes[:3] for r in sample}
+    reused = 1536 * (len(sample) - len(firsts)) / sum(r.prompt_len for r in sample)
+    assert len(firsts) == 2 and policy.prefix_reusable_share == pytest.approx(reused, rel=1e-12)
+    assert policy.prefix_hit_share == result.milp[0].prefix_hit_share
+    assert 0 < policy.prefix_hit_share <= policy.prefix_reusable_share
+    line = (
+        f"prefix caching on: {reused:.1%} of the workload sample's prompt tokens repeat an earlier request's blocks "
+        f"(the upper bound of the hit rate); the MILP priced {policy.prefix_hit_share:.1%} as cache hits"
+    )
+    assert f"- {line}" in report and line in shown.getvalue()
+    assert f"| {policy.prefix_hit_share:.1%} | optimal |" in report  # the MILP solutions' table
 
 
 # ------------------------------------------------------------------ what compile may choose

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from hf_checkpoints import greedy_continuation, random_llama
+from kv_checks import assert_only_cache_holds_kv
 
 from espc.planner.compile.policy import ElasticPolicy, LengthBucket
 from espc.planner.compile.scheduler import ElasticScheduler
@@ -141,7 +142,7 @@ def test_greedy_tokens_and_logits_equal_the_float64_reference(spec, reference, h
         stats = engine.stats()
         timeline = engine.result().timeline
     assert_matches_reference(reference, PROMPTS, completions)
-    assert stats["kv_used_tokens"] == [0, 0, 0, 0]
+    assert_only_cache_holds_kv(stats)
     if isinstance(how.get("scheduler"), ScriptedScheduler):  # the shapes the script promises actually ran
         assert any(b.phase == "prefill" and len(b.instances) == 4 for b in timeline)
         assert stats["migrated_tokens"] > 0
@@ -194,6 +195,20 @@ def test_sampling_is_seeded_and_stop_tokens_end_requests(spec):
     assert text.prompt_token_ids == list("héllo".encode()) and isinstance(text.text, str)
 
 
+def test_a_repeated_prompt_reads_its_prefix_from_the_cache(spec, reference):
+    """`Completion.cached_tokens`: 0 the first time, the block-aligned prefix short of the
+    last prompt token the second, whose tokens and logits still equal the reference."""
+    block = spec.runtime.kv_block_size
+    prompt = list(range(100, 100 + 3 * block + 5))
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, return_logits=True)
+    with Engine(spec, strategy="static-sp", configuration="tp=1, groups=2+2", kv_capacity=KV_CAPACITY) as engine:
+        [first] = engine.generate(prompt, params, timeout=120)
+        [second] = engine.generate(prompt, params, timeout=120)
+        engine.check_kv()
+    assert (first.cached_tokens, second.cached_tokens) == (0, 3 * block)
+    assert_matches_reference(reference, [prompt, prompt], [first, second])
+
+
 def test_start_stop_repeatedly_leaves_no_process(spec):
     pids = []
     for _ in range(2):
@@ -238,7 +253,7 @@ def test_cancel_and_abandoned_stream_free_kv(spec):
     assert all(isinstance(event, TokenEvent) for event in events)
     assert [type(event) for event in streamed] == [TokenEvent] * 4 + [FinishEvent]
     assert streamed[-1].reason == "length"
-    assert stats["running"] == 0 and stats["kv_used_tokens"] == [0, 0, 0, 0]
+    assert stats["running"] == 0 and stats["kv_used_tokens"] == stats["kv_cached_tokens"]
 
 
 @pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
@@ -264,7 +279,7 @@ def test_a_failed_worker_fails_its_requests_and_the_rest_go_on(spec, fault):
     assert len(failed) == 1 and "instance 1 failed" in failed[0].error
     assert all(c.finish_reason == "length" for c in completions if c not in failed)
     assert all(c.finish_reason == "length" for c in after)
-    assert stats["in_service"] == 3 and stats["kv_used_tokens"][0] == 0 and sum(stats["kv_used_tokens"]) == 0
+    assert stats["in_service"] == 3 and stats["kv_used_tokens"][1] == 0 and stats["kv_used_tokens"] == stats["kv_cached_tokens"]
     assert detected_s < 60
 
 

@@ -14,6 +14,7 @@ own); a change to the model must change both.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -435,3 +436,99 @@ def test_tpot_feasibility_counts_requests_not_bucket_means():
         else:
             c.solve().policy.verify(instances)
     assert (False, True) in regimes and (True, True) in regimes, regimes
+
+
+# ------------------------------------------------------------------------ prefix caching
+
+PREFIX_SPEC = Path(__file__).resolve().parent.parent / "specs" / "tiny-cpu-prefix.toml"
+
+
+@functools.cache
+def prefix_case(caching: bool) -> Case:
+    """The tiny CPU spec whose prompts open with one of two 1,536-token system prompts."""
+    text = PREFIX_SPEC.read_text()
+    assert "prefix_caching = true" in text
+    spec = parse_spec(text.replace("prefix_caching = true", f"prefix_caching = {str(caching).lower()}"), "prefix.toml")
+    sample = Evaluator(spec).workload(requests=spec.workload.requests)
+    return Case(spec, CostModel.from_spec(spec), tuple(sample))
+
+
+def solve_prefix(c: Case, requests=None) -> ilp.MilpSolution:
+    return ilp.solve(
+        c.cost, 1, c.requests if requests is None else requests, c.spec.slo, c.spec.policy, isolated_prefill(c.cost),
+        prefix_caching=c.spec.runtime.prefix_caching,
+    )
+
+
+def fluid_buckets_of(c: Case, policy) -> list[ilp.Bucket]:
+    """The fluid model's buckets behind a policy's (the heavy tail split or not)."""
+    ranges = [(b.low, b.high) for b in policy.buckets]
+    bucketings = [
+        ilp.length_buckets(c.requests, c.spec.policy.length_buckets, c.cost.model.max_context, split_tail)
+        for split_tail in (True, False)
+    ]
+    return next(fluid for fluid in bucketings if [(b.low, b.high) for b in fluid] == ranges)
+
+
+def test_prefix_hits_lower_the_priced_prefill_work_and_raise_the_rate():
+    """With caching on, each bucket's work is the chosen option's uncached work × the
+    bucket's hit discount: the float64 sum over its requests of the prefill time of their
+    uncached tokens with the cached ones as context, over that of their whole prompts. The
+    hits are the spec's structure: every request but the first of each system prompt reads
+    its 1,536 tokens (the LRU replay over the cluster's 4 × 2,093 KV tokens keeps them)."""
+    on, off = prefix_case(True), prefix_case(False)
+    cached, plain = solve_prefix(on), solve_prefix(off)
+    check_policy(on, cached)
+    check_policy(off, plain)
+    assert plain.prefix_hit_share is None
+    seen: set[tuple[int, ...]] = set()
+    hits = {}
+    for r in sorted(on.requests, key=lambda r: r.arrival_s):
+        system = r.prefix_hashes[:3]
+        hits[r.id] = 1536 if system in seen else 0
+        seen.add(system)
+    assert cached.prefix_hit_share == pytest.approx(sum(hits.values()) / sum(r.prompt_len for r in on.requests), rel=1e-12)
+    assert 0.8 < cached.prefix_hit_share < 1
+
+    def prefill_seconds(length: int, dop: int, context: int = 0) -> float:
+        return on.cost.prefill_time([length], dop, 1, context=[context])
+
+    for solution, discounted in ((cached, True), (plain, False)):
+        for bucket, fluid, work in zip(solution.policy.buckets, fluid_buckets_of(on, solution.policy), solution.prefill_work_s):
+            dop, length = bucket.prefill_dop, max(1, round(fluid.mean_prompt))
+            batch = max(1, bucket.batch_tokens // length)
+            expected = dop * on.cost.prefill_time([length] * batch, dop, 1) / batch
+            if discounted:
+                inside = [r for r in on.requests if bucket.low <= r.prompt_len < bucket.high]
+                expected *= math.fsum(prefill_seconds(r.prompt_len - hits[r.id], dop, hits[r.id]) for r in inside) / math.fsum(
+                    prefill_seconds(r.prompt_len, dop) for r in inside
+                )
+            assert work == pytest.approx(expected, rel=1e-9), bucket
+
+    def mean_work(solution: ilp.MilpSolution) -> float:
+        return sum(b.share * w for b, w in zip(solution.policy.buckets, solution.prefill_work_s))
+
+    assert mean_work(cached) < 0.75 * mean_work(plain)
+    assert cached.rate > plain.rate * 1.05
+
+
+def test_caching_off_ignores_the_reuse_and_no_reuse_changes_nothing():
+    """prefix_caching = false solves the problem of the same prompts naming no blocks, through
+    the evaluator too; with caching on, a workload that repeats nothing solves the problem
+    of caching off, to the bit."""
+    off = prefix_case(False)
+    anonymous = tuple(dataclasses.replace(r, prefix_hashes=()) for r in off.requests)
+    ignored, reference = solve_prefix(off), solve_prefix(off, anonymous)
+    (evaluated,) = Evaluator(off.spec).milp_policies()
+    for solution in (ignored, evaluated):
+        assert (solution.rate, solution.policy, solution.prefill_work_s, solution.load) == (
+            reference.rate, reference.policy, reference.prefill_work_s, reference.load
+        )
+        assert solution.prefix_hit_share is None
+
+    tiny = case(TINY, buckets=8)
+    assert not any(r.prefix_hashes for r in tiny.requests)
+    args = (tiny.cost, 1, tiny.requests, tiny.spec.slo, tiny.spec.policy, isolated_prefill(tiny.cost))
+    on, without = ilp.solve(*args, prefix_caching=True), ilp.solve(*args, prefix_caching=False)
+    assert (on.rate, on.policy, on.prefill_work_s, on.load) == (without.rate, without.policy, without.prefill_work_s, without.load)
+    assert on.prefix_hit_share == 0.0 and without.prefix_hit_share is None

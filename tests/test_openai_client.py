@@ -1,8 +1,14 @@
 """The official `openai` client drives `espc serve` as users do: chat completions (streamed
 and not) rendered with the chat template, logprobs checked against log_softmax of the
 engine's own fp32 logits (`return_logits`), and n > 1 / prompt lists, each choice equal to
-`Engine.generate` with the request's seed + its index. One engine (4 CPU workers) behind
-uvicorn, on loopback."""
+`Engine.generate` with the request's seed + its index. The prefix cache as clients see
+it: a repeated prompt reports its block-aligned prefix in
+`usage.prompt_tokens_details.cached_tokens` (streamed or not, prompt lists and n counted as
+prompt_tokens are), with the same greedy text, the hit tokens in /metrics, and nothing
+cached with `[runtime] prefix_caching = false`. One engine (4 CPU workers) behind uvicorn,
+on loopback (and one without prefix caching)."""
+
+import random
 
 import pytest
 import torch
@@ -11,7 +17,8 @@ from espc.runtime.engine import Engine
 from espc.runtime.sampling import SamplingParams
 from espc.runtime.server import ServerThread, create_app
 from espc.runtime.tokenizer import DEFAULT_CHAT_TEMPLATE, ChatTemplate
-from tests.test_serve import GROUPS, MODEL, tiny_spec, wait_idle
+from tests.kv_checks import assert_only_cache_holds_kv
+from tests.test_serve import GROUPS, MODEL, scrape, tiny_spec, wait_idle
 from tests.tolerances import TOLERANCES
 
 openai = pytest.importorskip("openai")
@@ -79,7 +86,12 @@ def test_chat_stop_strings_and_the_rest_of_the_context(served):
     stopped = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, stop=[stop])
     assert stopped.choices[0].message.content == full.text[: full.text.index(stop)]
     assert stopped.choices[0].finish_reason == "stop"
-    assert wait_idle(engine)["kv_used_tokens"] == [0, 0, 0, 0]
+    # Both read the blocks Engine.generate left cached; the stop string cancels its request,
+    # whose end still reports them.
+    block = engine.spec.runtime.kv_block_size
+    cached = (len(prompt) - 1) // block * block
+    assert (answer.usage.prompt_tokens_details.cached_tokens, stopped.usage.prompt_tokens_details.cached_tokens) == (cached, cached)
+    assert_only_cache_holds_kv(wait_idle(engine))
 
 
 def test_completion_logprobs_equal_log_softmax_of_the_logits(served):
@@ -149,7 +161,7 @@ def test_n_choices_and_prompt_lists_each_with_the_seed_plus_their_index(served):
     assert [choice.message.content for choice in chat.choices] == [
         engine.generate(prompt, SamplingParams(max_new_tokens=6, temperature=1.0, seed=seed + i), timeout=60)[0].text for i in range(2)
     ]
-    assert wait_idle(engine)["kv_used_tokens"] == [0, 0, 0, 0]
+    assert_only_cache_holds_kv(wait_idle(engine))
     engine.check_kv()
 
 
@@ -165,3 +177,94 @@ def test_errors_reach_the_client_as_openai_errors(served):
         client.chat.completions.create(model="gpt-4o", messages=CONVERSATION)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=[])
+
+
+def served_url(client) -> str:
+    """The server's root URL (the client's base URL is its /v1)."""
+    return str(client.base_url.copy_with(path="/")).rstrip("/")
+
+
+def unique_text(seed: int, length: int) -> str:
+    """Printable text no other test sends (a prefix-cache hit needs the same leading blocks)."""
+    return "".join(random.Random(seed).choices("abcdefghijklmnopqrstuvwxyz ,.", k=length))
+
+
+def answer(client, endpoint: str, prompt, stream: bool, **fields) -> tuple[list[str], object]:
+    """Each choice's text and the usage of one greedy request, streamed or not."""
+    chat = endpoint == "chat"
+    request = dict(model=MODEL, max_tokens=8, temperature=0, **fields) | ({"messages": prompt} if chat else {"prompt": prompt})
+    create = client.chat.completions.create if chat else client.completions.create
+    if not stream:
+        response = create(**request)
+        return [choice.message.content if chat else choice.text for choice in response.choices], response.usage
+    *chunks, last = create(**request, stream=True, stream_options={"include_usage": True})
+    texts: dict[int, str] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + ((choice.delta.content or "") if chat else choice.text)
+    assert last.choices == []
+    return [texts[index] for index in sorted(texts)], last.usage
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_a_repeated_prompt_reports_its_cached_prefix(served, endpoint, stream):
+    engine, client = served
+    block = engine.spec.runtime.kv_block_size
+    seed = {"completions": 0, "chat": 1}[endpoint] * 2 + stream  # a prompt of its own per case
+    if endpoint == "chat":
+        text = unique_text(seed, 5 * block + 3 - len(chat_prompt([{"role": "user", "content": ""}])))
+        prompt, ids = [{"role": "user", "content": text}], chat_prompt([{"role": "user", "content": text}])
+    else:
+        prompt = ids = list(unique_text(seed, 5 * block + 3).encode())
+    assert len(ids) == 5 * block + 3
+    # The second request borrows the first one's KV of every full block of the prompt short
+    # of its last token (which must be computed to sample from): 5 blocks.
+    cached = (len(ids) - 1) // block * block
+    url = served_url(client)
+    before = scrape(url)
+
+    first_texts, first = answer(client, endpoint, prompt, stream)
+    second_texts, second = answer(client, endpoint, prompt, stream)
+    assert second_texts == first_texts
+    assert (first.prompt_tokens, second.prompt_tokens) == (len(ids), len(ids))
+    assert second.prompt_tokens_details.cached_tokens == cached
+    shared = first.prompt_tokens_details.cached_tokens
+    if endpoint == "chat":  # its first block, "<|im_start|>user", may be cached by other chat requests
+        assert shared in (0, block)
+    else:
+        assert shared == 0
+
+    after = scrape(url)
+    assert after["espc_prefix_cache_hit_tokens_total"] - before["espc_prefix_cache_hit_tokens_total"] == shared + cached
+    queried = after["espc_prefix_cache_queried_tokens_total"] - before["espc_prefix_cache_queried_tokens_total"]
+    assert queried >= shared + cached
+    assert after["espc_prefix_cache_hit_ratio"] == pytest.approx(
+        after["espc_prefix_cache_hit_tokens_total"] / after["espc_prefix_cache_queried_tokens_total"],
+    )
+    assert after["espc_prefix_cache_entries"] >= 1 and after["espc_prefix_cache_cached_tokens"] >= cached
+
+    if endpoint == "completions":  # the prompt twice, n = 2: four choices prefilled side by side
+        texts, usage = answer(client, endpoint, [prompt, prompt], stream, n=2)
+        assert texts == first_texts * 4
+        # Each prompt counted once (its first choice's); which choices find the cached
+        # prefix on their instances is the scheduler's placement (test_serve checks the sum).
+        assert usage.prompt_tokens == 2 * len(ids)
+        assert usage.prompt_tokens_details.cached_tokens in (0, cached, 2 * cached)
+    engine.check_kv()
+
+
+def test_without_prefix_caching_nothing_is_cached():
+    spec = tiny_spec(128, runtime="prefix_caching = false")
+    with Engine(spec, kv_capacity=1024, **GROUPS) as engine, ServerThread(create_app(engine)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        block = engine.spec.runtime.kv_block_size
+        prompt = list(unique_text(10, 5 * block + 3).encode())
+        answers = [answer(client, "completions", prompt, stream) for stream in (False, True)]
+        assert answers[0][0] == answers[1][0]
+        assert [usage.prompt_tokens_details.cached_tokens for _, usage in answers] == [0, 0]
+        samples = scrape(server.url)
+        assert samples["espc_prefix_cache_enabled"] == 0
+        assert samples["espc_prefix_cache_hit_tokens_total"] == 0 and samples["espc_prefix_cache_entries"] == 0
+        assert_only_cache_holds_kv(wait_idle(engine))  # nothing kept past its request
+        engine.check_kv()

@@ -28,12 +28,14 @@ from espc.frontend.loader import parse_spec
 from espc.planner.compile.ilp import solve
 from espc.planner.compile.policy import ElasticPolicy, LengthBucket
 from espc.planner.compile.scheduler import ElasticScheduler
+from espc.planner.plan import IterationPlan, PrefillBatch, PrefillItem, PrefixHit, Retention, TokenRange
 from espc.planner.sim.cluster_state import ClusterState
 from espc.planner.sim.costmodel import CostModel
 from espc.planner.sim.metrics import isolated_prefill
+from espc.planner.sim.prefix_cache import PrefixCache
 from espc.planner.sim.simulator import SimulationResult, simulate
 from espc.planner.sim.strategies import Deployment
-from espc.planner.sim.workload import Request, generate
+from espc.planner.sim.workload import PREFIX_BLOCK_TOKENS, Request, generate
 
 INSTANCES = 4
 SPEC = """
@@ -461,3 +463,68 @@ def test_a_request_past_its_deadline_yields_only_to_requests_that_can_meet_their
             assert decision["now"] <= deadline(other) or other.arrival_s <= requests[1].arrival_s, (
                 f"at {decision['now']:.4f} s late request 1 was bypassed by request {started}, late as well "
                 f"and arrived after it")
+
+
+# ------------------------------------------------------------------------ prefix caching
+
+
+def state_with_a_spread_prefix() -> ClusterState:
+    """A cache entry left by an elastic prefill: request 0's 1,100 tokens, [0, 550) on
+    instance 1 and [550, 1100) on instance 2; its blocks [0, 1024) are found by the index."""
+    state = ClusterState([4000] * INSTANCES, check=True, prefix=PrefixCache(PREFIX_BLOCK_TOKENS, 16))
+    state.arrive(Request(0, 0.0, 1100, 1, (1, 2, 3)))
+    retention = (Retention(1, TokenRange(0, 550)), Retention(2, TokenRange(550, 1100)))
+    for batch in state.start(IterationPlan(0, (PrefillBatch((1, 2), (PrefillItem(0, 0, 1100, retention),)),))).batches:
+        state.complete(batch)
+    return state
+
+
+ONE_BUCKET = ElasticPolicy(1, (LengthBucket(0, 100_000, 1.0, 1, 4000, INSTANCES),), 0.0, 4000, 1, False, False, 0, 0.0, 30.0)
+
+
+def prefill_of(plan: IterationPlan | None, request_id: int) -> tuple[PrefillBatch, PrefillItem] | None:
+    for batch in plan.batches if plan else ():
+        for item in batch.items:
+            if item.request_id == request_id and isinstance(batch, PrefillBatch):
+                return batch, item
+    return None
+
+
+def test_a_cached_prefix_is_read_on_a_ring_holding_all_of_it():
+    state = state_with_a_spread_prefix()
+    state.arrive(Request(1, 0.0, 1300, 1, (1, 2, 9)))
+    plan = ElasticScheduler(Deployment(1, (4000,) * INSTANCES, cost()), ONE_BUCKET, spec().slo, prefill_s()).schedule(state)
+    found = prefill_of(plan, 1)
+    assert plan is not None and found is not None
+    batch, item = found
+    assert plan.hits == (PrefixHit(1, 0, 1024),)
+    # Both holders are in the ring (the bucket's DoP of 1 is for the 276 uncached tokens).
+    assert {1, 2} <= set(batch.instances)
+    assert (item.start, item.end) == (1024, 1300)
+    assert sorted((kept.range.start, kept.range.end) for kept in item.retention)[0][0] == 1024
+    applied = state.start(plan)  # verified against the pool (check=True)
+    assert applied.evictions == ()
+    assert state.requests[1].cached_tokens == 1024
+
+
+def test_a_request_waits_for_a_busy_holder_only_while_the_hit_can_pay():
+    full_s = cost().prefill_time([1300], 1, 1)
+    saved_s = full_s - cost().prefill_time([1300 - 1024], 1, 1, [1024])
+    assert saved_s > 0
+    for now, waits in ((0.0, True), (1.01 * saved_s, False)):
+        state = state_with_a_spread_prefix()
+        # Instance 1, a holder, runs another request's prefill.
+        state.arrive(Request(5, 0.0, 100, 4))
+        state.start(IterationPlan(1, (PrefillBatch((1,), (PrefillItem(5, 0, 100, (Retention(1, TokenRange(0, 100)),)),)),)))
+        state.arrive(Request(1, 0.0, 1300, 1, (1, 2, 9)))
+        state.now = now
+        plan = ElasticScheduler(Deployment(1, (4000,) * INSTANCES, cost()), ONE_BUCKET, spec().slo, prefill_s()).schedule(state)
+        found = prefill_of(plan, 1)
+        if waits:  # its deadline (≥ 20 ms) leaves the slack: it waits for instance 1
+            assert found is None, plan
+            continue
+        # Waited as long as the hit saves: recomputed now, elsewhere, without the hit.
+        assert plan is not None and found is not None, plan
+        batch, item = found
+        assert plan.hits == () and item.start == 0 and 1 not in batch.instances
+        state.start(plan)

@@ -27,6 +27,9 @@ from espc.runtime.driver import Admission, Driver, DriverOptions
 from espc.runtime.engine import Engine, EngineOptions, build_scheduler
 from espc.runtime.sampling import SamplingParams
 from espc.runtime.server import ServerThread, _Text, create_app
+from espc.runtime.server.bodies import ChoiceState
+from espc.runtime.server.schemas import _Job, _usage
+from tests.kv_checks import assert_only_cache_holds_kv
 
 TINY = Path(__file__).resolve().parent.parent / "specs" / "tiny-cpu.toml"
 MODEL = "tiny-llama-gqa"
@@ -34,10 +37,13 @@ GROUPS = {"strategy": "static-sp", "configuration": "tp=1, groups=1+1+1+1"}
 MAX_CONTEXT = 128  # short completions keep the fuzz run and the load test bounded
 
 
-def tiny_spec(max_context: int = 4096, ttft: str | None = None, serving: str = ""):
+def tiny_spec(max_context: int = 4096, ttft: str | None = None, serving: str = "", runtime: str = ""):
+    """specs/tiny-cpu.toml for serving: `serving` appended (a [serving] section), `runtime`
+    lines added to its [runtime] section."""
     text = TINY.read_text()
     changes = {"max_context = 8192": f"max_context = {max_context}",
-               '"zipf(1.1, 16, 6K)"': f'"zipf(1.1, 16, {max_context // 2})"'}
+               '"zipf(1.1, 16, 6K)"': f'"zipf(1.1, 16, {max_context // 2})"',
+               "kv_block_size = 16\n": f"kv_block_size = 16\n{runtime}\n" if runtime else "kv_block_size = 16\n"}
     if ttft is not None:
         changes['ttft = "max(3x prefill, 200ms) at p90"'] = f'ttft = "{ttft}"'
     for old, new in changes.items():
@@ -97,6 +103,18 @@ def wait_idle(engine: Engine, timeout: float = 30) -> dict:
         time.sleep(0.02)
 
 
+def scrape(url: str) -> dict[str, float]:
+    """GET /metrics as {sample name with its labels: value}."""
+    response = httpx.get(url + "/metrics", timeout=60)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for line in response.text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
 def assert_error(response: httpx.Response, status: int, param: str | None = None, contains: str = "") -> dict:
     assert response.status_code == status, response.text
     error = response.json()["error"]
@@ -146,6 +164,19 @@ def test_admission_refuses_early_with_a_code():
     [refused] = arrive(slow, 2000)
     assert refused.code == "ttft_unreachable" and "ttft target" in refused.error
     assert slow.stats()["rejected"] == {"ttft_unreachable": 1}
+
+
+def test_usage_counts_each_prompt_once_with_its_first_choices_cached_tokens():
+    prompts, n = [[1] * 40, [2] * 20], 2
+    job = _Job(prompts, n, SamplingParams(max_new_tokens=4), (), stream=False, include_usage=False)
+    cached = [32, 0, 16, 0]  # choice index = prompt index x n + i; a choice beside the first may miss the cache
+    states = [
+        ChoiceState(index, prompts[index // n], ids=[7] * (index + 1), cached_tokens=cached[index]) for index in range(len(cached))
+    ]
+    assert _usage(job, states) == {
+        "prompt_tokens": 60, "completion_tokens": 1 + 2 + 3 + 4, "total_tokens": 70,
+        "prompt_tokens_details": {"cached_tokens": 32 + 16},
+    }
 
 
 def test_stop_strings_are_held_back_across_tokens():
@@ -204,7 +235,13 @@ def test_completions_equal_engine_generate(served, client, prompt, sampling):
     assert choice["prompt_token_ids"] == expected.prompt_token_ids
     assert (choice["index"], choice["logprobs"], choice["finish_reason"]) == (0, None, "length")
     prompt_len = len(expected.prompt_token_ids)
-    assert completion["usage"] == {"prompt_tokens": prompt_len, "completion_tokens": max_tokens, "total_tokens": prompt_len + max_tokens}
+    # Engine.generate left the prompt's full blocks in the prefix cache: all but the last
+    # prompt token's block-aligned prefix is read from there.
+    block = engine.spec.runtime.kv_block_size
+    assert completion["usage"] == {
+        "prompt_tokens": prompt_len, "completion_tokens": max_tokens, "total_tokens": prompt_len + max_tokens,
+        "prompt_tokens_details": {"cached_tokens": (prompt_len - 1) // block * block},
+    }
 
     events, done = stream(client, request | {"stream_options": {"include_usage": True}})
     assert done
@@ -245,7 +282,7 @@ def test_stop_strings_and_stop_token_ids_end_the_completion(served, client):
     by_id = client.post("/v1/completions", json=body("Stop here", max_tokens=40, temperature=0, stop_token_ids=[stop_id], return_token_ids=True)).json()
     assert by_id["choices"][0]["token_ids"] == full.token_ids[: full.token_ids.index(stop_id)]
     assert by_id["choices"][0]["finish_reason"] == "stop"
-    assert wait_idle(engine)["kv_used_tokens"] == [0, 0, 0, 0]
+    assert_only_cache_holds_kv(wait_idle(engine))
 
 
 @pytest.mark.parametrize(
@@ -301,24 +338,23 @@ def test_models_health_and_metrics(served, client):
     assert models["object"] == "list" and [model["id"] for model in models["data"]] == [MODEL]
     assert client.get("/health").json() == {"status": "ok", "instances": 4, "in_service": 4}
     client.post("/v1/completions", json=body("metrics", max_tokens=3))
-    response = client.get("/metrics")
-    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
-    samples = {}
-    for line in response.text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
+    samples = scrape(served[2])
     for name in (
         "espc_queue_length", "espc_requests_running", "espc_time_to_first_token_seconds_count",
         "espc_time_per_output_token_seconds_count", 'espc_instance_dop{instance="3"}', "espc_migrations_total",
-        'espc_kv_used_tokens{instance="0"}', "espc_kv_usage_ratio", 'espc_rejected_requests_total{code="queue_full"}',
+        'espc_kv_used_tokens{instance="0"}', 'espc_kv_cached_tokens{instance="0"}', "espc_kv_usage_ratio", 'espc_rejected_requests_total{code="queue_full"}',
+        "espc_prefix_cache_queried_tokens_total", "espc_prefix_cache_hit_tokens_total", "espc_prefix_cache_hit_ratio",
+        "espc_prefix_cache_cached_tokens", "espc_prefix_cache_cached_blocks", "espc_prefix_cache_entries",
+        "espc_prefix_cache_evicted_blocks_total",
     ):
         assert name in samples, name
     assert samples["espc_time_to_first_token_seconds_count"] >= 1
     assert samples['espc_time_to_first_token_seconds_bucket{le="+Inf"}'] == samples["espc_time_to_first_token_seconds_count"]
     assert samples['espc_kv_capacity_tokens{instance="0"}'] == 1024
     assert samples["espc_up"] == 1 and samples['espc_requests_total{outcome="length"}'] >= 1
-    assert samples["process_resident_memory_bytes"] > 0 and "python_info" in response.text  # prometheus_client's standard metrics
+    assert samples["espc_prefix_cache_enabled"] == 1  # the default
+    assert samples["process_resident_memory_bytes"] > 0  # prometheus_client's standard metrics
+    assert any(name.startswith("python_info{") for name in samples)
 
 
 def test_fuzzing_the_openapi_schema_never_gets_a_server_error(served):
@@ -357,7 +393,8 @@ def test_fuzzing_the_openapi_schema_never_gets_a_server_error(served):
         )()
     assert statuses.get(200, 0) >= 10 and statuses.get(400, 0) >= 10, statuses
     stats = wait_idle(engine)
-    assert stats["kv_used_tokens"] == [0, 0, 0, 0] and stats["in_service"] == 4
+    assert_only_cache_holds_kv(stats)
+    assert stats["in_service"] == 4
     engine.check_kv()
 
 
@@ -395,7 +432,8 @@ def test_64_concurrent_streaming_clients_all_finish_and_free_kv(served):
     results = asyncio.run(load())
     assert all(done and finish == "length" for _, done, finish in results), results
     stats = wait_idle(engine)
-    assert stats["kv_used_tokens"] == [0, 0, 0, 0] and stats["running"] == 0
+    assert_only_cache_holds_kv(stats)
+    assert stats["running"] == 0
     engine.check_kv()
 
 
@@ -429,7 +467,7 @@ def test_a_client_disconnect_cancels_its_request_and_frees_kv(served, client):
     assert any(line.startswith("data: ") for line in received)
     wait_cancelled(cancelled + 2)
     stats = wait_idle(engine)
-    assert stats["kv_used_tokens"] == [0, 0, 0, 0]
+    assert_only_cache_holds_kv(stats)
     engine.check_kv()
 
 
@@ -516,7 +554,7 @@ def test_overload_unservable_and_a_killed_worker(tmp_path):
             assert after.status_code == 200 and after.json()["choices"][0]["finish_reason"] == "length"
         assert "\nespc_worker_failures_total 1.0\n" in client.get("/metrics").text
         stats = wait_idle(engine)
-        assert stats["kv_used_tokens"] == [0, 0, 0, 0]
+        assert_only_cache_holds_kv(stats)
         engine.check_kv()
         client.close()
 
@@ -535,4 +573,4 @@ def test_strategy_chunked_is_served_and_equals_the_engine():
         assert whole.status_code == 200, whole.text
         assert whole.json()["choices"][0]["token_ids"] == expected.token_ids
         assert done and [t for event in events for choice in event["choices"] for t in choice.get("token_ids") or []] == expected.token_ids
-        assert wait_idle(engine)["kv_used_tokens"] == [0, 0, 0, 0]
+        assert_only_cache_holds_kv(wait_idle(engine))

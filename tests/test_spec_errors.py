@@ -312,6 +312,40 @@ CASES = [
         "reaches 8,000 tokens > model.max_context (4,096)", hint="lower the distribution's max",
     ),
     Case("dsl-zipf-max-above-context", dsl(("lengths zipf(1.2, 8, 2K)", "lengths zipf(1.2, 8, 8K)")), 13, 5, "workload.lengths", "> model.max_context (4,096)"),
+    # ------------------------------------------------------------------ prefix structure
+    Case(
+        "toml-shared-prompt-below-one-block", toml(("requests = 64", "requests = 64\n\n[workload.prefix]\nshared_tokens = 100")), 22, 1,
+        "workload.prefix.shared_tokens", "shared_tokens(100) < one 512-token block: nothing of it is shareable", hint="at least 512",
+    ),
+    Case(
+        "toml-turns-without-think-time", toml(("requests = 64", "requests = 64\n\n[workload.prefix]\nturns = 2")), 21, 1,
+        "workload.prefix.think_time", "turns(2) need the time between turns", hint="think_time =",
+    ),
+    Case(
+        "toml-prefix-field-misspelt", toml(("requests = 64", "requests = 64\n\n[workload.prefix]\nshared_token = 1536")), 22, 1,
+        "workload.prefix.shared_token", "unknown field 'shared_token'", hint="did you mean 'shared_tokens'?",
+    ),
+    Case(
+        "toml-sessions-outgrow-the-context",
+        toml(("requests = 64", 'requests = 64\nprefix = { shared_tokens = 2048, turns = 2, think_time = "10s" }')), 20, 1, "workload.prefix",
+        "the longest prompt reaches shared_tokens(2,048) + 2 messages × 2,000 + 1 reply × 1,000 = 7,048 tokens > model.max_context (4,096)",
+    ),
+    Case(
+        "toml-prefix-with-trace", toml(('lengths = "zipf(1.2, 8, 2K)"', 'trace = "reqs.jsonl"'), ("requests = 64", "requests = 64\nprefix = { shared_tokens = 1024 }")),
+        20, 1, "workload.prefix", "a trace carries its own prefix structure",
+    ),
+    Case("toml-prefix-caching-not-a-flag", toml(('attention = "torch"', 'attention = "torch"\nprefix_caching = "yes"')), 28, 1, "runtime.prefix_caching", "valid boolean"),
+    Case("dsl-groups-without-shared-prompt", dsl(("requests 64", "requests 64\n    prefix { groups 2 }")), 16, 14, "workload.prefix.groups", "groups(2) of system prompts need shared_tokens > 0"),
+    Case("dsl-zero-turns", dsl(("requests 64", "requests 64\n    prefix { turns 0 }")), 16, 14, "workload.prefix.turns", "greater than 0"),
+    Case(
+        "dsl-think-time-without-turns", dsl(("requests 64", "requests 64\n    prefix { shared_tokens 1024; think_time 10s }")), 16, 34,
+        "workload.prefix.think_time", "think_time is the time between turns; it needs turns > 1",
+    ),
+    Case(
+        "dsl-sessions-outgrow-the-context", dsl(("requests 64", "requests 64\n    prefix { shared_tokens 3Ki; turns 2; think_time 1s }")), 16, 5,
+        "workload.prefix", "= 8,072 tokens > model.max_context (4,096)", hint="fewer turns",
+    ),
+    Case("dsl-prefix-caching-not-a-flag", dsl(("attention torch", "attention torch; prefix_caching 1")), 22, 22, "runtime.prefix_caching", "valid boolean"),
     # ------------------------------------------------------------------ DSL statements
     Case("dsl-duplicate-field", dsl(("requests 64", "arrival poisson(1.0)")), 15, 5, "workload.arrival", "arrival is given twice (first at line 14, column 5)"),
     Case("dsl-duplicate-section", dsl(("policy elastic {", "slo {"), ("max_dop 4", "attainment 90%")), 17, 1, "slo", "slo is given twice (first at line 8, column 1)"),

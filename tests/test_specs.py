@@ -141,3 +141,51 @@ def test_spec_is_frozen():
     spec = _spec('lengths = "sharegpt"')
     with pytest.raises(ValidationError):
         spec.model.layers = 3  # type: ignore[misc]
+
+
+def test_prefix_caching_switch_and_prefix_table_in_both_syntaxes():
+    default = _spec('lengths = "sharegpt"')
+    assert default.runtime.prefix_caching is True and not default.workload.prefix.declared
+    assert "prefix" not in to_toml(default) and "prefix" not in to_dsl(default)
+    extra = (
+        'lengths = "zipf(1.2, 8, 500)"\noutputs = "uniform(1, 32)"\n\n[workload.prefix]\nshared_tokens = "1.5Ki"\n'
+        'groups = 2\nturns = 3\nthink_time = "20s"\n\n[runtime]\nprefix_caching = false\n'
+    )
+    spec = _spec(extra)
+    assert spec.runtime.prefix_caching is False
+    assert (spec.workload.prefix.shared_tokens, spec.workload.prefix.groups) == (1536, 2)
+    assert (spec.workload.prefix.turns, spec.workload.prefix.think_time) == (3, 20.0)
+    dsl = """
+model tiny
+cluster { cpu x 4 }
+slo { ttft <= max(25x prefill, 2s) at p90; tpot <= 200ms }
+workload {
+    lengths zipf(1.2, 8, 500); outputs uniform(1, 32); arrival poisson(1)
+    prefix { shared_tokens 1536; groups 2; turns 3; think_time 20s }
+}
+runtime { prefix_caching false }
+"""
+    assert parse_spec(dsl.replace("model tiny", "model tiny {}"), "test.esp", "dsl") == spec
+    as_toml, as_dsl = to_toml(spec), to_dsl(spec)
+    assert 'prefix = { shared_tokens = 1536, groups = 2, turns = 3, think_time = "20s" }' in as_toml
+    assert "prefix_caching = false" in as_toml and "    prefix_caching false" in as_dsl
+    assert "        think_time 20s" in as_dsl
+    assert parse_spec(as_toml, "converted.toml", "toml") == spec == parse_spec(as_dsl, "converted.esp", "dsl")
+
+
+def test_dataset_outputs_are_bounded_by_their_own_output_lengths():
+    # leval's prompts reach 210,500 tokens but its answers 1,000: they fit the tiny 4K context.
+    spec = _spec('lengths = "uniform(8, 64)"\noutputs = "leval"')
+    assert spec.workload.max_output_tokens == 1000
+
+
+def test_tiny_prefix_spec_fits_one_instance():
+    spec = load_spec(SPECS / "tiny-cpu-prefix.toml")
+    assert spec.model == load_spec(SPECS / "tiny-cpu.toml").model
+    prefix = spec.workload.prefix
+    assert (prefix.shared_tokens, prefix.groups, prefix.turns) == (1536, 2, 1)
+    # The longest prompt with its output fits one worker's KV pool (2,093 tokens).
+    usable = spec.cluster.nodes[0].device.memory * spec.runtime.memory_fraction - spec.model.weight_bytes
+    pool = int(usable // spec.model.kv_bytes_per_token)
+    assert pool == 2093
+    assert prefix.shared_tokens + spec.workload.lengths.max_tokens + spec.workload.max_output_tokens <= pool

@@ -5,7 +5,9 @@ tolerances are several standard errors wide. The real traces are read from
 ../shared/traces (or $ESPC_TRACES) and skipped where absent.
 """
 
+import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -20,9 +22,12 @@ from espc.frontend.spec import WorkloadSpec
 from espc.planner.sim.workload import (
     DATASETS,
     MIXED_PARTS,
+    PREFIX_BLOCK_TOKENS,
     Request,
     TraceError,
     generate,
+    prompt_block_reuse,
+    prompt_tokens,
     read_azure_csv,
     read_mooncake_jsonl,
     sample_arrivals,
@@ -348,6 +353,7 @@ def test_workload_stats():
     assert workload_stats(requests) == {
         "count": 3, "duration_s": 4.0, "mean_rate": 0.5, "prompt_mean": 20.0,
         "prompt_p50": 20.0, "prompt_p90": 28.0, "prompt_max": 30, "output_mean": 3.0,
+        "prompt_block_reuse": None,
     }
     assert workload_stats(requests[:1])["mean_rate"] is None
 
@@ -371,4 +377,167 @@ def test_real_traces_match_the_anchors(name, rows, mean_input):
     stats = workload_stats(generate(spec))
     assert stats["count"] == rows
     assert round(stats["prompt_mean"]) == mean_input
+    if name.startswith("mooncake"):
+        assert round(stats["prompt_block_reuse"], 3) == 0.366  # anchors: "36.6% reuse"
     assert workload_stats(generate(spec, rate=7.5))["mean_rate"] == pytest.approx(7.5, rel=1e-9)
+
+
+# ---------------------------------------------------------------------- prefix structure
+
+BLOCK = PREFIX_BLOCK_TOKENS
+
+
+def test_prefix_free_streams_are_drawn_as_before():
+    """Prefix structure has a generator of its own: a stream without it is still the one the
+    first three children of the seed draw (lengths, outputs, arrivals), and declaring a
+    shared prompt changes neither the drawn lengths nor the arrivals."""
+    spec = workload(lengths="zipf(1.2, 10, 20K)", outputs="uniform(1, 100)", seed=7)
+    prompt_seed, output_seed, arrival_seed = np.random.SeedSequence(7).spawn(3)
+    prompts = sample_lengths(spec.lengths, 300, np.random.default_rng(prompt_seed))
+    outputs = sample_lengths(spec.outputs, 300, np.random.default_rng(output_seed))
+    arrivals = sample_arrivals(spec.arrival, 300, np.random.default_rng(arrival_seed))
+    expected = [Request(i, a, p, o) for i, (a, p, o) in enumerate(zip(arrivals.tolist(), prompts.tolist(), outputs.tolist()))]
+    assert generate(spec) == expected
+    shared = generate(workload(lengths="zipf(1.2, 10, 20K)", outputs="uniform(1, 100)", seed=7,
+                               prefix={"shared_tokens": 1100, "groups": 3}))
+    assert [(r.arrival_s, r.prompt_len - 1100, r.output_len) for r in shared] == [(r.arrival_s, r.prompt_len, r.output_len) for r in expected]
+
+
+def _id_positions(stream: list[Request]) -> dict[int, set[tuple[int, int]]]:
+    """block id -> {(request id, index)} where it occurs."""
+    where: dict[int, set[tuple[int, int]]] = {}
+    for request in stream:
+        for index, block_id in enumerate(request.prefix_hashes):
+            where.setdefault(block_id, set()).add((request.id, index))
+    return where
+
+
+def test_shared_system_prompt_names_its_full_blocks_and_groups_are_uniform():
+    spec = workload(lengths="uniform(16, 2000)", requests=4000, prefix={"shared_tokens": 1100, "groups": 4})
+    stream = generate(spec)
+    assert generate(spec) == stream
+    system_blocks = 1100 // BLOCK  # 2 full blocks; the third holds the message too
+    heads = {}
+    for request in stream:
+        assert len(request.prefix_hashes) == math.ceil(request.prompt_len / BLOCK)  # Mooncake's convention
+        assert 1100 + 16 <= request.prompt_len <= 1100 + 2000
+        heads.setdefault(request.prefix_hashes[:system_blocks], []).append(request.id)
+    assert len(heads) == 4
+    # Each group is drawn with probability 1/4: counts within 4 standard deviations.
+    sd = math.sqrt(4000 * 0.25 * 0.75)
+    assert all(abs(len(members) - 1000) < 4 * sd for members in heads.values())
+    # Every other id belongs to one request only: the system prompts' are the only shared ones.
+    for block_id, places in _id_positions(stream).items():
+        indices = {index for _, index in places}
+        assert len(places) == 1 or indices < set(range(system_blocks)), (block_id, places)
+    # Share of repeated blocks: all but each group's first request repeat the system blocks.
+    blocks = sum(len(r.prefix_hashes) for r in stream)
+    assert prompt_block_reuse(stream) == pytest.approx(system_blocks * (4000 - 4) / blocks, rel=1e-12)
+
+
+def test_multi_turn_sessions_resend_the_conversation():
+    # Prompt, output and message ranges keep the turns apart by length alone.
+    shared, turns, requests = 1024, 3, 3001
+    spec = workload(lengths="uniform(100, 300)", outputs="uniform(600, 700)", requests=requests,
+                    prefix={"shared_tokens": shared, "turns": turns, "think_time": "10s"})
+    stream = generate(spec)
+    assert [r.id for r in stream] == list(range(requests))
+    assert [r.arrival_s for r in stream] == sorted(r.arrival_s for r in stream) and stream[0].arrival_s == 0.0
+
+    def turn(request: Request) -> int:
+        return 0 if request.prompt_len <= shared + 300 else 1 if request.prompt_len <= shared + 2 * 300 + 700 else 2
+
+    by_turn = [[r for r in stream if turn(r) == k] for k in range(turns)]
+    sessions = math.ceil(requests / turns)
+    # The draws fill sessions in order: the last session is cut short after its first turn.
+    assert [len(members) for members in by_turn] == [sessions, sessions - 1, sessions - 1]
+    # Sessions start at rate / turns, so requests arrive at the declared rate on average.
+    assert stream[-1].arrival_s == pytest.approx((sessions - 1) / (2.0 / turns) + 20, rel=0.1)
+    # A turn's successor arrives the think time after it.
+    successor_of = [{round(r.arrival_s + 10.0, 6): r for r in members} for members in by_turn]
+    for later in (1, 2):
+        for request in by_turn[later]:
+            before = successor_of[later - 1][round(request.arrival_s, 6)]
+            message = request.prompt_len - before.prompt_len - before.output_len
+            assert 100 <= message <= 300
+            # The previous prompt's full blocks keep their ids; its partial block is named anew.
+            kept = before.prompt_len // BLOCK
+            assert request.prefix_hashes[:kept] == before.prefix_hashes[:kept]
+            if before.prompt_len % BLOCK:
+                assert request.prefix_hashes[kept] != before.prefix_hashes[kept]
+            if later == 2:
+                # Turn 1 holds turn 0's reply in full blocks; turn 2 resends them under the same ids.
+                first = successor_of[0][round(before.arrival_s, 6)]
+                reply_blocks = (first.prompt_len + first.output_len) // BLOCK
+                assert reply_blocks > first.prompt_len // BLOCK
+                assert request.prefix_hashes[:reply_blocks] == before.prefix_hashes[:reply_blocks]
+    # Equal ids sit at equal indices behind equal ids: the chain is consistent.
+    for places in _id_positions(stream).values():
+        assert len({index for _, index in places}) == 1
+
+
+def test_prompt_block_reuse_of_a_mooncake_trace(tmp_path):
+    records = [
+        {"timestamp": 0, "input_length": 1500, "output_length": 5, "hash_ids": [0, 1, 2]},
+        {"timestamp": 1, "input_length": 1400, "output_length": 5, "hash_ids": [0, 1, 3]},  # repeats 0, 1
+        {"timestamp": 2, "input_length": 1300, "output_length": 5, "hash_ids": [4, 1, 2]},  # 1, 2 behind another block
+        {"timestamp": 3, "input_length": 1600, "output_length": 5, "hash_ids": [0, 1, 2, 5]},  # repeats 0, 1, 2
+        {"timestamp": 4, "input_length": 100, "output_length": 5},
+    ]
+    path = write_lines(tmp_path / "reuse.jsonl", [json.dumps(record) for record in records])
+    stream = read_mooncake_jsonl(path)
+    assert workload_stats(stream)["prompt_block_reuse"] == pytest.approx(5 / 13, rel=1e-12)
+    assert prompt_block_reuse(stream[:1]) == 0.0
+    assert prompt_block_reuse([Request(0, 0.0, 100, 1)]) is None
+
+
+def _chained_block_digests(tokens: np.ndarray, block: int) -> list[bytes]:
+    """What a block-hashing prefix cache computes: digests chaining full blocks of token ids."""
+    digests, digest = [], b""
+    for start in range(0, len(tokens) - block + 1, block):
+        digest = hashlib.sha256(digest + tokens[start : start + block].astype(np.int64).tobytes()).digest()
+        digests.append(digest)
+    return digests
+
+
+def test_prompt_tokens_carry_the_prefix_structure():
+    vocab = 256
+    a = Request(0, 0.0, 3 * BLOCK + 100, 1, (7, 8, 9, 10))
+    b = Request(1, 0.0, 4 * BLOCK, 1, (7, 8, 11, 12))  # shares blocks 0..1
+    c = Request(2, 0.0, 2 * BLOCK, 1, (5, 8))  # shares block 1's id, not block 0's
+    d = Request(3, 0.0, 4 * BLOCK, 1, (7, 8, 9, 10))  # a's partial block 3 is d's full one
+    tokens = {r.id: prompt_tokens(r, vocab, seed=3) for r in (a, b, c, d)}
+    for r in (a, b, c, d):
+        assert tokens[r.id].shape == (r.prompt_len,) and tokens[r.id].min() >= 0 and tokens[r.id].max() < vocab
+        assert np.array_equal(prompt_tokens(r, vocab, seed=3), tokens[r.id])
+    assert np.array_equal(tokens[0][: 2 * BLOCK], tokens[1][: 2 * BLOCK])
+    assert np.array_equal(tokens[0][: 3 * BLOCK], tokens[3][: 3 * BLOCK])
+    # A runtime cache hashing blocks of 16 tokens finds exactly the shared 512-token blocks.
+    digests = {r.id: _chained_block_digests(tokens[r.id], 16) for r in (a, b, c, d)}
+    common = [sum(1 for x, y in zip(digests[0], digests[other]) if x == y) for other in (1, 2, 3)]
+    assert common == [2 * BLOCK // 16, 0, 3 * BLOCK // 16]
+    assert not np.array_equal(tokens[0][BLOCK : 2 * BLOCK], tokens[2][BLOCK : 2 * BLOCK])  # same id, other chain
+    assert not np.array_equal(prompt_tokens(a, vocab, seed=4), tokens[0])
+    # Without ids every token is the request's own.
+    plain = [prompt_tokens(Request(i, 0.0, BLOCK, 1), vocab) for i in (0, 1)]
+    assert not np.array_equal(plain[0], plain[1])
+
+
+def test_generated_sessions_share_tokens_exactly_where_they_share_blocks():
+    spec = workload(lengths="uniform(100, 900)", outputs="uniform(200, 600)", requests=40,
+                    prefix={"shared_tokens": 1536, "groups": 2, "turns": 2, "think_time": "5s"})
+    stream = generate(spec)
+    tokens = [prompt_tokens(r, 128, seed=0) for r in stream]
+    pairs_sharing = 0
+    for x in stream:
+        for y in stream[x.id + 1 :]:
+            common = next((j for j, (p, q) in enumerate(zip(x.prefix_hashes, y.prefix_hashes)) if p != q),
+                          min(len(x.prefix_hashes), len(y.prefix_hashes)))
+            shortest = min(x.prompt_len, y.prompt_len)
+            equal_up_to = min(common * BLOCK, shortest)
+            assert np.array_equal(tokens[x.id][:equal_up_to], tokens[y.id][:equal_up_to])
+            # The next block is drawn apart (equal by chance with probability 128^-512 at most).
+            beyond = slice(equal_up_to, min(equal_up_to + BLOCK, shortest))
+            assert beyond.start == beyond.stop or not np.array_equal(tokens[x.id][beyond], tokens[y.id][beyond])
+            pairs_sharing += common >= 3
+    assert pairs_sharing > 40 * 39 / 2 / 3  # a system prompt of two groups: about half the pairs

@@ -4,12 +4,13 @@ backend's `SlotTable`: `espc.backend.lower`). The runtime splits the two — eac
 its tensor, the driver one table per worker — and the gloo harness keeps both in each rank;
 both apply a plan to a table the same way, through `Program.inputs`.
 
-A table answers `allocate` when a plan's inputs are computed, and `release` on finish,
-preemption, cancel and migration. Slots are handed out in pages of `page_size`: each resident
-request owns a list of pages (its page table) and fills slots only inside them, so the pool
-never interleaves two requests inside one page. Tokens are still tracked one by one, because
-elastic sequence parallelism keeps arbitrary subsets of a request on a rank (a striped
-every-d-th share of a prefill, a migrated span).
+A table answers `allocate` when a plan's inputs are computed, `share` when a plan's prefix
+hits apply, and `release` on finish, preemption, cancel, migration and cache eviction. Slots
+are handed out in pages of `page_size`: each resident request owns a list of pages (its page
+table) and fills slots only inside them, so the pool never interleaves two requests inside
+one page. Tokens are still tracked one by one, because elastic sequence parallelism keeps
+arbitrary subsets of a request on a rank (a striped every-d-th share of a prefill, a
+migrated span).
 
 Sizing: `capacity_tokens` bounds the tokens held; the pool has one extra page per request on
 top of ceil(capacity / page_size), which covers the partly filled last page of each of the
@@ -34,7 +35,36 @@ of a plan and the graph applies them last, after everything of the iteration has
 written the pool; no slot is allocated while moves are pending.
 
 `transaction()` applies a plan's bookkeeping all or nothing: the driver computes every rank's
-inputs inside one, and an exception (a `KVPoolFull`) rolls each table back to where it was.
+inputs inside one, and an exception (a `KVPoolFull`) rolls each table back to where it was
+(shares and releases of views included).
+
+Shared prefixes (prefix caching): `share(request, source, span)` gives `request` read-only
+*views* of the tokens `source` has on this table inside `span` — the same slots, no copy. A
+view names the slot's *owner*, the request whose pages hold it: `source` for its own tokens,
+and for the views `source` holds itself (a cached entry borrowing its prefix from its parent
+entry) their owner, so views never chain. Each owner counts its *borrowers*, the distinct
+requests holding at least one view of its slots (one reference per borrower however many
+tokens): `borrowers(owner)`. `resident(request)` returns the views first (the prefix, sorted
+by position), then the request's own tokens in allocation order; the lowering reads a
+request's context through it (decode, continued prefill, migration packing) and never needs
+to know which is which. `held()` lists own tokens only, `shared()` the views.
+
+An owner with borrowers cannot release any of its tokens (it raises, table unchanged): a
+full release would free slots its borrowers read, and a partial one would compact it, moving
+slots under their views. The planner never does it — a cache entry is evicted only once
+nobody references it — so the error means planner and table disagree. A borrower's views
+go away with its own release (any span); views own no pages, so dropping them compacts
+nothing. A borrower's new tokens always go to its own pages (`allocate` refuses a position
+it views), so a write never reaches a shared page: the prefix hit ends at a block boundary,
+the borrower's first token past it gets a fresh slot in its own pages, and copy-on-write at
+the divergence point happens for free.
+
+Views consume no capacity: `used_tokens`, `free_tokens` and the pages count own tokens only.
+Nor do they make a request resident: `max_requests` bounds the requests that own tokens
+(`requests()`), the ones that need the extra partly filled page of the sizing above, so a
+request holding only views still fits the sizing, and `share` never raises `KVPoolFull`. A
+borrower becomes resident with its first own token, when `allocate` checks the limit as for
+any request.
 """
 
 from __future__ import annotations
@@ -82,6 +112,17 @@ class _Resident:
     spare: torch.Tensor  # sorted free slots inside its own pages, refilled first
 
 
+@dataclass(frozen=True)
+class _Views:
+    """A request's read-only views of other requests' slots; replaced, never changed in
+    place, so a transaction restores one by keeping the old object."""
+
+    positions: torch.Tensor  # sorted
+    slots: torch.Tensor  # the slot of each position, in its owner's pages
+    owners: torch.Tensor  # the request whose pages hold each slot
+    members: frozenset[int]  # the positions: an allocation's overlap test stays O(new tokens)
+
+
 def _empty() -> torch.Tensor:
     return torch.empty(0, dtype=_LONG)
 
@@ -96,6 +137,10 @@ def _ranges(positions: torch.Tensor) -> tuple[TokenRange, ...]:
     ends = [*breaks, len(ordered)]
     values = ordered.tolist()
     return tuple(TokenRange(values[s], values[e - 1] + 1) for s, e in zip(starts, ends))
+
+
+def _format(ranges: tuple[TokenRange, ...]) -> str:
+    return " ".join(str(r) for r in ranges)
 
 
 class PagedKVTable:
@@ -113,19 +158,27 @@ class PagedKVTable:
         self.num_pages = math.ceil(capacity_tokens / page_size) + max_requests
         self._free_pages = list(range(self.num_pages))  # a heap: the lowest page goes out first
         self._residents: dict[RequestId, _Resident] = {}
+        self._views: dict[RequestId, _Views] = {}
+        self._borrowers: dict[RequestId, set[RequestId]] = {}  # owner -> requests viewing its slots (none: absent)
         self._used = 0
         self._moves: dict[int, int] = {}  # compaction moves not yet taken: destination -> source slot
         # In a transaction: each touched request's state before it (None: not resident), and
         # the pages taken from (+1) and returned to (-1) the free heap since it began.
         self._touched: dict[RequestId, tuple | None] | None = None
+        self._touched_views: dict[RequestId, _Views | None] = {}  # likewise, each touched request's views
         self._page_moves: Counter[int] = Counter()
 
     # ------------------------------------------------------------------------ SlotTable
 
     def resident(self, request: RequestId) -> tuple[torch.Tensor, torch.Tensor]:
-        """(positions, slots) of the request's tokens, in allocation order."""
-        entry = self._residents.get(request)
-        return (entry.positions, entry.slots) if entry else (_empty(), _empty())
+        """(positions, slots) of the request's tokens on this table: its views first (the
+        shared prefix, sorted by position), then its own tokens in allocation order."""
+        entry, views = self._residents.get(request), self._views.get(request)
+        if views is None:
+            return (entry.positions, entry.slots) if entry else (_empty(), _empty())
+        if entry is None:
+            return views.positions, views.slots
+        return torch.cat((views.positions, entry.positions)), torch.cat((views.slots, entry.slots))
 
     def allocate(self, request: RequestId, positions: torch.Tensor) -> torch.Tensor:
         """One slot per position, in the same order: the request's free slots in its own pages
@@ -136,8 +189,14 @@ class PagedKVTable:
                 f"request {request}: allocating while {len(self._moves)} compaction moves are pending would "
                 "hand out a slot they still read; take_moves() first"
             )
-        entry = self._residents.get(request)
+        entry, views = self._residents.get(request), self._views.get(request)
         positions, values = self._checked(request, positions, entry.members if entry else set())
+        if views is not None and not views.members.isdisjoint(values):
+            viewed = sorted(views.members.intersection(values))
+            raise ValueError(
+                f"request {request}: positions {viewed[:8]} are views of shared KV on this table (owners "
+                f"{self._owners_of(views, viewed)}); a request writes only its own pages"
+            )
         n = len(positions)
         if n == 0:  # a rank that keeps nothing of a batch does not become resident
             return _empty()
@@ -171,9 +230,24 @@ class PagedKVTable:
         return slots
 
     def release(self, request: RequestId, span: TokenRange | None = None) -> None:
-        """Drop the request's tokens in `span` (all when None). Holding none of them is fine:
-        a plan frees a request on every rank, also those that hold nothing of it."""
-        entry = self._residents.get(request)
+        """Drop the request's tokens and views in `span` (all when None). Holding none of
+        them is fine: a plan frees a request on every rank, also those that hold nothing of it.
+        Raises RuntimeError (table unchanged) when that would drop own tokens of a request
+        other requests view (`share`)."""
+        entry, views = self._residents.get(request), self._views.get(request)
+        borrowers = self._borrowers.get(request)
+        if entry is not None and borrowers:
+            dropped = entry.positions if span is None else entry.positions[
+                (entry.positions >= span.start) & (entry.positions < span.end)
+            ]
+            if len(dropped):
+                raise RuntimeError(
+                    f"request {request}: cannot release {len(dropped)} of its {len(entry.positions)} tokens "
+                    f"{_format(_ranges(dropped))} while requests {sorted(borrowers)} view its slots: they would "
+                    "read freed or moved slots; release the borrowers first"
+                )
+        if views is not None:
+            self._drop_views(request, views, span)
         if entry is None:
             return
         self._touch(request)
@@ -195,6 +269,51 @@ class PagedKVTable:
         if not moves:
             return _empty(), _empty()
         return torch.tensor(list(moves.values()), dtype=_LONG), torch.tensor(list(moves), dtype=_LONG)
+
+    def share(self, request: RequestId, source: RequestId, span: TokenRange) -> int:
+        """Give `request` read-only views of the tokens `source` has on this table at positions
+        inside `span`, its own and those it views itself: the same slots, no copy. Each slot's
+        owner gets `request` as a borrower. Returns the number of tokens viewed (0: this table
+        holds none of the span, nothing changes). Raises ValueError when `request` is `source`
+        or already holds (or views) a position inside `span`, RuntimeError while compaction
+        moves are pending (the slots would not hold their tokens yet); the table is unchanged."""
+        if self._moves:
+            raise RuntimeError(
+                f"request {request}: sharing {span} of request {source} while {len(self._moves)} compaction moves "
+                "are pending would view slots not yet filled; take_moves() first"
+            )
+        if request == source:
+            raise ValueError(f"request {request}: cannot share {span} of itself")
+        held = self.resident(request)[0]
+        overlap = held[(held >= span.start) & (held < span.end)]
+        if len(overlap):
+            raise ValueError(
+                f"request {request}: cannot view {span} of request {source}: it already holds positions "
+                f"{sorted(overlap.tolist())[:8]} there"
+            )
+        parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        theirs, entry = self._views.get(source), self._residents.get(source)
+        if theirs is not None:
+            inside = (theirs.positions >= span.start) & (theirs.positions < span.end)
+            parts.append((theirs.positions[inside], theirs.slots[inside], theirs.owners[inside]))
+        if entry is not None:
+            inside = (entry.positions >= span.start) & (entry.positions < span.end)
+            positions = entry.positions[inside]
+            parts.append((positions, entry.slots[inside], torch.full_like(positions, source)))
+        n = sum(len(positions) for positions, _, _ in parts)
+        if n == 0:
+            return 0
+        self._touch_views(request)
+        mine = self._views.get(request)
+        if mine is not None:
+            parts.append((mine.positions, mine.slots, mine.owners))
+        positions, slots, owners = (torch.cat(column) for column in zip(*parts))
+        order = positions.argsort()
+        positions = positions[order]
+        self._views[request] = _Views(positions, slots[order], owners[order], frozenset(positions.tolist()))
+        for owner in set(owners.tolist()):
+            self._borrowers.setdefault(owner, set()).add(request)
+        return n
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -223,10 +342,18 @@ class PagedKVTable:
             returned = {page for page, net in self._page_moves.items() if net < 0}
             self._free_pages = [page for page in self._free_pages if page not in returned] + taken
             heapq.heapify(self._free_pages)
+            for request, views in self._touched_views.items():
+                if views is None:
+                    self._views.pop(request, None)
+                else:
+                    self._views[request] = views
+            if self._touched_views:
+                self._borrowers = self._counted_borrowers()
             self._used, self._moves = used, moves
             raise
         finally:
             self._touched = None
+            self._touched_views.clear()
 
     # ------------------------------------------------------------------------ accounting
 
@@ -252,7 +379,7 @@ class PagedKVTable:
         return len(self._free_pages)
 
     def requests(self) -> tuple[RequestId, ...]:
-        """The resident requests (each holds at least one token), sorted."""
+        """The resident requests (each owns at least one token; views alone do not count), sorted."""
         return tuple(sorted(self._residents))
 
     def pages(self, request: RequestId) -> tuple[int, ...]:
@@ -261,8 +388,17 @@ class PagedKVTable:
         return tuple(entry.pages) if entry else ()
 
     def held(self) -> dict[RequestId, tuple[TokenRange, ...]]:
-        """Each resident request's positions as sorted, merged ranges."""
+        """Each resident request's own positions as sorted, merged ranges (views: `shared`)."""
         return {request: _ranges(self._residents[request].positions) for request in self.requests()}
+
+    def shared(self) -> dict[RequestId, tuple[TokenRange, ...]]:
+        """Each request holding views: the positions it views, as sorted, merged ranges."""
+        return {request: _ranges(self._views[request].positions) for request in sorted(self._views)}
+
+    def borrowers(self, owner: RequestId) -> tuple[RequestId, ...]:
+        """The requests viewing some of `owner`'s slots, sorted: its reference count is their
+        number, and it cannot release a token while there is one."""
+        return tuple(sorted(self._borrowers.get(owner, ())))
 
     def verify(self) -> None:
         """Check the table's invariants; raises AssertionError listing every violation."""
@@ -315,6 +451,7 @@ class PagedKVTable:
             problems.append(f"{used} tokens held exceed the capacity {self.capacity_tokens}")
         if len(self._residents) > self.max_requests:
             problems.append(f"{len(self._residents)} resident requests exceed max_requests {self.max_requests}")
+        problems += self._view_problems()
         if problems:
             raise AssertionError("KV table invalid:\n  " + "\n  ".join(problems))
 
@@ -323,10 +460,21 @@ class PagedKVTable:
             f"PagedKVTable {self.used_tokens}/{self.capacity_tokens} tokens, {self.used_pages}/"
             f"{self.num_pages} pages of {self.page_size}, {len(self._residents)}/{self.max_requests} requests"
         ]
-        for request, ranges in self.held().items():
-            entry = self._residents[request]
-            spans = " ".join(f"[{r.start}, {r.end})" for r in ranges)
-            lines.append(f"  req {request}: {len(entry.positions)} tokens {spans} pages {entry.pages}")
+        if self._views:
+            lines[0] += f", {sum(len(views.positions) for views in self._views.values())} tokens viewed"
+        for request in sorted(self._residents.keys() | self._views.keys()):
+            parts = []
+            entry, views = self._residents.get(request), self._views.get(request)
+            if entry is not None:
+                parts.append(f"{len(entry.positions)} tokens {_format(_ranges(entry.positions))} pages {entry.pages}")
+            if views is not None:
+                parts.append("views " + ", ".join(
+                    f"{_format(_ranges(views.positions[views.owners == owner]))} of req {owner}"
+                    for owner in sorted(set(views.owners.tolist()))
+                ))
+            if request in self._borrowers:
+                parts.append(f"viewed by {sorted(self._borrowers[request])}")
+            lines.append(f"  req {request}: " + "; ".join(parts))
         return "\n".join(lines)
 
     # ------------------------------------------------------------------------ helpers
@@ -352,6 +500,89 @@ class PagedKVTable:
                 f"request {request}: positions {sorted(held.intersection(values))[:8]} are already allocated on this table"
             )
         return positions, values
+
+    def _drop_views(self, request: RequestId, views: _Views, span: TokenRange | None) -> None:
+        """Drop the request's views in `span` (all when None); an owner it no longer views
+        loses it as a borrower. Views own no pages: nothing to compact."""
+        keep = torch.zeros_like(views.positions, dtype=torch.bool) if span is None else (
+            (views.positions < span.start) | (views.positions >= span.end)
+        )
+        if keep.all():
+            return
+        self._touch_views(request)
+        if keep.any():
+            positions = views.positions[keep]
+            kept = _Views(positions, views.slots[keep], views.owners[keep], frozenset(positions.tolist()))
+            self._views[request] = kept
+            remaining = set(kept.owners.tolist())
+        else:
+            del self._views[request]
+            remaining = set()
+        for owner in set(views.owners.tolist()) - remaining:
+            borrowers = self._borrowers[owner]
+            borrowers.discard(request)
+            if not borrowers:
+                del self._borrowers[owner]
+
+    def _touch_views(self, request: RequestId) -> None:
+        """In a transaction, remember the request's views before their first change."""
+        if self._touched is not None and request not in self._touched_views:
+            self._touched_views[request] = self._views.get(request)
+
+    def _counted_borrowers(self) -> dict[RequestId, set[RequestId]]:
+        """Each owner's borrowers, counted from the views (a rollback's rebuild; `verify`)."""
+        borrowers: dict[RequestId, set[RequestId]] = {}
+        for request, views in self._views.items():
+            for owner in set(views.owners.tolist()):
+                borrowers.setdefault(owner, set()).add(request)
+        return borrowers
+
+    @staticmethod
+    def _owners_of(views: _Views, positions: list[int]) -> list[RequestId]:
+        return sorted(set(views.owners[torch.isin(views.positions, torch.tensor(positions, dtype=_LONG))].tolist()))
+
+    def _view_problems(self) -> list[str]:
+        """`verify`'s checks of the views: each names a slot its owner still holds at the same
+        position (and no pending move touches), none overlaps the request's own tokens, and the
+        reference counts are the distinct borrowers."""
+        problems = []
+        owned: dict[RequestId, dict[int, int]] = {}  # owner -> {position: slot}, built on demand
+        pending = torch.tensor([*self._moves, *self._moves.values()], dtype=_LONG)
+        for request, views in sorted(self._views.items()):
+            n = len(views.positions)
+            if n == 0 or len(views.slots) != n or len(views.owners) != n:
+                problems.append(
+                    f"request {request}: views with {n} positions, {len(views.slots)} slots, {len(views.owners)} owners"
+                )
+                continue
+            if not bool((views.positions.diff() > 0).all()) or views.members != set(views.positions.tolist()):
+                problems.append(f"request {request}: viewed positions are not sorted and distinct, or their set is stale")
+            entry = self._residents.get(request)
+            if entry is not None and not entry.members.isdisjoint(views.members):
+                both = sorted(entry.members & views.members)
+                problems.append(f"request {request}: positions {both[:8]} are both its own and viewed")
+            dangling = []
+            for position, slot, owner in zip(views.positions.tolist(), views.slots.tolist(), views.owners.tolist()):
+                if owner not in owned:
+                    holder = self._residents.get(owner)
+                    owned[owner] = dict(zip(holder.positions.tolist(), holder.slots.tolist())) if holder else {}
+                if owned[owner].get(position) != slot:
+                    dangling.append(
+                        f"the view of position {position} at slot {slot} dangles: owner {owner} holds that "
+                        f"position at slot {owned[owner].get(position)}"
+                    )
+            if dangling:
+                problems.append(f"request {request}: " + "; ".join(dangling[:4]) + f" ({len(dangling)} views dangle)")
+            moving = views.slots[torch.isin(views.slots, pending)]
+            if len(moving):
+                problems.append(f"request {request}: viewed slots {moving.tolist()[:8]} have compaction moves pending")
+        counted = self._counted_borrowers()
+        if counted != self._borrowers:
+            problems.append(
+                f"borrowers {dict(sorted((o, sorted(b)) for o, b in self._borrowers.items()))} != the distinct "
+                f"requests viewing each owner {dict(sorted((o, sorted(b)) for o, b in counted.items()))}"
+            )
+        return problems
 
     def _take_page(self) -> int:
         page = heapq.heappop(self._free_pages)

@@ -143,7 +143,8 @@ def _replay_workload(
         "output_tokens_per_s": done.output_tokens / done.wall_s if done.wall_s else 0.0,
         "iterations": stats["iterations"], "dop_decisions": decisions,
         "migrated_tokens": stats["migrated_tokens"], "migrated_bytes": stats["migrated_bytes"],
-        "kv_after_run": stats["kv_used_tokens"], "graph_cache": stats["graph_cache"], "failures": stats["failures"],
+        "kv_after_run": stats["kv_used_tokens"], "kv_cached_after_run": stats["kv_cached_tokens"],
+        "prefix_cache": stats["prefix_cache"], "graph_cache": stats["graph_cache"], "failures": stats["failures"],
     }
     if as_json:
         typer.echo(json.dumps({"summary": dataclasses.asdict(summary), "runtime": runtime}, indent=2, default=str))
@@ -159,10 +160,24 @@ def _replay_workload(
             f"batches by degree of parallelism: {dop}\n"
             f"migrations: {stats['migrated_tokens']:,} tokens, {units.describe(stats['migrated_bytes'], units.Kind.BYTES)}\n"
             f"{stats['graph_cache']}\n"
-            f"KV pools after the run: {sum(stats['kv_used_tokens'])} tokens held (all freed)"
+            f"{_prefix_line(stats['prefix_cache'])}\n"
+            f"KV pools after the run: {sum(stats['kv_used_tokens']):,} tokens held, "
+            + ("all by cached prefixes" if stats["kv_used_tokens"] == stats["kv_cached_tokens"]
+               else f"{sum(stats['kv_used_tokens']) - sum(stats['kv_cached_tokens']):,} of them leaked (not cached prefixes)")
         )
         for index, failure in list(done.failed.items())[:5]:
             out.print(f"request {index} failed: {failure}")
     if plot is not None:
         for written in plot_results([done.result], plot):
             typer.echo(f"wrote {written}", err=True)
+
+
+def _prefix_line(cache: dict) -> str:
+    """The prefix cache's use in one line."""
+    if not cache["enabled"]:
+        return "prefix cache: off"
+    share = cache["hit_tokens"] / cache["queried_tokens"] if cache["queried_tokens"] else 0.0
+    return (
+        f"prefix cache: {cache['hit_tokens']:,} of {cache['queried_tokens']:,} prompt tokens read from it ({share:.1%}), "
+        f"{cache['entries']} entries holding {cache['cached_blocks']:,} blocks, {cache['evicted_blocks']:,} blocks evicted"
+    )

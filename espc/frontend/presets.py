@@ -87,3 +87,12 @@ DATASET_INPUT_RANGES: dict[str, tuple[int, int]] = {
     "lveval": (15_100, 497_300),
     "mixed": (4, 497_300),
 }
+
+# The longest output (tokens) of each named workload's own output lengths: LoongServe caps
+# ShareGPT and L-Eval answers at 1K; LV-Eval's answers are short phrases (workload.py).
+DATASET_OUTPUT_MAX: dict[str, int] = {
+    "sharegpt": 1_000,
+    "leval": 1_000,
+    "lveval": 500,
+    "mixed": 1_000,
+}

@@ -35,7 +35,13 @@ from pydantic import (
 from espc.frontend import units
 from espc.frontend.errors import RuleViolation, suggest
 from espc.frontend.grammar import ShorthandError, number_or_text, parse_bound, parse_call
-from espc.frontend.presets import DATASET_INPUT_RANGES, DEVICE_ALIASES, DEVICE_PRESETS, MODEL_PRESETS
+from espc.frontend.presets import (
+    DATASET_INPUT_RANGES,
+    DATASET_OUTPUT_MAX,
+    DEVICE_ALIASES,
+    DEVICE_PRESETS,
+    MODEL_PRESETS,
+)
 from espc.frontend.units import Kind
 
 if TYPE_CHECKING:
@@ -74,12 +80,14 @@ if TYPE_CHECKING:
     Duration = float
     FlopRate = float
     Tokens = int
+    NonNegativeTokens = int
 else:
     Bytes = _quantity(Kind.BYTES, gt=0)
     Bandwidth = _quantity(Kind.BANDWIDTH, gt=0)
     Duration = _quantity(Kind.DURATION, ge=0)
     FlopRate = _quantity(Kind.FLOP_RATE, gt=0)
     Tokens = _quantity(Kind.TOKENS, gt=0)
+    NonNegativeTokens = _quantity(Kind.TOKENS, ge=0)  # a token count that may be 0
 
 
 def _parse_fraction(value: object) -> object:
@@ -656,6 +664,53 @@ class TraceSpec(_Frozen):
         return data
 
 
+# The block size of every workload's `Request.prefix_hashes` (Mooncake's); the planner's
+# workload module exports it as PREFIX_BLOCK_TOKENS.
+PREFIX_BLOCK_TOKENS = 512
+
+
+class PrefixSpec(_Frozen):
+    """Prefix structure of a synthetic workload: what prefix caching can reuse.
+
+    A shared system prompt (`shared_tokens`, one of `groups` prompts per session) starts
+    every prompt, and sessions of `turns` requests extend each other: turn k+1's prompt is
+    turn k's prompt and output plus a new user message. Prompts are cut into 512-token
+    blocks; only full blocks are shareable. The defaults declare no structure.
+    """
+
+    shared_tokens: NonNegativeTokens = Field(
+        0, description="system prompt before every prompt's drawn length; only its full 512-token blocks are shareable",
+    )
+    groups: PositiveInt = Field(1, description="distinct system prompts; each session draws one uniformly")
+    turns: PositiveInt = Field(
+        1, description="requests per session: each turn's prompt is the previous turn's prompt and output plus a new message",
+    )
+    think_time: Duration | None = Field(
+        None, description="from one turn's arrival to the next turn's (required with turns > 1)",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PrefixSpec:
+        if 0 < self.shared_tokens < PREFIX_BLOCK_TOKENS:
+            raise RuleViolation(
+                ("shared_tokens",),
+                f"shared_tokens({self.shared_tokens}) < one {PREFIX_BLOCK_TOKENS}-token block: nothing of it is shareable",
+                hint=f"use 0 or at least {PREFIX_BLOCK_TOKENS}",
+            )
+        if self.groups > 1 and self.shared_tokens == 0:
+            raise RuleViolation(("groups",), f"groups({self.groups}) of system prompts need shared_tokens > 0")
+        if self.turns > 1 and self.think_time is None:
+            raise RuleViolation(("think_time",), f"turns({self.turns}) need the time between turns", hint='e.g. think_time = "20s"')
+        if self.turns == 1 and self.think_time is not None:
+            raise RuleViolation(("think_time",), "think_time is the time between turns; it needs turns > 1")
+        return self
+
+    @property
+    def declared(self) -> bool:
+        """Whether it declares any structure (the defaults declare none)."""
+        return self.shared_tokens > 0 or self.turns > 1
+
+
 class WorkloadSpec(_Frozen):
     """Either synthetic lengths with an arrival process, or a trace."""
 
@@ -665,6 +720,9 @@ class WorkloadSpec(_Frozen):
     arrival: Arrival = Field(description="poisson(rate), gamma(rate, cv) or trace(rate_scale)")
     requests: PositiveInt = 1000
     seed: NonNegativeInt = 0
+    prefix: PrefixSpec = Field(
+        PrefixSpec(), description="synthetic prefix structure: shared system prompts, multi-turn sessions",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> WorkloadSpec:
@@ -674,9 +732,28 @@ class WorkloadSpec(_Frozen):
             for field in ("lengths", "outputs"):
                 if getattr(self, field) is not None:
                     raise RuleViolation((field,), f"a trace carries its own lengths; remove {field} or the trace")
+            if self.prefix.declared:
+                raise RuleViolation(
+                    ("prefix",), "a trace carries its own prefix structure (Mooncake's hash_ids); remove prefix or the trace",
+                )
         elif isinstance(self.arrival, TraceArrival):
             raise RuleViolation(("arrival",), "trace arrivals need a trace", hint="add trace = \"path/to/trace.csv\"")
         return self
+
+    @property
+    def max_output_tokens(self) -> int | None:
+        """The longest output the synthetic lengths draw; None for a trace."""
+        if self.lengths is None:
+            return None
+        if self.outputs is None:
+            # The dataset's own outputs; synthetic prompts get ShareGPT's.
+            return DATASET_OUTPUT_MAX[self.lengths.dist if isinstance(self.lengths, DatasetLengths) else "sharegpt"]
+        return _most_output_tokens(self.outputs)
+
+
+def _most_output_tokens(outputs: LengthDist) -> int:
+    """The longest output `outputs` draws: a named dataset gives its answers' lengths, not its prompts'."""
+    return DATASET_OUTPUT_MAX[outputs.dist] if isinstance(outputs, DatasetLengths) else outputs.max_tokens
 
 
 # ---------------------------------------------------------------------- policy and runtime
@@ -713,6 +790,11 @@ class RuntimeSpec(_Frozen):
     attention: Literal["triton", "torch"] = Field(description="default: triton on cuda, torch on cpu")
     kv_block_size: PositiveInt = Field(16, description="tokens per KV block")
     memory_fraction: Fraction = Field(0.9, description="share of device memory espc may use")
+    prefix_caching: Flag = Field(
+        True,
+        description="reuse the KV of repeated prompt prefixes: a finished request's KV stays cached (LRU-evicted when "
+        "an instance needs room) and a later prompt that starts with the same blocks borrows it instead of prefilling them",
+    )
 
 
 class ServingSpec(_Frozen):
@@ -796,16 +878,40 @@ class Spec(_Frozen):
                     hint='use attention = "torch"',
                 )
         self._check_policy(tp)
-        workload = self.workload
+        self._check_workload_fits()
+        return self
+
+    def _check_workload_fits(self) -> None:
+        workload, max_context = self.workload, self.model.max_context
         for field in ("lengths", "outputs"):
             lengths = getattr(workload, field)
-            if lengths is not None and lengths.max_tokens > model.max_context:
+            if lengths is None:
+                continue
+            tokens = lengths.max_tokens if field == "lengths" else _most_output_tokens(lengths)
+            if tokens > max_context:
                 raise RuleViolation(
                     ("workload", field),
-                    f"{lengths.shorthand()} reaches {lengths.max_tokens:,} tokens > model.max_context ({model.max_context:,})",
+                    f"{lengths.shorthand()} reaches {tokens:,} tokens > model.max_context ({max_context:,})",
                     hint="lower the distribution's max or raise max_context",
                 )
-        return self
+        prefix = workload.prefix
+        if workload.lengths is None or not prefix.declared:
+            return
+        message, output = workload.lengths.max_tokens, workload.max_output_tokens
+        assert output is not None  # synthetic lengths
+        longest = prefix.shared_tokens + prefix.turns * message + (prefix.turns - 1) * output
+        if longest > max_context:
+            replies = prefix.turns - 1
+            turns = (
+                f" + {prefix.turns} messages × {message:,} + {replies} repl{'ies' if replies > 1 else 'y'} × {output:,}"
+                if replies else f" + {message:,}"
+            )
+            raise RuleViolation(
+                ("workload", "prefix"),
+                f"the longest prompt reaches shared_tokens({prefix.shared_tokens:,}){turns} = {longest:,} tokens "
+                f"> model.max_context ({max_context:,})",
+                hint="fewer turns, a shorter shared prompt or shorter lengths, or raise max_context",
+            )
 
     def _check_memory(self) -> None:
         model, cluster, fraction = self.model, self.cluster, self.runtime.memory_fraction

@@ -64,11 +64,14 @@ def document(spec: Spec, full: bool = False) -> Document:
         for index, node in enumerate(spec.cluster.nodes)
     ]
     runtime_baseline = _field_defaults(type(spec.runtime)) | _RUNTIME_DEFAULTS[spec.cluster.device_kind]
+    workload = _section(spec.workload, _field_defaults(type(spec.workload)), full)
+    if "prefix" in workload:  # a table of its own: compact like a section
+        workload["prefix"] = _section(spec.workload.prefix, _field_defaults(type(spec.workload.prefix)), full)
     sections = {
         "model": _model_section(spec.model, full),
         "cluster": cluster,
         "slo": _section(spec.slo, _field_defaults(type(spec.slo)), full),
-        "workload": _section(spec.workload, _field_defaults(type(spec.workload)), full),
+        "workload": workload,
         "policy": _section(spec.policy, _field_defaults(type(spec.policy)), full),
         "runtime": _section(spec.runtime, runtime_baseline, full),
         "serving": _section(spec.serving, _field_defaults(type(spec.serving)), full),

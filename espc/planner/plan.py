@@ -20,7 +20,11 @@ A plan runs batches concurrently on disjoint instance sets:
 Semantics of one iteration, as verify() checks them against a KVState snapshot taken before
 the plan:
 
-1. Frees apply first: a freed request's KV leaves every instance.
+1. Frees apply first: a freed request's KV leaves every instance. Evictions drop cached
+   prefixes (finished requests kept for their KV: `espc.planner.sim.prefix_cache`) the same
+   way. Then each hit gives a request read-only views of a cached prefix [0, tokens) where
+   it lives (no copy, no capacity: the cache entry still owns the slots); the request's
+   prefill item starts at `tokens`, a continuation of that prefix.
 2. Migrations stage their payload on the destination while the source still holds it; the
    source releases after the iteration. Capacity is therefore checked conservatively and
    never credits a source's release within the same iteration.
@@ -30,7 +34,10 @@ the plan:
 
 Hence the peak pool occupancy of an instance, which must not exceed its capacity, is
 
-    used_before - freed + migrated_in + prefill_retained + decode_masters
+    used_before - freed - evicted + migrated_in + prefill_retained + decode_masters
+
+where `used_before` counts every token a pool owns (live requests and cached prefixes) and
+never a view.
 """
 
 from __future__ import annotations
@@ -181,16 +188,32 @@ class Migration:
 
 
 @dataclass(frozen=True, slots=True)
+class PrefixHit:
+    """`request_id` reads the KV of positions [0, tokens) of the cached request `source`
+    wherever `source` holds it (its own tokens or its views of an older prefix)."""
+
+    request_id: RequestId
+    source: RequestId
+    tokens: int
+
+    def __str__(self) -> str:
+        return f"hit req {self.request_id} reads [0, {self.tokens}) of cached req {self.source}"
+
+
+@dataclass(frozen=True, slots=True)
 class KVState:
     """Snapshot of the driver's global KV table before a plan.
 
     `capacity`: pool size of each instance, in tokens. `held`: (instance, request) -> the
-    token ranges of that request in that instance's pool. The constructor rejects a table
-    the driver could never have (unknown instance, overlapping ranges, over capacity).
+    token ranges of that request in that instance's pool, views of a cached prefix included.
+    `shared`: the subset of `held` that are views (they take no capacity). The constructor
+    rejects a table the driver could never have (unknown instance, overlapping ranges,
+    over capacity).
     """
 
     capacity: Mapping[int, int]
     held: Mapping[tuple[int, RequestId], tuple[TokenRange, ...]] = field(default_factory=dict)
+    shared: Mapping[tuple[int, RequestId], tuple[TokenRange, ...]] = field(default_factory=dict)
     _used: dict[int, int] = field(init=False, repr=False, compare=False)
     _holders: dict[RequestId, dict[int, tuple[TokenRange, ...]]] = field(
         init=False, repr=False, compare=False
@@ -214,7 +237,7 @@ class KVState:
                         f"instance {instance} holds overlapping ranges {before} and {after} "
                         f"of request {request}"
                     )
-            used[instance] += sum(map(len, ranges))
+            used[instance] += sum(map(len, ranges)) - sum(map(len, self.shared.get((instance, request), ())))
             holders.setdefault(request, {})[instance] = ranges
         for instance, tokens in used.items():
             if tokens > capacity[instance]:
@@ -224,6 +247,7 @@ class KVState:
                 )
         object.__setattr__(self, "capacity", MappingProxyType(capacity))
         object.__setattr__(self, "held", MappingProxyType(held))
+        object.__setattr__(self, "shared", MappingProxyType({key: tuple(r) for key, r in self.shared.items()}))
         object.__setattr__(self, "_used", used)
         object.__setattr__(self, "_holders", holders)
 
@@ -238,6 +262,10 @@ class KVState:
 
     def tokens(self, instance: int, request: RequestId) -> int:
         return sum(map(len, self.ranges(instance, request)))
+
+    def owned(self, instance: int, request: RequestId) -> int:
+        """Tokens of `request` that take room on `instance` (held, less views)."""
+        return self.tokens(instance, request) - sum(map(len, self.shared.get((instance, request), ())))
 
     def holders(self, request: RequestId) -> Mapping[int, tuple[TokenRange, ...]]:
         """Instances holding KV of `request`, with the ranges each holds."""
@@ -274,11 +302,15 @@ class IterationPlan:
     batches: tuple[Batch, ...]
     migrations: tuple[Migration, ...] = ()
     frees: tuple[RequestId, ...] = ()
+    hits: tuple[PrefixHit, ...] = ()
+    evictions: tuple[RequestId, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "batches", tuple(self.batches))
         object.__setattr__(self, "migrations", tuple(self.migrations))
         object.__setattr__(self, "frees", tuple(self.frees))
+        object.__setattr__(self, "hits", tuple(self.hits))
+        object.__setattr__(self, "evictions", tuple(self.evictions))
 
     def instances(self) -> tuple[int, ...]:
         """Instances running a batch, in batch order."""
@@ -286,7 +318,8 @@ class IterationPlan:
 
     def verify(self, kv: KVState | None = None) -> None:
         """Raise PlanError listing every violated invariant; with `kv`, also check the plan
-        against the pool state it will run on (ownership, shard sizes, capacity)."""
+        against the pool state it will run on (ownership, shard sizes, capacity): the state
+        after the plan's evictions and hits, which `ClusterState.start` applies first."""
         violations = _structural_violations(self)
         if kv is not None:
             violations += _kv_violations(self, kv)
@@ -297,7 +330,11 @@ class IterationPlan:
         lines = [
             f"iteration {self.iteration}: {_count(len(self.batches), 'batch', 'batches')}, "
             f"{_count(len(self.migrations), 'migration')}, {_count(len(self.frees), 'free')}"
+            + (f", {_count(len(self.hits), 'hit')}" if self.hits else "")
+            + (f", {_count(len(self.evictions), 'eviction')}" if self.evictions else "")
         ]
+        lines.extend(f"  evict cached req {request}" for request in self.evictions)
+        lines.extend(f"  {hit}" for hit in self.hits)
         for index, batch in enumerate(self.batches):
             lines.append(f"  batch {index} {batch}")
             lines.extend(f"    {item}" for item in batch.items)
@@ -395,6 +432,29 @@ def _structural_violations(plan: IterationPlan) -> list[str]:
             errors.append(f"request {request} is freed and also in {batch_of_request[request]}")
         if request in migrated:
             errors.append(f"request {request} is freed and also migrated")
+
+    starts = {
+        item.request_id: item.start for batch in plan.batches if isinstance(batch, PrefillBatch) for item in batch.items
+    }
+    hit: set[RequestId] = set()
+    evicted = set(plan.evictions)
+    if len(evicted) < len(plan.evictions):
+        errors.append(f"a cached request is evicted twice: {sorted(plan.evictions)}")
+    for entry in plan.hits:
+        if entry.request_id in hit:
+            errors.append(f"request {entry.request_id} has two prefix hits")
+        hit.add(entry.request_id)
+        if entry.tokens <= 0:
+            errors.append(f"{entry}: a hit reads at least one token")
+        if starts.get(entry.request_id) != entry.tokens:
+            errors.append(
+                f"{entry}: the request must be prefilled from token {entry.tokens} in this plan "
+                f"(its prefill starts at {starts.get(entry.request_id, 'nothing: it is in no prefill batch')})"
+            )
+        if entry.source in evicted:
+            errors.append(f"{entry}: its source is evicted by the same plan")
+        if entry.request_id in freed:
+            errors.append(f"{entry}: the request is also freed")
     return errors
 
 
@@ -532,7 +592,7 @@ def _capacity_violations(plan: IterationPlan, kv: KVState) -> list[str]:
     freed = dict.fromkeys(kv.capacity, 0)
     for request in dict.fromkeys(plan.frees):
         for instance in kv.holders(request):
-            freed[instance] += kv.tokens(instance, request)
+            freed[instance] += kv.owned(instance, request)
     migrated_in = dict.fromkeys(kv.capacity, 0)
     for migration in plan.migrations:
         if migration.dst in migrated_in:

@@ -22,10 +22,19 @@ and no plan comes for `stall_timeout_s`, they fail: the engine never hangs. A pl
 touches only the requests it must (`_dispatch`): a batch the backend cannot lower fails its
 own requests; a `KVPoolFull` rolls every table back and preempts or refuses the one request
 that needed the room (counted in `stats()["kv_full"]`).
+
+Prefix caching (`[runtime] prefix_caching`, espc.planner.sim.prefix_cache): the driver cuts
+each request's tokens into blocks of `kv_block_size` and names each by a hash of its token
+ids (the state chains them), the prompt's at admission and each block the request generates
+as it completes. A finished request stays in the tables as a cache entry (the state's
+`prefix.entries`); a plan's hit gives a request read-only views of an entry's slots on every
+table (`PagedKVTable.share`) before its inputs are computed; evictions release entries on
+every table. `check_kv` holds tables and state to the same owners and views.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import queue
@@ -45,8 +54,9 @@ from espc.backend.lower import Lowering, Program
 from espc.backend.tensor_parallel import shard_model
 from espc.frontend.spec import Spec
 from espc.model.llama import build_model
-from espc.planner.plan import DecodeBatch, IterationPlan, Migration, PrefillBatch, PrefillItem, RequestId
+from espc.planner.plan import DecodeBatch, IterationPlan, Migration, PrefillBatch, PrefillItem, RequestId, TokenRange
 from espc.planner.sim.cluster_state import ClusterState, RequestState
+from espc.planner.sim.prefix_cache import PrefixCache
 from espc.planner.sim.simulator import BatchRecord, SimulationResult, request_record
 from espc.planner.sim.strategies import Scheduler
 from espc.planner.sim.workload import Request
@@ -81,6 +91,7 @@ class FinishEvent:
     # later), "unservable" (no instance group in service can hold its KV), "kv_full" (a KV
     # table could not hold what its plan allocated, and it held no KV to preempt).
     code: str | None = None
+    cached_tokens: int = 0  # prompt tokens its (last) prefill read from the prefix cache
 
 
 Listener = Callable[[TokenEvent | FinishEvent], None]
@@ -168,9 +179,12 @@ class Driver:
         self.base_dir = base_dir
         deployment = scheduler.deployment
         self.world = deployment.num_instances
-        self.state = ClusterState(deployment.capacity)
         page = spec.runtime.kv_block_size
-        self.tables = [PagedKVTable(capacity, page, options.max_running) for capacity in deployment.capacity]
+        # Cached prefixes are bounded like running requests: each holds a page table entry.
+        cache = PrefixCache(page, options.max_running) if spec.runtime.prefix_caching else None
+        self.state = ClusterState(deployment.capacity, prefix=cache)
+        residents = options.max_running * (2 if cache else 1)
+        self.tables = [PagedKVTable(capacity, page, residents) for capacity in deployment.capacity]
         # The driver's world is instances: with tp > 1 each is tp workers (`instance_workers`)
         # that run the same graph on their shards; it lowers TP rank 0's structure to verify.
         self.tp = deployment.tp
@@ -392,12 +406,22 @@ class Driver:
             if live.id not in self._live:
                 continue  # cancelled while queued
             output_len = live.params.max_new_tokens
-            request = Request(live.id, live.arrival_s, len(live.prompt), output_len)
+            blocks = self._block_ids(live.prompt, len(live.prompt))
+            request = Request(live.id, live.arrival_s, len(live.prompt), output_len, blocks)
             live.state = state.arrive(request)
             reason = self.scheduler.admit(state, live.state)
             if reason is not None:
                 state.reject(live.state, reason)
                 self._reject(live, "unservable", reason)
+
+    def _block_ids(self, tokens: Sequence[int], end: int, start: int = 0) -> tuple[int, ...]:
+        """Names of the full KV blocks of `tokens` between `start` and `end` (block-aligned
+        `start`): a hash of each block's ids, which the state chains (equal chains, equal
+        prefixes). None without a prefix cache."""
+        if self.state.prefix is None:
+            return ()
+        size = self.spec.runtime.kv_block_size
+        return tuple(hash(tuple(tokens[j:j + size])) for j in range(start, end - size + 1, size))
 
     def _schedule(self) -> None:
         self.state.now = self.now()
@@ -433,6 +457,7 @@ class Driver:
         plan allocates leaves every table as it was, the plan is dropped, and the request
         that needed the room is preempted or refused (`_kv_full`) — the scheduler then plans
         again from the unchanged state."""
+        plan = self.state.with_evictions(plan)
         lowered = self._lower(plan)
         if lowered is None:
             return
@@ -452,6 +477,10 @@ class Driver:
             with ExitStack() as transactions:  # all tables or none: an exception rolls each back
                 for table in self.tables:
                     transactions.enter_context(table.transaction())
+                    for entry in plan.evictions:
+                        table.release(entry)
+                    for hit in plan.hits:  # before the inputs, which read the prefix through the views
+                        table.share(hit.request_id, hit.source, TokenRange(0, hit.tokens))
                 for rank, table in enumerate(self.tables):  # every table: the plan's frees apply to all
                     inputs = program.inputs(rank, table, tokens, None)
                     if inputs is None:
@@ -469,6 +498,7 @@ class Driver:
             self._kv_full(plan, rank, error)
             return
         self.state.start(plan)
+        self._release_evicted()
         now = self.now()
         tasks = [_Task(batch, set(batch.instances), now) for batch in plan.batches]
         tasks += [_Task(migration, {migration.src, migration.dst}, now) for migration in plan.migrations]
@@ -508,6 +538,8 @@ class Driver:
             tuple(batch for batch in plan.batches if not failed.intersection(item.request_id for item in batch.items)),
             tuple(migration for migration in plan.migrations if migration.request_id not in failed),
             plan.frees,
+            tuple(hit for hit in plan.hits if hit.request_id not in failed),
+            plan.evictions,
         )
         return self._lower(rest)
 
@@ -516,7 +548,12 @@ class Driver:
         (every table is as it was before the plan): preempt that request when it holds KV —
         its pages free, it recomputes later (vLLM's recompute preemption) — or refuse it.
         Only the planner's and the tables' accounting disagreeing gets here (a table holds
-        every token the planner's capacity admits: `espc.backend.kvpool`)."""
+        every token the planner's capacity admits: `espc.backend.kvpool`). Before either, the
+        least recently used cached prefix on that table that the plan does not read is
+        evicted and the plan dispatched again."""
+        if self._evict_cached(plan, rank):  # cached prefixes give way first; then plan again
+            self._dispatch(dataclasses.replace(plan, evictions=()))
+            return
         live = self._live[error.request]
         assert live.state is not None  # admitted: it is in the plan
         if live.state.kv_len and not live.state.busy:
@@ -526,6 +563,20 @@ class Driver:
         self.kv_full["refused"] += 1
         self.rejected["kv_full"] = self.rejected.get("kv_full", 0) + 1
         self._fail(live, f"instance {rank} cannot hold its KV: {error}", "rejected", "kv_full")
+
+    def _evict_cached(self, plan: IterationPlan, rank: int) -> bool:
+        """Evict the least recently used cached prefix holding KV on `rank` that no running
+        request and none of the plan's hits reads; False when there is none."""
+        cache = self.state.prefix
+        if cache is None:
+            return False
+        read = {entry.id for hit in plan.hits for entry in cache.lineage(hit.source)}
+        for entry in cache.lru_unpinned():
+            if self.state.requests[entry].tokens_on(rank) and not read.intersection(cache.subtree(entry)):
+                self.state.evict(entry)
+                self._release_evicted()
+                return True
+        return False
 
     # --------------------------------------------------------------------- completions
 
@@ -567,6 +618,7 @@ class Driver:
         self.batch_costs.append(BatchCost(batch.phase, batch.instances, _lengths(batch), task.started_s, self.state.now, task.worker_s))
         produced = {item.request_id for item in batch.items if self._produces_token(batch, item)}
         self.state.complete(batch)
+        self._release_evicted()
         for request_id in task.requests:
             live = self._live.get(request_id)
             if live is None:
@@ -602,6 +654,11 @@ class Driver:
             self._end(live, "stop")
             return
         live.generated.append(token)
+        size = self.spec.runtime.kv_block_size
+        length = len(live.prompt) + len(live.generated)
+        if self.state.prefix is not None and length % size == 0:  # a block of its sequence is complete
+            (block,) = self._block_ids(live.sequence(), length, length - size)
+            self.state.add_block(live.state, block)
         self._tell(live, TokenEvent(live.id, token, len(live.generated) - 1, logits, logprobs))
 
     def _tell(self, live: _Live, event: TokenEvent | FinishEvent) -> None:
@@ -618,13 +675,20 @@ class Driver:
         for table in self.tables:
             table.release(request_id)
 
+    def _release_evicted(self) -> None:
+        """Release in every table the cached requests the state evicted."""
+        for entry in self.state.take_evictions():
+            self._release(entry)
+
     def _end(self, live: _Live, reason: str, error: str | None = None, code: str | None = None) -> None:
-        """Free the request's slots in every table (the state freed its KV already) and
-        tell the listener."""
+        """Free the request's slots in every table (the state freed its KV already, or kept
+        it as a cached prefix: then the slots stay) and tell the listener."""
         if self._live.pop(live.id, None) is None:
             return
-        self._release(live.id)
-        self._tell(live, FinishEvent(live.id, reason, error, code))
+        if self.state.prefix is None or live.id not in self.state.prefix.entries:
+            self._release(live.id)
+        cached = live.state.cached_tokens if live.state is not None else 0
+        self._tell(live, FinishEvent(live.id, reason, error, code, cached))
 
     def _fail(self, live: _Live, reason: str, kind: str = "error", code: str | None = None) -> None:
         if live.state is not None:
@@ -669,6 +733,7 @@ class Driver:
         self.failures.append(why)
         reason = f"instance {rank} failed: {why}"
         affected = {request_id for request_id, state in self.state.running.items() if state.tokens_on(rank)}
+        affected.update(state.id for state in self.state.cache_readers(rank))
         for flight in self._tasks.values():
             for task in flight:
                 if rank in _members(task.work):
@@ -677,6 +742,7 @@ class Driver:
             if request_id in self._live:
                 self._fail(self._live[request_id], reason)
         self.state.retire(rank)
+        self._release_evicted()
         for iteration in list(self._tasks):
             self._answer(rank, iteration, None)
         if len(self.state.retired) == self.world:
@@ -706,6 +772,8 @@ class Driver:
             "running": len(state.running),
             "iterations": state.iteration,
             "kv_used_tokens": [table.used_tokens for table in self.tables],
+            # Of those, held by cached prefixes no running request reads (evicted when needed).
+            "kv_cached_tokens": list(state.cached),
             "kv_capacity_tokens": list(state.capacity),
             "migrated_tokens": state.migrated_tokens,
             "migrated_bytes": self.migrated_bytes,
@@ -714,23 +782,50 @@ class Driver:
             "rejected": dict(self.rejected),
             "kv_full": dict(self.kv_full),
             "graph_cache": str(self.lowering.cache),
+            "prefix_cache": self._prefix_stats(),
             "failures": list(self.failures),
         }
 
+    def _prefix_stats(self) -> dict:
+        cache = self.state.prefix
+        if cache is None:
+            return {"enabled": False}
+        return {
+            "enabled": True,
+            "queried_tokens": cache.queried_tokens,
+            "hit_tokens": cache.hit_tokens,
+            "cached_tokens": sum(self.state.cached),
+            "cached_blocks": sum(len(e.keys) - e.start // cache.block_tokens for e in cache.entries.values()),
+            "evicted_blocks": cache.evicted_blocks,
+            "entries": len(cache.entries),
+        }
+
     def check_kv(self) -> None:
-        """Invariant between iterations: tables hold exactly what the state says; when
-        nothing is live, nothing at all."""
+        """Invariant between iterations: tables hold exactly what the state says — the owned
+        tokens and the views of every running request and cached prefix; when nothing is
+        live, nothing but cached prefixes."""
+        holders = list(self.state.running.values())
+        if self.state.prefix is not None:
+            holders += [self.state.requests[entry] for entry in self.state.prefix.entries]
         for rank, table in enumerate(self.tables):
             table.verify()
-            expected = {
-                request_id: _merged(state.kv[rank])
-                for request_id, state in self.state.running.items() if state.tokens_on(rank)
-            }
+            owned, viewed = {}, {}
+            for state in holders:
+                views = _merged(state.borrowed.get(rank, ()))
+                if views:
+                    viewed[state.id] = views
+                own = _subtract(_merged(state.kv.get(rank, ())), views)
+                if own:
+                    owned[state.id] = own
             actual = {request_id: _merged((r.start, r.end) for r in ranges) for request_id, ranges in table.held().items()}
-            if actual != expected:
-                raise AssertionError(f"instance {rank}: its table holds {actual}, the scheduler's state {expected}")
-        if not self._live and any(table.used_tokens for table in self.tables):
-            raise AssertionError(f"no request is live but KV is held: {[t.used_tokens for t in self.tables]}")
+            if actual != owned:
+                raise AssertionError(f"instance {rank}: its table holds {actual}, the scheduler's state {owned}")
+            shared = {request_id: _merged((r.start, r.end) for r in ranges) for request_id, ranges in table.shared().items()}
+            if shared != viewed:
+                raise AssertionError(f"instance {rank}: its table's views are {shared}, the scheduler's state's {viewed}")
+        cached = sum(self.state.cached)  # with nothing live, no cached prefix is read: all of them
+        if not self._live and sum(table.used_tokens for table in self.tables) != cached:
+            raise AssertionError(f"no request is live but KV is held: {[t.used_tokens for t in self.tables]}, cached {cached}")
 
     def result(self) -> SimulationResult:
         """Everything served so far in the simulator's terms (the same metrics apply)."""
@@ -752,6 +847,23 @@ def _lengths(batch: PrefillBatch | DecodeBatch) -> tuple[int, ...]:
 
 def _members(work: PrefillBatch | DecodeBatch | Migration) -> tuple[int, ...]:
     return (work.src, work.dst) if isinstance(work, Migration) else work.instances
+
+
+def _subtract(ranges: tuple[tuple[int, int], ...], cut: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+    """Sorted disjoint `ranges` less sorted disjoint `cut`."""
+    kept = []
+    for start, end in ranges:
+        for low, high in cut:
+            if high <= start or end <= low:
+                continue
+            if low > start:
+                kept.append((start, low))
+            start = max(start, high)
+            if start >= end:
+                break
+        if start < end:
+            kept.append((start, end))
+    return tuple(kept)
 
 
 def _merged(ranges) -> tuple[tuple[int, int], ...]:

@@ -80,6 +80,9 @@ class EngineOverrides(TypedDict, total=False):
 
 @dataclass
 class Completion:
+    """One request as `Engine.generate` (or a RequestHandle) answers it: its prompt and
+    generated token ids, why it ended, and how much of its prompt the prefix cache served."""
+
     request_id: int
     prompt_token_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
@@ -89,6 +92,10 @@ class Completion:
     text: str | None = None  # decoded when the engine has a tokenizer
     logits: list[torch.Tensor] | None = None  # one fp32 row per generated token, with return_logits
     logprobs: list[TokenLogprobs] | None = None  # one per generated token, with SamplingParams.logprobs
+    # Prompt tokens whose KV came from the prefix cache (a block-aligned prefix a finished
+    # request left behind) instead of being prefilled; 0 without a hit or with
+    # `[runtime] prefix_caching = false`.
+    cached_tokens: int = 0
 
 
 class RequestHandle:
@@ -115,6 +122,7 @@ class RequestHandle:
                 completion.logprobs.append(event.logprobs)
             return
         completion.finish_reason, completion.error, completion.code = event.reason, event.error, event.code
+        completion.cached_tokens = event.cached_tokens
         completion.text = self._engine._decode(completion.token_ids)
         self._done.set()
 

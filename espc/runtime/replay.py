@@ -1,10 +1,15 @@
 """Replay a request stream (a spec's workload or a trace) on a running Engine, in real time.
 
-Each request is submitted at its arrival time with `prompt_len` token ids drawn from a
-seeded generator and `max_new_tokens = output_len` (no stop tokens, so output lengths are
-the stream's): the run is the same request stream the simulator replays, which is what
-makes `espc simulate` and `espc run` comparable. The result is a SimulationResult on the
-engine's clock, so the planner's metrics (`summarize`) and plots apply unchanged.
+Each request is submitted at its arrival time with `prompt_len` token ids from
+`workload.prompt_tokens` and `max_new_tokens = output_len` (no stop tokens, so output
+lengths are the stream's): the run is the same request stream the simulator replays, which
+is what makes `espc simulate` and `espc run` comparable. The token ids carry the stream's
+prefix structure: requests whose `prefix_hashes` agree on blocks 0..j share their first
+512 (j + 1) ids, so the runtime's prefix cache (whose block size divides 512) hits where
+the simulator's does. A next turn's prompt holds the synthetic reply the stream names, not
+the tokens the model generated, so it finds its predecessor's prompt blocks in the cache
+but not the reply's, in the run as in the simulation. The result is a SimulationResult on the engine's clock, so the
+planner's metrics (`summarize`) and plots apply unchanged.
 """
 
 from __future__ import annotations
@@ -14,10 +19,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch
-
 from espc.planner.sim.simulator import SimulationResult
-from espc.planner.sim.workload import Request
+from espc.planner.sim.workload import Request, prompt_tokens
 from espc.runtime.engine import Completion, Engine
 from espc.runtime.sampling import SamplingParams
 
@@ -43,8 +46,7 @@ def replay(
 ) -> Replay:
     """Submit every request at its arrival (relative to now) and wait for all of them."""
     vocab = engine.spec.model.vocab
-    generator = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(0, vocab, (r.prompt_len,), generator=generator).tolist() for r in requests]
+    prompts = [prompt_tokens(request, vocab, seed).tolist() for request in requests]
     order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
     first_arrival = requests[order[0]].arrival_s if requests else 0.0
     started = time.monotonic()

@@ -322,6 +322,22 @@ def target_line(policy: Policy) -> str:
     )
 
 
+def prefix_caching_line(policy: Policy, spec: Spec) -> str:
+    """Whether prefix caching is on and how much of the workload it reuses, by compile's
+    estimate (espc.planner.sim.reuse); shared by report.md and `espc inspect`."""
+    if not spec.runtime.prefix_caching:
+        return "prefix caching off (runtime.prefix_caching = false): every prompt token is computed"
+    if policy.prefix_reusable_share is None:
+        return "prefix caching on (this compile recorded no estimate of its reuse)"
+    line = (
+        f"prefix caching on: {policy.prefix_reusable_share:.1%} of the workload sample's prompt tokens repeat an "
+        "earlier request's blocks (the upper bound of the hit rate)"
+    )
+    if policy.prefix_hit_share is None:
+        return line + "; no MILP was solved"
+    return line + f"; the MILP priced {policy.prefix_hit_share:.1%} as cache hits (LRU over the cluster's KV)"
+
+
 def threshold_rows(policy: Policy) -> list[tuple[str, str]]:
     elastic = policy.elastic
     if elastic is None:
@@ -402,6 +418,7 @@ def render_report(
         f"- SLOs: TTFT {spec.slo.ttft.shorthand()}, TPOT {spec.slo.tpot.shorthand()}, attainment {spec.slo.attainment:.0%}",
         f"- requested strategy: `{spec.policy.strategy}`",
         f"- {target_line(policy)}",
+        f"- {prefix_caching_line(policy, spec)}",
     ]
     if options is not None:
         seed = spec.workload.seed if options.seed is None else options.seed
@@ -451,9 +468,13 @@ def render_report(
     if result.milp:
         lines += ["", "MILP solutions (one per tp the spec allows):", ""]
         lines += _table(
-            ("tp", "predicted rate (req/s)", "load", "status", "solve time"),
-            [(str(s.tp), _rate(s.rate), f"{s.load:.2f}", s.solver.status, f"{s.solver.seconds:.2f} s") for s in result.milp],
-            (True, True, True, False, True),
+            ("tp", "predicted rate (req/s)", "load", "prompt tokens priced as cache hits", "status", "solve time"),
+            [
+                (str(s.tp), _rate(s.rate), f"{s.load:.2f}", "off" if s.prefix_hit_share is None else f"{s.prefix_hit_share:.1%}",
+                 s.solver.status, f"{s.solver.seconds:.2f} s")
+                for s in result.milp
+            ],
+            (True, True, True, True, False, True),
         )
 
     lines += ["", "## Search trials", ""]

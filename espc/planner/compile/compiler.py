@@ -57,6 +57,7 @@ from espc.planner.compile.policy import (
 )
 from espc.planner.sim.costmodel import CostModel
 from espc.planner.sim.metrics import GOODPUT_LABELS
+from espc.planner.sim.reuse import prompt_share, reusable_prefix
 from espc.planner.sim.strategies import BASELINES, Deployment, StaticLayout
 
 VERIFY_TOLERANCE = 0.08  # relative width of the goodput bisection while compiling
@@ -190,6 +191,10 @@ def compile_spec(
         raise NothingFeasible(evaluator.skipped)
     chosen = max(predictions, key=lambda p: (p.goodput_rps, p.strategy == "elastic"))
     best_solution = next((s for s in milp if best_elastic and s.tp == best_elastic[1].tp), None)
+    reusable_share = None
+    if spec.runtime.prefix_caching:
+        sample = evaluator.workload(requests=spec.workload.requests)  # the MILP's sample
+        reusable_share = prompt_share(reusable_prefix(sample), sample)
     policy = Policy(
         schema_version=POLICY_SCHEMA_VERSION,
         espc_version=__version__,
@@ -206,6 +211,8 @@ def compile_spec(
         goodput_metric=evaluator.metric,
         runnable=limits.runnable,
         skipped=tuple(evaluator.skipped),
+        prefix_reusable_share=reusable_share,
+        prefix_hit_share=best_solution.prefix_hit_share if best_solution else None,
     )
     policy.verify(len(evaluator.cost.cluster.instances(policy.elastic.tp)) if policy.elastic else None)
     return CompileResult(policy, tuple(milp), tuple(trials))

@@ -141,7 +141,10 @@ class Evaluator:
         solutions, errors = [], []
         for tp in tps:
             try:
-                solutions.append(ilp.solve(self.cost, tp, sample, self.spec.slo, self.spec.policy, self.prefill_s))
+                solutions.append(ilp.solve(
+                    self.cost, tp, sample, self.spec.slo, self.spec.policy, self.prefill_s,
+                    prefix_caching=self.spec.runtime.prefix_caching,
+                ))
             except ilp.InfeasibleSLO as error:
                 errors.append((tp, error))
         if not solutions and errors:
@@ -232,7 +235,10 @@ class Evaluator:
         self, candidate: Candidate, requests: Sequence[Request], *, timeline: bool = False, check: bool = False,
         watch: RunWatch | None = None,
     ) -> tuple[SimulationResult, Summary]:
-        result = simulate(candidate.make(), requests, record_timeline=timeline, check=check, watch=watch)
+        result = simulate(
+            candidate.make(), requests, record_timeline=timeline, check=check, watch=watch,
+            prefix_caching=self.spec.runtime.prefix_caching,
+        )
         return result, summarize(result, self.spec.slo, self.prefill_s, self.classes())
 
     def bracket_start(self, hint: float | None = None) -> float:

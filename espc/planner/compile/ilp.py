@@ -45,6 +45,17 @@ O_k/2)·O_k·S_j is the KV a request holds over its life (tokens × seconds); A_
 instance time of the expected scale-up fragment migrations: a request whose KV outgrows τ_j
 moves one fragment.
 
+Prefix caching (`solve(prefix_caching=True)`, the spec's `runtime.prefix_caching`): when the
+sample's prompts repeat earlier ones' blocks, a request's first c tokens may come from the
+cache. c per request is estimated by an LRU replay of the sample through a cache of the
+cluster's KV capacity at that tp (espc.planner.sim.reuse.prefix_hits: no timing, no
+placement, no room taken by running requests: an optimistic estimate, at most the
+reusable-prefix upper bound). Each option's work W_o is then scaled by its bucket's hit
+discount at its DoP, Σ_i prefill_time([L_i − c_i], d, context=[c_i]) / Σ_i
+prefill_time([L_i], d) over the bucket's requests: the uncached tokens computed with the
+cached ones as context. The options offered and the slow/fast split still use the
+uncached T_o: a miss must meet its TTFT bound too. Without hits nothing changes.
+
 Then `instance_weight` for the batching DP is the queue length an M/M/1 server at the
 solved load would see, ρ_solved / (1 − ρ_solved), and admission reserves the mean output.
 The MILP is solved per tp; compile keeps the tp with the highest rate. The simulator then
@@ -54,6 +65,7 @@ has the last word (see `espc.planner.compile.compiler`).
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -65,6 +77,7 @@ import numpy as np
 from espc.frontend.spec import PolicySpec, SLOSpec
 from espc.planner.compile.policy import DECODE_STALL_SHARE, ElasticPolicy, LengthBucket, SolverStats
 from espc.planner.sim.costmodel import CostModel
+from espc.planner.sim.reuse import prefix_hits, prompt_share
 from espc.planner.sim.workload import Request
 
 LOAD_CEILING = 0.85  # ρ: queues explode as the load approaches 1
@@ -104,6 +117,12 @@ class MilpSolution:
     policy: ElasticPolicy
     solver: SolverStats
     load: float
+    # Per bucket: the chosen prefill option's work W_o (instance-seconds per request; with
+    # prefix caching, what the cache hits leave).
+    prefill_work_s: tuple[float, ...]
+    # The share of the sample's prompt tokens priced as prefix-cache hits (module
+    # docstring); None when prefix caching is off.
+    prefix_hit_share: float | None = None
 
 
 def length_buckets(requests: Sequence[Request], count: int, max_context: int, split_tail: bool = True) -> list[Bucket]:
@@ -143,8 +162,10 @@ def solve(
     slo: SLOSpec,
     policy_spec: PolicySpec,
     prefill_s,
+    prefix_caching: bool = False,
 ) -> MilpSolution:
     """The MILP of the module docstring for one tp; InfeasibleSLO names what cannot be met.
+    `prefix_caching`: price the prefix-cache hits the sample's `prefix_hashes` promise.
 
     A heavy tail's own buckets are tried first; where they make the SLOs infeasible (say,
     a tail that meets a tight TTFT only on every instance, leaving none to the rest), the
@@ -153,20 +174,50 @@ def solve(
     whole = length_buckets(requests, count, max_context, split_tail=False)
     split = length_buckets(requests, count, max_context)
     contexts = sorted(round(r.prompt_len + r.output_len / 2) for r in requests)
+    hits: list[tuple[int, int]] = []  # (prompt_len, cached tokens) of the requests with a hit
+    hit_share = None
+    if prefix_caching:
+        cached = prefix_hits(requests, len(cost.cluster.instances(tp)) * cost.kv_capacity_tokens(tp))
+        hits = [(r.prompt_len, c) for r, c in zip(requests, cached) if c]
+        hit_share = prompt_share(cached, requests)
+    prompts = [r.prompt_len for r in requests]
     if split != whole:
         try:
-            return _solve(cost, tp, split, contexts, slo, policy_spec, prefill_s)
+            return _solve(cost, tp, split, contexts, slo, policy_spec, prefill_s, prompts, hits, hit_share)
         except InfeasibleSLO:
             pass
-    return _solve(cost, tp, whole, contexts, slo, policy_spec, prefill_s)
+    return _solve(cost, tp, whole, contexts, slo, policy_spec, prefill_s, prompts, hits, hit_share)
+
+
+def _hit_discount(cost: CostModel, tp: int, bucket: Bucket, prompts: Sequence[int], hits: Sequence[tuple[int, int]]):
+    """dop -> the share of the bucket's prefill time left when its requests' hits are read
+    from the cache (module docstring); None when none of its requests hits."""
+    inside = [(length, cached) for length, cached in hits if bucket.low <= length < bucket.high]
+    if not inside:
+        return None
+    lengths = [length for length in prompts if bucket.low <= length < bucket.high]
+
+    @functools.cache
+    def discount(dop: int) -> float:
+        # Requests without a hit cost the same either way: only those with one differ.
+        full = sum(cost.prefill_time([length], dop, tp) for length in lengths)
+        saved = sum(
+            cost.prefill_time([length], dop, tp) - cost.prefill_time([length - cached], dop, tp, context=[cached])
+            for length, cached in inside
+        )
+        return (full - saved) / full
+
+    return discount
 
 
 def _solve(
     cost: CostModel, tp: int, buckets: list[Bucket], contexts: Sequence[int], slo: SLOSpec, policy_spec: PolicySpec,
-    prefill_s,
+    prefill_s, prompts: Sequence[int], hits: Sequence[tuple[int, int]], hit_share: float | None,
 ) -> MilpSolution:
     """`solve` on these buckets; `contexts`: the sample's mean decode contexts (prompt +
-    half the output), sorted."""
+    half the output), sorted; `prompts`: the sample's prompt lengths, `hits` (prompt
+    length, cached tokens) of its requests with a prefix-cache hit, `hit_share` the share
+    of its prompt tokens they make up (None: caching off)."""
     instances = len(cost.cluster.instances(tp))
     capacity = cost.kv_capacity_tokens(tp)
     max_dop = min(instances, policy_spec.max_dop or instances)
@@ -178,6 +229,7 @@ def _solve(
     slow_seconds = []
     for bucket in buckets:
         length = max(1, round(bucket.mean_prompt))
+        discount = _hit_discount(cost, tp, bucket, prompts, hits)
         needed = -(-bucket.max_prompt // max(capacity, 1))
         bound = slo.ttft.target(prefill_s(length))
         offered, fastest = [], (math.inf, 0)
@@ -191,7 +243,8 @@ def _solve(
                     seconds = cost.prefill_time([length] * batch, dop, tp)
                     fastest = min(fastest, (cost.prefill_time([length], dop, tp), dop))
                     if (1 + QUEUEING_MARGIN) * seconds <= bound:
-                        offered.append((dop, budget, seconds, dop * seconds / batch))
+                        work = dop * seconds / batch
+                        offered.append((dop, budget, seconds, work if discount is None else work * discount(dop)))
             if offered:
                 break
         if needed > max_dop:
@@ -364,7 +417,7 @@ def _solve(
         variables=sum(variable.size for variable in problem.variables()),
         constraints=len(problem.constraints),
     )
-    return MilpSolution(tp, solved_rate, elastic, stats, load)
+    return MilpSolution(tp, solved_rate, elastic, stats, load, tuple(work for *_, work in chosen), hit_share)
 
 
 def _dop_choices(low: int, high: int) -> list[int]:

@@ -253,6 +253,12 @@ class Policy:
     runnable: bool = True
     # The configurations compile left out, with the reason.
     skipped: tuple[SkippedCandidate, ...] = ()
+    # Prefix caching as compile priced it (espc.planner.sim.reuse), as shares of the workload
+    # sample's prompt tokens: those repeating an earlier request's blocks (the upper bound of
+    # any cache's hit rate) and those the MILP priced as hits at the elastic policy's tp.
+    # None: caching is off (both), or no MILP was solved (the hit share).
+    prefix_reusable_share: float | None = None
+    prefix_hit_share: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "predictions", tuple(self.predictions))

@@ -16,6 +16,7 @@ from espc.planner.compile.artifact import (
     SKIPPED_COLUMNS,
     Artifact,
     bucket_rows,
+    prefix_caching_line,
     skipped_rows,
     solver_rows,
     target_line,
@@ -184,9 +185,10 @@ def render_comparison(comparison: Comparison, console: Console) -> None:
 
 
 def render_policy(artifact: Artifact, console: Console) -> None:
-    """`espc inspect`: the chosen strategy and why, whether it was compiled to run,
-    predicted goodput per strategy and the candidates left out (with the reason), the
-    elastic policy per length bucket, its thresholds, solver statistics."""
+    """`espc inspect`: the chosen strategy and why, whether it was compiled to run, prefix
+    caching's estimated reuse, predicted goodput per strategy and the candidates left out
+    (with the reason), the elastic policy per length bucket, its thresholds, solver
+    statistics."""
     policy = artifact.policy
     source = f" from {artifact.source}" if artifact.source is not None else ""
     console.print(
@@ -196,6 +198,7 @@ def render_policy(artifact: Artifact, console: Console) -> None:
     )
     console.print(f"strategy {policy.strategy} ({policy.configuration}): {policy.reason}", highlight=False, markup=False)
     console.print(target_line(policy), highlight=False, markup=False)
+    console.print(prefix_caching_line(policy, artifact.spec), highlight=False, markup=False)
 
     table = Table(title=f"predicted {GOODPUT_LABELS[policy.goodput_metric]} per strategy", title_justify="left")
     for column in ("strategy", "best configuration", "goodput (req/s)", "vs chosen", "configurations searched"):

@@ -32,6 +32,26 @@ LoongServe lacks (SLO input, hysteresis, staging memory, a fairness bound):
    cannot make it thrash).
    Migration staging space is reserved on the destination (IterationPlan.verify checks it).
 
+Prefix caching (Mooncake's cache-aware conductor, elastic). A queued request whose prompt
+starts with a cached prefix (`ClusterState.prefix_match`) reads it where it lives: the
+prefix may be spread over several instances by an earlier elastic prefill, and a continued
+prefill attends to it in place, so its ring contains every holder. Before the batching DP,
+such requests are dispatched first (`_hit_prefills`):
+(a) holders all idle — free, in a lent group, or in an idle decode group whose requests can
+    absorb the (short) prefill — and within the request's instance class: [P, target) is
+    prefilled on a ring of the holders plus free instances up to its bucket's DoP for the
+    uncached tokens, with the hit in the plan; requests with the same holders batch
+    together (within the bucket's token budget); the hit pins the cached entries it reads,
+    so their tokens are taken from the room the plan is made with;
+(b) a holder busy: the holders' remaining batch time is unknown to the scheduler, so the
+    request waits for them only as long as waiting can pay: for less than the prefill
+    time the hit saves since it arrived, and while a recompute after that wait would
+    still meet its TTFT deadline; otherwise it is recomputed from scratch now (without
+    the hit). A starved request never waits, and no request is dispatched by the cache
+    ahead of a starved one that is not.
+The other requests then go through steps 1–4 on the instances left. Without a cache, or
+with no match, this is exactly the scheduler above.
+
 A decode group is a connected set of instances sharing decoding requests' KV; a decode
 batch runs on the whole group (every shard holder computes its partial attention).
 When a group has no slot for its next tokens, the latest-arrived request is preempted
@@ -43,7 +63,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from espc.frontend.spec import SLOSpec
@@ -57,10 +77,12 @@ from espc.planner.plan import (
     Migration,
     PrefillBatch,
     PrefillItem,
+    PrefixHit,
     Retention,
     TokenRange,
 )
 from espc.planner.sim.cluster_state import ClusterState, RequestState
+from espc.planner.sim.prefix_cache import PrefixMatch
 from espc.planner.sim.strategies import Deployment, Scheduler
 
 # A decode group is lent to a prefill only if its tightest request keeps this much of its
@@ -140,6 +162,9 @@ class ElasticScheduler(Scheduler):
         self._alone_prefill_s = functools.lru_cache(maxsize=1 << 16)(
             lambda length, dop: deployment.cost.prefill_time([length], dop, deployment.tp)
         )
+        # The prefill time a cached prefix saves a prompt (both at their buckets' DoP): read
+        # for every queued request whose prefix lies on busy instances, on every decision.
+        self._saved_s = functools.lru_cache(maxsize=1 << 16)(self._saved_s_uncached)
         self.class_of = {i: frozenset(members) for members in policy.instance_classes() for i in members}
 
     # ------------------------------------------------------------------------ interface
@@ -171,6 +196,7 @@ class ElasticScheduler(Scheduler):
         # Each instance class (the policy's instance sets, disjoint) dispatches its own queue
         # on its own instances; a policy without classes has one queue over every instance.
         prefill_batches: list[PrefillBatch] = []
+        hits: list[PrefixHit] = []
         for placement, queue in self._queues_by_placement(self._queue(state)):
             class_free = [i for i in free_instances if placement is None or i in placement]
             class_groups = [g for g in groups if placement is None or g.instances <= placement]
@@ -178,7 +204,9 @@ class ElasticScheduler(Scheduler):
             lent_instances = {i for group in lent for i in group.instances}
             pool = class_free + sorted(lent_instances)
             if pool:
-                prefill_batches += self._prefills(state, queue, pool, room, lent_instances, stall_budget_s, placement)
+                prefill_batches += self._prefills(
+                    state, queue, pool, room, lent_instances, stall_budget_s, placement, class_groups, hits
+                )
 
         used = {i for batch in prefill_batches for i in batch.instances}
         queued = bool(state.waiting)
@@ -198,7 +226,7 @@ class ElasticScheduler(Scheduler):
         batches: list[Batch] = [*prefill_batches, *decode_batches]
         if not batches and not migrations and not frees:
             return None
-        return IterationPlan(state.iteration, tuple(batches), tuple(migrations), tuple(frees))
+        return IterationPlan(state.iteration, tuple(batches), tuple(migrations), tuple(frees), hits=tuple(hits))
 
     # ------------------------------------------------------------------------- state views
 
@@ -337,20 +365,23 @@ class ElasticScheduler(Scheduler):
 
     def _admitted(
         self, state: ClusterState, queue: Iterable[RequestState], pool: list[int], room: _Room,
-        placement: frozenset[int] | None,
+        placement: frozenset[int] | None, taken: int = 0,
     ) -> list[RequestState]:
         """Dispatching: queue order, while the cluster (the requests' instance class) holds
-        their future KV and the pool their prompts; a starved request that does not fit
-        stops everyone behind it."""
+        their future KV — less `taken`, what the cache-hit dispatch admitted before — and
+        the pool their prompts; a starved request that does not fit stops everyone behind it."""
         instances = range(state.num_instances) if placement is None else placement
-        cluster_room = sum(state.free(i) - room.reserve.get(i, 0) for i in instances)
+        cluster_room = sum(state.free(i) - room.reserve.get(i, 0) for i in instances) - taken
+        # A prompt whose expected output would not fit even an empty class still fits with
+        # its own output (`admit` checked that): it is admitted when the class is empty.
+        whole_class = sum(state.capacity[i] for i in instances)
         pool_room = sum(max(room.room(i), 0) for i in pool)
         max_budget = max(bucket.batch_tokens for bucket in self.policy.buckets)
         batch_room = len(pool) * max_budget
         chosen: list[RequestState] = []
         for request in queue:
             prompt = request.pending_target
-            future = prompt + self._future_tokens(request)
+            future = min(prompt + self._future_tokens(request), whole_class)
             fits = future <= cluster_room and prompt <= pool_room and (not chosen or prompt <= batch_room)
             if fits:
                 chosen.append(request)
@@ -365,17 +396,29 @@ class ElasticScheduler(Scheduler):
 
     def _prefills(
         self, state: ClusterState, queue: list[RequestState], pool: list[int], room: _Room, lent: set[int],
-        stall_budget_s: float, placement: frozenset[int] | None,
+        stall_budget_s: float, placement: frozenset[int] | None, groups: list[_DecodeGroup], hits: list[PrefixHit],
     ) -> list[PrefillBatch]:
         """Admit the queue's requests (all of one placement), batch them by the DP, place
         the batches on rings of `pool` and plan their retention. A batch on lent instances
-        must finish within `stall_budget_s` (the decodes it pauses)."""
+        must finish within `stall_budget_s` (the decodes it pauses). Requests with a cached
+        prefix go first (`_hit_prefills`: their hits go to `hits`)."""
         for instance in [i for i in self.prefilling_on if i in state.idle]:
             del self.prefilling_on[instance]
         in_use = {bucket: 0 for bucket in self.policy.buckets}
         for bucket in self.prefilling_on.values():
             in_use[bucket] += 1
         capacity = max(self.deployment.capacity)
+        hit_batches: list[PrefillBatch] = []
+        taken = 0
+        if state.prefix is not None and state.prefix.entries:
+            hit_batches, queue, taken = self._hit_prefills(
+                state, queue, pool, room, lent, stall_budget_s, placement, groups, in_use, hits
+            )
+            ringed = {i for batch in hit_batches for i in batch.instances}
+            pool = [i for i in pool if i not in ringed]
+            lent = lent - ringed
+            if not pool or not queue:
+                return hit_batches
 
         def dop_limits(request: RequestState) -> tuple[int, int]:
             """(instances the prompt needs at least, most it may take now): the policy's
@@ -414,7 +457,7 @@ class ElasticScheduler(Scheduler):
                         return
                     blocked.add(bucket)
 
-        chosen = self._admitted(state, admissible(), pool, room, placement)
+        chosen = self._admitted(state, admissible(), pool, room, placement, taken)
         cost, tp = self.deployment.cost, self.deployment.tp
         if lent and chosen:
             # The decodes on lent instances pause for the whole batch: admit no more prompts
@@ -450,13 +493,13 @@ class ElasticScheduler(Scheduler):
         if found is None:
             count = _longest_prefix(len(chosen) - 1, lambda count: batching(count)[2] is not None)
             if count == 0:
-                return []
+                return hit_batches
             ordered, problem, found = batching(count)
             assert found is not None  # _longest_prefix returns a count > 0 only when batching it succeeded
         buckets = [self.policy.bucket(r.pending_target) for r in ordered]
         position = {request.id: index for index, request in enumerate(chosen)}
 
-        batches = []
+        batches = hit_batches
         available = list(pool)
         # Batches are placed in priority order (of their most urgent request), each on the
         # roomiest instances left, so a bucket's cap or a full pool makes the least urgent wait.
@@ -483,12 +526,162 @@ class ElasticScheduler(Scheduler):
             batches.append(PrefillBatch(tuple(ring), items))
         return batches
 
+    def _hit_prefills(
+        self, state: ClusterState, queue: list[RequestState], pool: list[int], room: _Room, lent: set[int],
+        stall_budget_s: float, placement: frozenset[int] | None, groups: list[_DecodeGroup],
+        in_use: dict[LengthBucket, int], hits: list[PrefixHit],
+    ) -> tuple[list[PrefillBatch], list[RequestState], int]:
+        """The cache-hit dispatch (module docstring, "Prefix caching"): prefill batches of
+        requests that read a cached prefix, each on a ring containing the prefix's holders.
+        Returns them, the queue left for the DP (priority order; requests waiting for busy
+        holders are out of it) and the future KV those batches admitted (tokens)."""
+        instances = range(state.num_instances) if placement is None else placement
+        cluster_room = sum(state.free(i) - room.reserve.get(i, 0) for i in instances)
+        in_pool = set(pool)
+        # Idle decode groups outside the pool may lend instances to a hit prefill (checked
+        # against their requests' slack when a ring takes them).
+        borrowable = {i: g for g in groups if g.instances <= state.idle and not g.instances & in_pool for i in g.instances}
+        ready: dict[frozenset[int], list[tuple[RequestState, PrefixMatch]]] = {}
+        waiting: set[int] = set()  # out of this plan: they wait for their holders
+        taken = 0
+        for request in queue:
+            if taken >= cluster_room:
+                break  # no more future KV fits: nobody else is admitted in this plan
+            match = state.prefix_match(request)
+            if match is None:
+                if self._starved(state, request):
+                    break  # nobody is dispatched by the cache ahead of a starved request
+                continue
+            holders = frozenset(state.hit_holders(match))
+            if placement is not None and not holders <= placement:
+                continue  # its prefix lies outside its instance class: recomputed
+            if holders <= in_pool | borrowable.keys():
+                future = request.pending_target - match.tokens + self._future_tokens(request)
+                if taken + future <= cluster_room:
+                    taken += future
+                    ready.setdefault(holders, []).append((request, match))
+                    continue
+            elif not self._starved(state, request) and self._worth_waiting(state, request, match):
+                waiting.add(request.id)
+                continue
+            if self._starved(state, request):
+                break
+
+        batches: list[PrefillBatch] = []
+        ringed: set[int] = set()
+        covered: set[int] = set()  # cached entries this plan's hits pin already
+        for holders, members in ready.items():
+            while members:
+                own = members[0][0].pending_target - members[0][1].tokens
+                budget = self.policy.bucket(own).batch_tokens
+                count = 1
+                while count < len(members) and own + members[count][0].pending_target - members[count][1].tokens <= budget:
+                    own += members[count][0].pending_target - members[count][1].tokens
+                    count += 1
+                chunk, members = members[:count], members[count:]
+                taken_by_hits = bool(holders & ringed)  # an earlier batch of this plan runs on a holder
+                batch = None
+                if not taken_by_hits:
+                    batch = self._hit_batch(state, chunk, holders, pool, room, lent, stall_budget_s, borrowable, ringed, covered, in_use)
+                if batch is not None:
+                    batches.append(batch)
+                    ringed.update(batch.instances)
+                    hits.extend(PrefixHit(request.id, match.source, match.tokens) for request, match in chunk)
+                    continue
+                for request, match in chunk:
+                    taken -= request.pending_target - match.tokens + self._future_tokens(request)
+                    # Busy holders are waited for (their batch ends: an event); idle ones that
+                    # cannot take the batch (room, a lent group's slack) will not change by
+                    # themselves, so the prompt is recomputed now.
+                    if taken_by_hits and not self._starved(state, request) and self._worth_waiting(state, request, match):
+                        waiting.add(request.id)
+        started = {item.request_id for batch in batches for item in batch.items}
+        return batches, [r for r in queue if r.id not in started and r.id not in waiting], taken
+
+    def _hit_batch(
+        self, state: ClusterState, chunk: list[tuple[RequestState, PrefixMatch]], holders: frozenset[int],
+        pool: list[int], room: _Room, lent: set[int], stall_budget_s: float, borrowable: dict[int, _DecodeGroup],
+        ringed: set[int], covered: set[int], in_use: dict[LengthBucket, int],
+    ) -> PrefillBatch | None:
+        """One prefill batch of requests reading prefixes on `holders`: a ring of the holders
+        and free instances up to the bucket's DoP for the uncached tokens (all of them when
+        that ring cannot hold the KV), retention of [P, target), the entries' pins taken from
+        `room`; None when no such ring holds it or it would stall a lent group too long."""
+        cost, tp = self.deployment.cost, self.deployment.tp
+        lengths = [request.pending_target - match.tokens for request, match in chunk]
+        context = [match.tokens for _, match in chunk]
+        bucket = self.policy.bucket(max(lengths))
+        extras = sorted(
+            (i for i in pool if i not in lent and i not in ringed and i not in holders), key=lambda i: (-room.room(i), i)
+        )
+        wanted = max(min(bucket.prefill_dop, bucket.max_instances - in_use[bucket]) - len(holders), 0)
+        assert state.prefix is not None  # matches come from the cache
+        pins: dict[int, int] = {}
+        pinned: set[int] = set()
+        for _, match in chunk:
+            for instance, tokens in state.pinned_by(match, covered | pinned).items():
+                pins[instance] = pins.get(instance, 0) + tokens
+            pinned.update(entry.id for entry in state.prefix.lineage(match.source))
+        for instance, tokens in pins.items():
+            room.take(instance, tokens)
+        starts = {request.id: match.tokens for request, match in chunk}
+        requests = [request for request, _ in chunk]
+        for extra in dict.fromkeys((wanted, len(extras))):
+            ring = sorted(holders.union(extras[:extra]))
+            seconds = cost.prefill_time(lengths, len(ring), tp, context)
+            if lent.intersection(ring) and seconds > stall_budget_s:
+                continue
+            touched = {id(borrowable[i]): borrowable[i] for i in ring if i in borrowable}
+            if any(LEND_SAFETY * seconds > self._group_slack(state, group) for group in touched.values()):
+                continue
+            retention = self._retention(state, requests, ring, room, starts)
+            if retention is None:
+                continue
+            covered.update(pinned)
+            in_use[bucket] += len(ring)
+            for instance in ring:
+                self.prefilling_on[instance] = bucket
+            items = tuple(
+                PrefillItem(request.id, starts[request.id], request.pending_target, kept)
+                for request, kept in zip(requests, retention)
+            )
+            return PrefillBatch(tuple(ring), items)
+        for instance, tokens in pins.items():  # give the pins' room back
+            room.take(instance, -tokens)
+        return None
+
+    def _worth_waiting(self, state: ClusterState, request: RequestState, match: PrefixMatch) -> bool:
+        """Whether a request whose cached prefix lies on busy instances waits for them (the
+        holders' remaining batch time is unknown here): while it has waited less than the
+        prefill time the hit saves (past that, recomputing at once would have been done
+        sooner) and its deadline leaves that much slack after a recompute (so falling back
+        after the wait still meets it)."""
+        target = request.pending_target
+        full_s, saved_s = self._saved_s(target, match.tokens)
+        waited_s = state.now - request.request.arrival_s
+        return waited_s < saved_s and self._deadline(request) - state.now - full_s >= saved_s
+
+    def _saved_s_uncached(self, target: int, cached: int) -> tuple[float, float]:
+        """(seconds to prefill `target` tokens, seconds a cached prefix of `cached` of them
+        saves), each prefill at its bucket's DoP."""
+        cost, tp = self.deployment.cost, self.deployment.tp
+        full_s = self._alone_prefill_s(target, self.policy.bucket(target).prefill_dop)
+        hit_s = cost.prefill_time([target - cached], self.policy.bucket(target - cached).prefill_dop, tp, [cached])
+        return full_s, full_s - hit_s
+
     def _retention(
-        self, state: ClusterState, requests: Sequence[RequestState], ring: list[int], room: _Room
+        self, state: ClusterState, requests: Sequence[RequestState], ring: list[int], room: _Room,
+        starts: Mapping[int, int] | None = None,
     ) -> list[tuple[Retention, ...]] | None:
         """Proactive scale-down: each request's KV on as few ring instances as hold it,
         instances already decoding first; None if the ring cannot hold them (then nothing
-        is taken from `room`)."""
+        is taken from `room`). `starts`: request id -> the token its prefill starts at (a
+        cached prefix it reads; 0 when absent): only [start, target) is retained."""
+        starts = starts or {}
+
+        def own(request: RequestState) -> int:
+            return request.pending_target - starts.get(request.id, 0)
+
         decoding = {i for r in state.running.values() if r.decoding for i in r.kv_tokens}
         for use_reserve in (True, False):
             taken: dict[int, int] = {}
@@ -499,8 +692,8 @@ class ElasticScheduler(Scheduler):
                 left[instance] -= tokens
 
             plan: list[tuple[Retention, ...]] = []
-            for request in sorted(requests, key=lambda r: -r.pending_target):
-                length = request.pending_target
+            for request in sorted(requests, key=lambda r: -own(r)):
+                length, offset = own(request), starts.get(request.id, 0)
                 whole = min(
                     (i for i in ring if left[i] >= length), key=lambda i: (i not in decoding, -left[i], i), default=None
                 )
@@ -512,10 +705,10 @@ class ElasticScheduler(Scheduler):
                     # A long request keeps its KV on enough instances to decode within TPOT.
                     bounds = [length * part // spread for part in range(spread + 1)]
                     for instance, start, end in zip(sorted(roomiest), bounds, bounds[1:]):
-                        pieces.append(Retention(instance, TokenRange(start, end)))
+                        pieces.append(Retention(instance, TokenRange(offset + start, offset + end)))
                         take(instance, end - start)
                 elif whole is not None:
-                    pieces.append(Retention(whole, TokenRange(0, length)))
+                    pieces.append(Retention(whole, TokenRange(offset, offset + length)))
                     take(whole, length)
                 else:
                     start = 0
@@ -523,7 +716,7 @@ class ElasticScheduler(Scheduler):
                         size = min(left[instance], length - start)
                         if size <= 0:
                             continue
-                        pieces.append(Retention(instance, TokenRange(start, start + size)))
+                        pieces.append(Retention(instance, TokenRange(offset + start, offset + start + size)))
                         take(instance, size)
                         start += size
                         if start == length:
@@ -534,7 +727,7 @@ class ElasticScheduler(Scheduler):
             else:
                 for instance, tokens in taken.items():
                     room.take(instance, tokens)
-                by_id = {request.id: kept for request, kept in zip(sorted(requests, key=lambda r: -r.pending_target), plan)}
+                by_id = {request.id: kept for request, kept in zip(sorted(requests, key=lambda r: -own(r)), plan)}
                 return [by_id[request.id] for request in requests]
         return None
 

@@ -22,8 +22,13 @@ from typing import Protocol, cast
 
 from espc.planner.plan import DecodeBatch, Migration, PrefillBatch
 from espc.planner.sim.cluster_state import ClusterState, RequestState
+from espc.planner.sim.prefix_cache import PrefixCache
 from espc.planner.sim.strategies import Scheduler
-from espc.planner.sim.workload import Request
+from espc.planner.sim.workload import PREFIX_BLOCK_TOKENS, Request
+
+# Cached prefixes a simulated cluster keeps at most (see PrefixCache.max_entries): the
+# runtime bounds them by its page tables; the simulator by the same order of magnitude.
+MAX_CACHED_PREFIXES = 256
 
 # Event priorities at one instant.
 _BATCH_DONE, _MIGRATION_DONE, _ARRIVAL = 0, 1, 2
@@ -96,10 +101,19 @@ class SimulationResult:
     migrated_tokens: int
     migrated_bytes: int
     timeline: list[BatchRecord] = field(default_factory=list)
+    # The prefix cache's counters (0 without one): prompt tokens of fresh prefills looked up
+    # in it and served from it.
+    prefix_queried_tokens: int = 0
+    prefix_hit_tokens: int = 0
 
     @property
     def utilisation(self) -> list[float]:
         return [busy / self.duration_s if self.duration_s else 0.0 for busy in self.instance_busy_s]
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Share of the queried prompt tokens the prefix cache served."""
+        return self.prefix_hit_tokens / self.prefix_queried_tokens if self.prefix_queried_tokens else 0.0
 
 
 class RunWatch(Protocol):
@@ -132,11 +146,14 @@ def simulate(
     check: bool = False,
     record_timeline: bool = False,
     watch: RunWatch | None = None,
+    prefix_caching: bool = False,
 ) -> SimulationResult:
     """Run `requests` through `scheduler` on its deployment; `check` verifies every plan;
-    `watch` may stop the run early (see RunWatch)."""
+    `watch` may stop the run early (see RunWatch); `prefix_caching`: finished requests' KV
+    is kept and requests whose `prefix_hashes` repeat it may read it (espc.planner.sim.prefix_cache)."""
     deployment = scheduler.deployment
-    state = ClusterState(deployment.capacity, check=check)
+    cache = PrefixCache(PREFIX_BLOCK_TOKENS, MAX_CACHED_PREFIXES) if prefix_caching else None
+    state = ClusterState(deployment.capacity, check=check, prefix=cache)
     events: list[tuple[float, int, int, object]] = []
     sequence = itertools.count()
     for request in requests:
@@ -178,7 +195,7 @@ def simulate(
             plan = scheduler.schedule(state)
             if plan is None:
                 break
-            state.start(plan)
+            plan = state.start(plan)
             for batch in plan.batches:
                 seconds = scheduler.batch_seconds(batch)
                 heapq.heappush(events, (now + seconds, _BATCH_DONE, next(sequence), batch))
@@ -201,6 +218,7 @@ def simulate(
     return SimulationResult(
         scheduler.name, records, duration, state.iteration, busy, state.migrated_tokens,
         state.migrated_tokens * deployment.kv_bytes_per_token, timeline,
+        cache.queried_tokens if cache is not None else 0, cache.hit_tokens if cache is not None else 0,
     )
 
 

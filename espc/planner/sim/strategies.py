@@ -17,6 +17,13 @@ against, configured as their authors ship them:
   prefills FCFS.
 - `DisaggregatedScheduler`: DistServe's prefill and decode pools; after its prefill a
   request's KV moves to the decode instance with the most room, charged on the real link.
+
+With prefix caching on (`simulate(prefix_caching=True)`), the static and chunked baselines
+behave like vLLM's automatic prefix caching behind a KV-aware router (Dynamo's): a request
+is routed to the group holding the longest cached prefix of its prompt unless that group's
+load exceeds the least loaded one's by more than the tokens the hit saves, and a prefill
+reads a cached prefix that lies inside its group instead of computing it
+(`group_prefix_hit`). DistServe has no prefix cache (its prefill instances keep no KV).
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from espc.planner.plan import (
     Migration,
     PrefillBatch,
     PrefillItem,
+    PrefixHit,
     Retention,
     TokenRange,
     even_retention,
@@ -149,14 +157,31 @@ def _decode_step(state: ClusterState, group: tuple[int, ...], decoding: list[Req
     while keep and sum(free.values()) < len(keep):
         victim = keep.pop()
         victims.append(victim.id)
-        for instance, tokens in victim.shards():
-            free[instance] += tokens
+        for instance, _ in victim.shards():
+            # What it owns: its views of a cached prefix stay with the entry (evictable
+            # only if no hit of the same plan reads it).
+            free[instance] += victim.owned_on(instance)
     items = []
     for request in keep:
         master = max(group, key=lambda instance: (free[instance], -instance))
         free[master] -= 1
         items.append(DecodeItem(request.id, master, request.shards()))
     return items, victims
+
+
+def group_prefix_hit(state: ClusterState, request: RequestState, group: Iterable[int]) -> tuple[PrefixHit, dict[int, int]] | None:
+    """The cached prefix a waiting request can read when prefilled on `group` (APC: only a
+    prefix held inside the group), and the room the hit takes per instance (`pinned_by`)."""
+    match = state.prefix_match(request)
+    if match is None or not set(state.hit_holders(match)) <= set(group):
+        return None
+    return PrefixHit(request.id, match.source, match.tokens), state.pinned_by(match)
+
+
+def saved_tokens(state: ClusterState, request: RequestState, group: Iterable[int]) -> int:
+    """Prompt tokens a request would read from the cache on `group` (KV-aware routing)."""
+    found = group_prefix_hit(state, request, group)
+    return found[0].tokens if found else 0
 
 
 def _arrival(request: RequestState) -> tuple[float, int]:
@@ -307,7 +332,8 @@ class StaticScheduler(Scheduler):
         def load(g: int) -> tuple[int, int, int]:
             held = sum(state.used[i] for i in self.groups[g])
             # Ties (idle groups) go round-robin, so a light load spreads over the groups.
-            return held + self.members.queued_tokens(g), self.routed[g], g
+            # A cached prefix in the group counts as load it takes off (KV-aware routing).
+            return held + self.members.queued_tokens(g) - saved_tokens(state, request, self.groups[g]), self.routed[g], g
 
         chosen = min(fitting, key=load)
         self.routed[chosen] += 1
@@ -316,6 +342,7 @@ class StaticScheduler(Scheduler):
     def schedule(self, state: ClusterState) -> IterationPlan | None:
         batches: list[Batch] = []
         frees: list[int] = []
+        hits: list[PrefixHit] = []
         self.members.sync(state)
         for g in sorted({self.group_of[instance] for instance in state.idle}):
             group = self.groups[g]
@@ -323,7 +350,7 @@ class StaticScheduler(Scheduler):
                 continue
             running = self.members.live(g)
             waiting = self.members.queue(g)
-            prefill = self._prefill(state, group, waiting, running)
+            prefill = self._prefill(state, group, waiting, running, hits)
             if prefill is not None:
                 for item in prefill.items:
                     self.members.touch(item.request_id)
@@ -339,13 +366,15 @@ class StaticScheduler(Scheduler):
                     batches.append(DecodeBatch(group, tuple(items)))
         if not batches and not frees:
             return None
-        return IterationPlan(state.iteration, tuple(batches), frees=tuple(frees))
+        return IterationPlan(state.iteration, tuple(batches), frees=tuple(frees), hits=tuple(hits))
 
     def _prefill(
-        self, state: ClusterState, group: tuple[int, ...], waiting: Iterable[RequestState], running: list[RequestState]
+        self, state: ClusterState, group: tuple[int, ...], waiting: Iterable[RequestState], running: list[RequestState],
+        hits: list[PrefixHit],
     ) -> PrefillBatch | None:
         """vLLM: new prefills first, FCFS (`waiting` in arrival order), while the KV fits
-        with a slot left per running request."""
+        with a slot left per running request; a cached prefix in the group is read, not
+        computed (its hit goes to `hits`)."""
         free = {instance: state.free(instance) for instance in group}
         spare = sum(free.values()) - sum(1 for r in running if r.decoding)
         items: list[PrefillItem] = []
@@ -354,16 +383,29 @@ class StaticScheduler(Scheduler):
             target = request.pending_target
             if len(running) + len(items) >= VLLM_MAX_RUNNING:
                 break
-            if items and tokens + target > self.max_batched_tokens:
-                break
-            retention = even_retention(0, target, group)
-            if target > spare or any(len(kept.range) > free[kept.instance] for kept in retention):
+            hit = group_prefix_hit(state, request, group)
+            # A hit pins its cached entry whole: where that does not fit, the prompt is
+            # computed instead (evicting the entry if need be), so a cached prefix never
+            # leaves a request stuck.
+            for found in (hit, None) if hit else (None,):
+                start = found[0].tokens if found else 0
+                taken = found[1] if found else {}
+                retention = even_retention(start, target, group)
+                need = {kept.instance: len(kept.range) for kept in retention}
+                for instance, pinned in taken.items():
+                    need[instance] = need.get(instance, 0) + pinned
+                batched = not items or tokens + target - start <= self.max_batched_tokens
+                if batched and target - start + sum(taken.values()) <= spare and all(n <= free[i] for i, n in need.items()):
+                    break
+            else:
                 break  # FCFS: later requests wait behind the head of the queue
-            for kept in retention:
-                free[kept.instance] -= len(kept.range)
-            spare -= target
-            tokens += target
-            items.append(PrefillItem(request.id, 0, target, retention))
+            for instance, n in need.items():
+                free[instance] -= n
+            spare -= target - start + sum(taken.values())
+            tokens += target - start
+            items.append(PrefillItem(request.id, start, target, retention))
+            if found:
+                hits.append(found[0])
         return PrefillBatch(group, tuple(items)) if items else None
 
 
@@ -383,31 +425,38 @@ class ChunkedScheduler(Scheduler):
         reason = super().admit(state, request)
         if reason is None:
             self.members.sync(state)
-            load = {i: state.used[i] + self.members.queued_tokens(i) for i in range(self.deployment.num_instances)}
+            load = {
+                i: state.used[i] + self.members.queued_tokens(i) - saved_tokens(state, request, (i,))
+                for i in range(self.deployment.num_instances)
+            }
             self.members.add(min(load, key=lambda i: (load[i], i)), request)
         return reason
 
     def schedule(self, state: ClusterState) -> IterationPlan | None:
         batches: list[Batch] = []
         frees: list[int] = []
+        hits: list[PrefixHit] = []
         self.members.sync(state)
         for instance in sorted(state.idle):
             started = [r for r in self.members.live(instance) if not r.busy]
-            items, victims = self._iteration(state, instance, started, self.members.queue(instance))
-            for request_id in [*victims, *(item.request_id for item in items if item.start == 0)]:
+            items, victims = self._iteration(state, instance, started, self.members.queue(instance), hits)
+            first_chunks = {hit.request_id for hit in hits} | {item.request_id for item in items if item.start == 0}
+            for request_id in [*victims, *(item.request_id for item in items if item.request_id in first_chunks)]:
                 self.members.touch(request_id)  # preempted, or its first chunk starts
             frees += victims
             if items:
                 batches.append(PrefillBatch((instance,), tuple(items)))
         if not batches and not frees:
             return None
-        return IterationPlan(state.iteration, tuple(batches), frees=tuple(frees))
+        return IterationPlan(state.iteration, tuple(batches), frees=tuple(frees), hits=tuple(hits))
 
     def _iteration(
-        self, state: ClusterState, instance: int, requests: list[RequestState], queue: Iterable[RequestState]
+        self, state: ClusterState, instance: int, requests: list[RequestState], queue: Iterable[RequestState],
+        hits: list[PrefixHit],
     ) -> tuple[list[PrefillItem], list[int]]:
         """One iteration of the instance: `requests` are its started ones not in flight,
-        `queue` the queued ones in arrival order."""
+        `queue` the queued ones in arrival order; a queued request whose cached prefix the
+        instance holds starts after it (its hit goes to `hits`)."""
         budget = self.chunk_tokens
         free = state.free(instance)
         decoding = sorted((r for r in requests if r.decoding), key=_arrival)
@@ -415,7 +464,7 @@ class ChunkedScheduler(Scheduler):
         while decoding and free < len(decoding):
             victim = decoding.pop()
             victims.append(victim.id)
-            free += victim.kv_len
+            free += victim.owned_on(instance)  # its views of a cached prefix stay with the entry
         items = []
         for request in decoding[:budget]:
             position = request.kv_len
@@ -428,16 +477,25 @@ class ChunkedScheduler(Scheduler):
         prefilling = itertools.chain(under_way, queue)
         owed = sum(r.pending_target - r.kv_len for r in under_way)
         for request in prefilling:
-            remaining = request.pending_target - request.kv_len
+            start = request.kv_len
+            found = group_prefix_hit(state, request, (instance,)) if start == 0 else None
+            if found and owed + request.pending_target - found[0].tokens + sum(found[1].values()) > free:
+                found = None  # pinning the entry whole does not fit: computed instead (never stuck on it)
+            if found:
+                start = found[0].tokens
+            remaining = request.pending_target - start
             if request.kv_len == 0:
-                if owed + remaining > free:
+                pinned = sum(found[1].values()) if found else 0
+                if owed + remaining + pinned > free:
                     break
                 owed += remaining
+                free -= pinned
             # Decodes grow after a prefill was admitted, so a chunk also stops at the free slots.
             chunk = min(budget, remaining, free)
             if chunk <= 0:
                 break
-            start = request.kv_len
+            if found:
+                hits.append(found[0])
             items.append(PrefillItem(request.id, start, start + chunk, (Retention(instance, TokenRange(start, start + chunk)),)))
             budget -= chunk
             free -= chunk

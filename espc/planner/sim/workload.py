@@ -76,12 +76,49 @@ raises `TraceError` reading ``PATH:LINE: what is wrong``. Rules:
 
 With a trace, the spec's `requests` does not cap the replay (it has a default of 1000,
 which would silently truncate every trace): `TraceSpec.limit` and `generate(requests=N)` do.
+
+Prefix structure
+----------------
+`Request.prefix_hashes` names a prompt's blocks of ``PREFIX_BLOCK_TOKENS`` (512) tokens,
+Mooncake's convention: ceil(prompt_len / 512) ids, the last one naming a partial block when
+512 does not divide the prompt. Equal ids at index j mean equal prompt tokens in block j
+*given equal earlier blocks*: a prefix cache chains them (block j's key names ids 0..j), so
+an id says nothing on its own. Synthetic ids come from one counter, unique across the
+stream; a partial block's id is never repeated (only full blocks are shareable). A
+workload without `prefix` structure gives no ids (nothing in it repeats).
+
+A synthetic workload's `[workload.prefix]` table (`prefix { ... }` in the DSL) declares it:
+
+- ``shared_tokens = N``, ``groups = G``: G system prompts of N tokens; each session draws
+  one uniformly (a fourth generator spawned from the seed, so the lengths and arrivals of
+  every stream stay the ones drawn without prefix structure). A prompt is the system prompt
+  followed by its drawn length: prompt_len = N + drawn. Its ids name the system prompt's
+  N // 512 full blocks, then blocks of its own (the block where the system prompt ends and
+  the message begins is the request's own, so only full blocks of the system prompt are
+  shared).
+- ``turns = T``, ``think_time = D``: requests come in sessions of T turns. Sessions start
+  per the arrival process at rate / T (so requests arrive at the declared rate on average;
+  `generate(rate=R)` scales the session starts only) and turn k+1 arrives D after turn k
+  (the user's think time, fixed under any rate: a turn whose predecessor is still running
+  finds nothing cached, as in a replayed trace). Turn k+1's prompt is turn k's prompt,
+  turn k's output and a new message of a drawn length; its ids are those of the full blocks
+  of turn k's prompt + output (the concatenated sequence: the blocks turn k's KV holds
+  once it finished), then blocks of its own. The block turn k's prompt ends in is named
+  anew there, since it then holds output tokens too. n requests form ceil(n / T) sessions,
+  the last one cut short; ids are renumbered in arrival order.
+
+`workload_stats` reports ``prompt_block_reuse``: the share of prompt blocks whose chained
+key an earlier request's prompt already had, the upper bound of a prefix cache's block hit
+rate (36.6% on Mooncake's conversation trace). `prompt_tokens` turns a request into token
+ids that carry this structure, for replay on the runtime.
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+import hashlib
+import itertools
 import json
 import math
 import re
@@ -93,13 +130,15 @@ from typing import BinaryIO
 
 import numpy as np
 
-from espc.frontend.presets import DATASET_INPUT_RANGES
+from espc.frontend.presets import DATASET_INPUT_RANGES, DATASET_OUTPUT_MAX
 from espc.frontend.spec import (
+    PREFIX_BLOCK_TOKENS,
     DatasetLengths,
     FixedLengths,
     GammaArrival,
     LengthDist,
     PoissonArrival,
+    PrefixSpec,
     TraceArrival,
     TraceSpec,
     UniformLengths,
@@ -116,7 +155,9 @@ class Request:
     arrival_s: float
     prompt_len: int
     output_len: int
-    prefix_hashes: tuple[int, ...] = ()  # Mooncake's 512-token prefix block ids, for prefix caching
+    # Ids of the prompt's PREFIX_BLOCK_TOKENS-token blocks (Mooncake's hash_ids), for prefix
+    # caching: equal ids at index j mean equal tokens in block j given equal earlier blocks.
+    prefix_hashes: tuple[int, ...] = ()
 
 
 # ------------------------------------------------------------------------------- lengths
@@ -151,10 +192,10 @@ class DatasetModel:
 
 
 def _dataset_model(name: str, prompt_medians: tuple[float, ...], prompt_sigma: float,
-                   output_median: float, output_sigma: float, output_max: int) -> DatasetModel:
+                   output_median: float, output_sigma: float) -> DatasetModel:
     return DatasetModel(
         TruncatedLogNormal(prompt_medians, prompt_sigma, *DATASET_INPUT_RANGES[name]),
-        TruncatedLogNormal((output_median,), output_sigma, 1, output_max),
+        TruncatedLogNormal((output_median,), output_sigma, 1, DATASET_OUTPUT_MAX[name]),
     )
 
 
@@ -163,10 +204,10 @@ _LVEVAL_TOKENS_PER_WORD = 1.28
 
 # The parameters and their reasoning are in the module docstring.
 DATASETS: dict[str, DatasetModel] = {
-    "sharegpt": _dataset_model("sharegpt", (128,), 1.3, 180, 1.0, 1_000),
-    "leval": _dataset_model("leval", (10_000,), 1.0, 64, 0.9, 1_000),
+    "sharegpt": _dataset_model("sharegpt", (128,), 1.3, 180, 1.0),
+    "leval": _dataset_model("leval", (10_000,), 1.0, 64, 0.9),
     "lveval": _dataset_model(
-        "lveval", tuple(_LVEVAL_TOKENS_PER_WORD * words for words in _LVEVAL_LEVEL_WORDS), 0.25, 32, 0.8, 500
+        "lveval", tuple(_LVEVAL_TOKENS_PER_WORD * words for words in _LVEVAL_LEVEL_WORDS), 0.25, 32, 0.8
     ),
 }
 MIXED_PARTS = ("sharegpt", "leval", "lveval")
@@ -440,7 +481,8 @@ def generate(
     """The workload's request stream, sorted by arrival, ids 0..n-1, the first at t = 0.
 
     `rate` overrides the arrival rate (a trace replayed with trace arrivals is rescaled to
-    that mean rate), `seed` the spec's seed, `requests` the number of requests (with a
+    that mean rate; multi-turn sessions start at rate / turns, their think time unscaled),
+    `seed` the spec's seed, `requests` the number of requests (with a
     trace: caps the replay). Trace paths are resolved against `base_dir`.
     """
     if rate is not None and not (math.isfinite(rate) and rate > 0):
@@ -448,7 +490,8 @@ def generate(
     if requests is not None and requests < 1:
         raise ValueError(f"requests must be at least 1, got {requests}")
     seed = workload.seed if seed is None else seed
-    prompt_seed, output_seed, arrival_seed = np.random.SeedSequence(seed).spawn(3)
+    # The first three children are those of spawn(3): streams drawn before prefix structure existed stay the same.
+    prompt_seed, output_seed, arrival_seed, prefix_seed = np.random.SeedSequence(seed).spawn(4)
     arrival_rng = np.random.default_rng(arrival_seed)
 
     if workload.trace is None:
@@ -457,6 +500,11 @@ def generate(
         prompts, outputs = _synthetic_lengths(
             workload, count, np.random.default_rng(prompt_seed), np.random.default_rng(output_seed)
         )
+        if workload.prefix.declared:
+            return _prefixed_stream(
+                workload.prefix, workload.arrival, prompts.tolist(), outputs.tolist(), arrival_rng,
+                np.random.default_rng(prefix_seed), rate,
+            )
         arrivals = sample_arrivals(workload.arrival, count, arrival_rng, rate)
         return [
             Request(index, arrival, prompt, output)
@@ -480,8 +528,76 @@ def generate(
     return [replace(request, arrival_s=arrival) for request, arrival in zip(replay, arrivals.tolist())]
 
 
+def _prefixed_stream(prefix: PrefixSpec, arrival: PoissonArrival | GammaArrival, messages: list[int],
+                     outputs: list[int], arrival_rng: np.random.Generator, group_rng: np.random.Generator,
+                     rate: float | None) -> list[Request]:
+    """Requests with shared system prompts and multi-turn sessions (the module docstring):
+    request i of the draws is turn i % turns of session i // turns."""
+    block = PREFIX_BLOCK_TOKENS
+    turns, count = prefix.turns, len(messages)
+    sessions = -(-count // turns)
+    rate = arrival.rate if rate is None else rate
+    starts = sample_arrivals(arrival, sessions, arrival_rng, rate / turns).tolist()
+    groups = group_rng.integers(prefix.groups, size=sessions).tolist()
+    think = prefix.think_time or 0.0  # validated: set exactly when turns > 1
+    new_id = itertools.count()
+    system = [tuple(itertools.islice(new_id, prefix.shared_tokens // block)) for _ in range(prefix.groups)]
+    drawn: list[tuple[float, int, int, int, tuple[int, ...]]] = []  # arrival, draw index, prompt, output, ids
+    for session in range(sessions):
+        # The conversation so far: its length and the ids of its full blocks.
+        context, context_ids = prefix.shared_tokens, system[groups[session]]
+        for turn in range(min(turns, count - session * turns)):
+            index = session * turns + turn
+            prompt_len = context + messages[index]
+            own = -(-prompt_len // block) - len(context_ids)  # blocks that hold this turn's message
+            prompt_ids = context_ids + tuple(itertools.islice(new_id, own))
+            drawn.append((starts[session] + turn * think, index, prompt_len, outputs[index], prompt_ids))
+            # The next turn resends this prompt and its output: the prompt's full blocks keep
+            # their ids, the blocks the output completes (the partial one included) get new ones.
+            context += messages[index] + outputs[index]
+            full_in_prompt = prompt_len // block
+            context_ids = prompt_ids[:full_in_prompt] + tuple(itertools.islice(new_id, context // block - full_in_prompt))
+    drawn.sort(key=lambda request: request[:2])
+    return [
+        Request(index, arrival, prompt_len, output, ids)
+        for index, (arrival, _, prompt_len, output, ids) in enumerate(drawn)
+    ]
+
+
+def block_keys(prefix_hashes: Sequence[int]) -> list[int]:
+    """Chained 64-bit keys of a prompt's blocks: key j names ids 0..j together, so equal keys
+    mean equal tokens in blocks 0..j. Stable across processes and Python versions (BLAKE2b)."""
+    keys: list[int] = []
+    key = 0
+    for block_id in prefix_hashes:
+        key = int.from_bytes(hashlib.blake2b(f"{key}:{block_id}".encode(), digest_size=8).digest(), "little")
+        keys.append(key)
+    return keys
+
+
+def prompt_tokens(request: Request, vocab: int, seed: int = 0) -> np.ndarray:
+    """`request.prompt_len` token ids in [0, vocab) that carry its prefix structure.
+
+    Full block j's PREFIX_BLOCK_TOKENS ids are drawn from a generator seeded by (seed, the
+    chained key of blocks 0..j), so two requests whose prefix_hashes agree on blocks 0..j get
+    the same ids in [0, 512 (j + 1)), and a block-hashing prefix cache (whose block size
+    divides 512) hits exactly where the workload's ids repeat. The tokens past the last full
+    named block (a partial block, or a prompt without ids) are the request's own: drawn from
+    a generator seeded by (seed, request id).
+    """
+    block = PREFIX_BLOCK_TOKENS
+    named = min(len(request.prefix_hashes), request.prompt_len // block)
+    parts = [
+        np.random.default_rng([seed, 0, key]).integers(0, vocab, block)
+        for key in block_keys(request.prefix_hashes[:named])
+    ]
+    parts.append(np.random.default_rng([seed, 1, request.id]).integers(0, vocab, request.prompt_len - named * block))
+    return np.concatenate(parts)
+
+
 def workload_stats(requests: Sequence[Request]) -> dict[str, int | float | None]:
-    """Summary of a stream for reports: count, duration, mean rate, prompt and output lengths."""
+    """Summary of a stream for reports: count, duration, mean rate, prompt and output lengths,
+    and `prompt_block_reuse` (None when no request names its blocks)."""
     if not requests:
         raise ValueError("no requests to summarise")
     arrivals = np.array([request.arrival_s for request in requests])
@@ -497,4 +613,19 @@ def workload_stats(requests: Sequence[Request]) -> dict[str, int | float | None]
         "prompt_p90": p90,
         "prompt_max": int(prompts.max()),
         "output_mean": float(outputs.mean()),
+        "prompt_block_reuse": prompt_block_reuse(requests),
     }
+
+
+def prompt_block_reuse(requests: Sequence[Request]) -> float | None:
+    """The share of prompt blocks whose chained key (ids 0..j) an earlier request's prompt
+    had: the most of its blocks a prefix cache could serve, were nothing ever evicted and
+    every earlier request finished in time. None when no request names its blocks."""
+    seen: set[int] = set()
+    blocks = repeated = 0
+    for request in sorted(requests, key=lambda request: request.arrival_s):
+        keys = block_keys(request.prefix_hashes)
+        blocks += len(keys)
+        repeated += sum(key in seen for key in keys)
+        seen.update(keys)
+    return repeated / blocks if blocks else None

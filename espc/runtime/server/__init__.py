@@ -10,7 +10,8 @@ answers with server-sent events, `data: {chunk}` lines and a final `data: [DONE]
 /v1/models`, `GET /health` (503 while no instance is in service) and `GET /metrics`
 (Prometheus, through prometheus_client). Both completion endpoints take `n` (choice i
 samples with the request's seed + i) and `logprobs` (computed by the worker from the fp32
-logits row it samples from).
+logits row it samples from). Their `usage` reports the prompt tokens read from the prefix
+cache in `prompt_tokens_details.cached_tokens`.
 
 Errors carry OpenAI's body, `{"error": {"message", "type", "param", "code"}}`:
 

@@ -27,6 +27,7 @@ class ChoiceState:
     chunks_sent: int = 0
     ids_sent: int = 0  # tokens already sent in chunks (the rest go with the next one)
     text_offset: int = 0  # where the next token's text starts in the completion (completions' logprobs)
+    cached_tokens: int = 0  # prompt tokens the prefix cache served (FinishEvent.cached_tokens), once it ended
 
 
 class CompletionFormat:

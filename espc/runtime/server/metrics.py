@@ -1,7 +1,8 @@
 """What the server measures itself, for `GET /metrics` in Prometheus' exposition format
 (`prometheus_client`, one registry per app): latencies as its clients see them and request
-outcomes, the engine's state from `Engine.stats()` read at each scrape, and the standard
-process, platform and garbage-collector metrics (`process_*`, `python_*`)."""
+outcomes, the engine's state from `Engine.stats()` read at each scrape (the prefix cache's
+included), and the standard process, platform and garbage-collector metrics (`process_*`,
+`python_*`)."""
 
 from __future__ import annotations
 
@@ -87,6 +88,8 @@ class _EngineCollector(Collector):
         for name, help_, values in (
             ("espc_instance_dop", "Degree of parallelism of the batch each instance runs (0: idle).", stats["dop"]),
             ("espc_kv_used_tokens", "KV slots in use per instance.", used),
+            ("espc_kv_cached_tokens", "KV slots in use per instance held by cached prefixes no request reads (evicted when needed).",
+             stats["kv_cached_tokens"]),
             ("espc_kv_capacity_tokens", "KV slots per instance.", capacity),
         ):
             family = GaugeMetricFamily(name, help_, labels=["instance"])
@@ -102,6 +105,35 @@ class _EngineCollector(Collector):
             rejected.add_metric([code], count)
         yield rejected
         yield CounterMetricFamily("espc_worker_failures", "Workers taken out of service.", value=len(stats["failures"]))
+        yield from _prefix_cache(stats["prefix_cache"])
+
+
+def _prefix_cache(stats: dict) -> Iterator[Metric]:
+    """The prefix cache's counters and state (`Driver.stats()["prefix_cache"]`, which holds
+    only `enabled` when it is off: zeros then); its hit rate over a window is
+    rate(hit_tokens) / rate(queried_tokens)."""
+    cache = dict.fromkeys(("queried_tokens", "hit_tokens", "cached_tokens", "cached_blocks", "evicted_blocks", "entries"), 0) | stats
+    queried, hit = cache["queried_tokens"], cache["hit_tokens"]
+    yield GaugeMetricFamily("espc_prefix_cache_enabled", "1 when the spec's [runtime] prefix_caching is on.", value=int(cache["enabled"]))
+    yield CounterMetricFamily(
+        "espc_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache.", value=queried,
+    )
+    yield CounterMetricFamily(
+        "espc_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache instead of prefilled.", value=hit,
+    )
+    yield GaugeMetricFamily(
+        "espc_prefix_cache_hit_ratio", "Hit tokens over queried tokens since start (0 before any lookup).",
+        value=hit / queried if queried else 0.0,
+    )
+    yield GaugeMetricFamily(
+        "espc_prefix_cache_cached_tokens", "KV tokens held by prefix-cache entries no running request reads (evictable).",
+        value=cache["cached_tokens"],
+    )
+    yield GaugeMetricFamily("espc_prefix_cache_cached_blocks", "KV blocks held by prefix-cache entries.", value=cache["cached_blocks"])
+    yield GaugeMetricFamily("espc_prefix_cache_entries", "Finished requests kept as prefix-cache entries.", value=cache["entries"])
+    yield CounterMetricFamily(
+        "espc_prefix_cache_evicted_blocks", "KV blocks of prefix-cache entries evicted to make room.", value=cache["evicted_blocks"],
+    )
 
 
 class _Timing:

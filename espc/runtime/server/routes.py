@@ -170,10 +170,11 @@ async def _complete(state: ServerState, job: _Job, format_: ResponseFormat, requ
     request_id = f"{format_.id_prefix}{secrets.token_hex(12)}"
     # With a tokenizer, _decode always returns text.
     decode = cast("Callable[[list[int]], str]", engine._decode) if engine.tokenizer is not None else None
-    pieces = [
-        _pieces(first, stream, _Text(decode, job.stops), timing) for first, stream, timing in zip(firsts, streams, timings)
-    ]
     states = [ChoiceState(index, prompt) for index, (prompt, _) in enumerate(choices)]
+    pieces = [
+        _pieces(first, stream, _Text(decode, job.stops), timing, choice, engine.cancel)
+        for first, stream, timing, choice in zip(firsts, streams, timings, states)
+    ]
     if job.stream:
         return StreamingResponse(
             _sse(request_id, job, format_, states, pieces, streams, state.served, metrics), media_type="text/event-stream",
@@ -194,7 +195,7 @@ async def _complete(state: ServerState, job: _Job, format_: ResponseFormat, requ
         format_.choice(choice, "".join(choice.text), choice.ids, choice.logprobs if wants_logprobs else None, choice.finish or "length", streamed=False)
         for choice in states
     ]
-    usage = _usage(job, sum(len(choice.ids) for choice in states))
+    usage = _usage(job, states)
     return JSONResponse(response_body(format_, request_id, int(time.time()), state.served, bodies, streamed=False) | {"usage": usage})
 
 

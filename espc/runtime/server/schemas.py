@@ -4,6 +4,7 @@ schema with the served model's limits."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, cast
 
@@ -12,6 +13,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, Vali
 
 from espc.runtime.engine import Engine, Prompt
 from espc.runtime.sampling import MAX_LOGPROBS, SamplingParams
+from espc.runtime.server.bodies import ChoiceState
 from espc.runtime.server.errors import APIError, _bad
 
 _INT64 = 2**63 - 1
@@ -191,10 +193,18 @@ def _prepare(engine: Engine, body: CompletionRequest, served: str) -> _Job:
     return _job(engine, body, prompts, 16 if body.max_tokens is None else body.max_tokens, "max_tokens", body.logprobs, bool(body.return_token_ids))
 
 
-def _usage(job: _Job, generated: int) -> dict:
-    """OpenAI's usage: each prompt counted once (whatever n), every choice's tokens."""
+def _usage(job: _Job, states: Sequence[ChoiceState]) -> dict:
+    """OpenAI's usage: each prompt counted once (whatever n), every choice's tokens, and in
+    `prompt_tokens_details.cached_tokens` the prompt tokens the prefix cache served, each
+    prompt counted once too: those of its first choice, whose prompt `prompt_tokens` counts
+    (the other choices are prefilled beside it, wherever the scheduler places them)."""
     prompt = sum(len(ids) for ids in job.prompts)
-    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+    generated = sum(len(state.ids) for state in states)
+    cached = sum(states[index * job.n].cached_tokens for index in range(len(job.prompts)))
+    return {
+        "prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 def openapi_schema(app: FastAPI, served: str, max_context: int, vocab: int) -> dict:

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 from fastapi import Request
 
@@ -57,9 +57,12 @@ async def _unless_disconnected(request: Request, work: Awaitable):
 
 async def _pieces(
     first: TokenEvent | FinishEvent, events: AsyncGenerator[TokenEvent | FinishEvent, None], text: _Text, timing: _Timing,
+    state: ChoiceState, cancel: Callable[[int], None],
 ):
     """(text, token events, finish reason) deltas of one completion, the finish reason set on
-    the last; raises _Failed when the engine ends the request otherwise."""
+    the last; raises _Failed when the engine ends the request otherwise. The request's end
+    sets `state.cached_tokens`: a stop string cancels the request (`cancel`, the engine's)
+    and reads its FinishEvent after the last delta, so the usage can count them."""
     event = first
     try:
         while True:
@@ -68,9 +71,14 @@ async def _pieces(
                 piece, stopped = text.add(event.token)
                 if stopped:
                     yield piece, [event], "stop"
+                    cancel(event.request_id)
+                    async for event in events:  # tokens past the stop string, then the end
+                        if isinstance(event, FinishEvent):
+                            state.cached_tokens = event.cached_tokens
                     return
                 yield piece, [event], None
             elif event.reason in ("length", "stop"):
+                state.cached_tokens = event.cached_tokens
                 piece, stopped = text.rest()
                 yield piece, [], "stop" if stopped else event.reason
                 return
@@ -79,7 +87,7 @@ async def _pieces(
             event = await events.__anext__()
     finally:
         timing.done()
-        await events.aclose()  # a stop string ends it early: cancel it, free its KV
+        await events.aclose()  # a failure or a disconnect leaves early: cancel the request, free its KV
 
 
 async def _merged(streams: list[AsyncGenerator]) -> AsyncIterator[tuple[int, tuple]]:
@@ -159,7 +167,7 @@ async def _sse(
                 finished += 1
                 metrics.outcome(reason)
         if job.include_usage:
-            yield chunk([], _usage(job, sum(len(state.ids) for state in states)))
+            yield chunk([], _usage(job, states))
         yield "data: [DONE]\n\n"
     except _Failed as failed:
         finished = len(states)
