@@ -70,8 +70,8 @@ def repeated_prompt(spec: Spec, policy: Policy, repeats: int, tokens: int) -> di
         cold, warm, cached = [], [], []
         with Engine(caching(spec, on), policy) as engine:
             params = SamplingParams(max_new_tokens=1)
-            # Warm-up: workers build a graph shape the first time they run it (about a second
-            # each on a CPU), so every instance first serves a prompt, then the same prompt again.
+            # Warm-up: a worker lowers each graph shape the first time it runs it, so every
+            # instance first serves a prompt, then the same prompt again (a continued prefill).
             warm_up = [rng.integers(0, spec.model.vocab, tokens).tolist() for _ in range(engine.stats()["instances"])]
             engine.generate(warm_up, params, timeout=300)
             engine.generate(warm_up, params, timeout=300)

@@ -130,6 +130,10 @@ def worker_main(rank: int, config: WorkerConfig, commands, results) -> None:
         lowering = Lowering(model, attention=config.attention, tp=config.tp)
         kv_heads = tp_shard(config.model, config.tp, tp_rank).local_kv_heads
         pool = pool_tensor(config.model, config.pool_slots, dtype, device, kv_heads=kv_heads)
+        # The first call of a torch.library custom op in a process sets up torch's machinery
+        # for them (about a second on a CPU, whatever the op and its size), which the first
+        # request to reach this worker would pay in its TTFT: pay it now, on an empty read.
+        torch.ops.espc.kv_gather(pool, 0, torch.empty(0, dtype=torch.int64, device=device))
         threading.Thread(target=_heartbeat, args=(instance, results, stop), daemon=True).start()
         results.put((READY, instance, os.getpid()))
     except Exception:
