@@ -11,11 +11,15 @@ every continued prefill obeys (its ring holds every instance its prefix lives on
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
+from contextlib import ExitStack
 
 import pytest
+import torch
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
+from espc.backend.kvpool import PagedKVTable
 from espc.planner.compile.scheduler import ElasticScheduler
 from espc.planner.plan import IterationPlan, PrefillBatch, PrefillItem, PrefixHit, Retention, TokenRange
 from espc.planner.sim.cluster_state import ClusterState, RequestState
@@ -23,9 +27,11 @@ from espc.planner.sim.prefix_cache import PrefixCache, PrefixMatch, chain
 from espc.planner.sim.simulator import simulate
 from espc.planner.sim.strategies import ChunkedScheduler, Deployment, Scheduler, StaticScheduler
 from espc.planner.sim.workload import PREFIX_BLOCK_TOKENS, Request
+from espc.runtime.driver import table_mismatch
 from tests.test_scheduler import INSTANCES, cost, milp_policy, policies, prefill_s, spec
 
 BLOCK = PREFIX_BLOCK_TOKENS
+TABLE_PAGE = 64  # the mirrored page tables' page size: blocks span several pages
 
 
 # ------------------------------------------------------------------------------ the index
@@ -428,3 +434,83 @@ def test_the_runtime_runs_the_elastic_scheduler_s_hits_on_a_spread_prefix():
     assert_matches_reference(build_model(tiny.model, dtype=torch.float64), [LONG, LONG], first + again)
     assert [first[0].cached_tokens, again[0].cached_tokens] == [0, 5 * RUNTIME_BLOCK]
     assert stats["prefix_cache"]["hit_tokens"] == 5 * RUNTIME_BLOCK
+
+
+# ------------------------------------------------------- the index and the page tables together
+
+
+def mirrored_run(scheduler: Scheduler, requests: Sequence[Request], max_entries: int) -> tuple[ClusterState, list[PagedKVTable]]:
+    """Serve `requests` with every plan completed at once, applying each step to per-instance
+    page tables exactly as the runtime driver does (evictions release, hits share views
+    before anything allocates, frees release, prefills and decodes and migrations allocate,
+    a migration's source releases when it lands, a finished request is released unless the
+    cache kept it), and hold tables and state to the same owners and views after every step."""
+    capacity = scheduler.deployment.capacity
+    state = ClusterState(capacity, check=True, prefix=PrefixCache(BLOCK, max_entries))
+    tables = [PagedKVTable(cap, TABLE_PAGE, len(requests) + max_entries) for cap in capacity]
+    arrivals = list(requests)
+    while arrivals or state.waiting or state.running:
+        if arrivals:
+            arrived = state.arrive(arrivals.pop(0))
+            if scheduler.admit(state, arrived) is not None:
+                state.reject(arrived, "refused")
+        plan = scheduler.schedule(state)
+        if plan is None:
+            assert arrivals or not (state.waiting or state.running), "nothing runs and nothing can"
+            continue
+        plan = state.with_evictions(plan)
+        with ExitStack() as transactions:
+            for table in tables:
+                transactions.enter_context(table.transaction())
+                for entry in plan.evictions:
+                    table.release(entry)
+                for hit in plan.hits:
+                    table.share(hit.request_id, hit.source, TokenRange(0, hit.tokens))
+                for request in plan.frees:
+                    table.release(request)
+            for batch in plan.batches:
+                for item in batch.items:
+                    if isinstance(item, PrefillItem):
+                        for kept in item.retention:
+                            tables[kept.instance].allocate(item.request_id, torch.arange(kept.range.start, kept.range.end))
+                    else:
+                        position = state.requests[item.request_id].kv_len
+                        tables[item.master].allocate(item.request_id, torch.tensor([position]))
+            for migration in plan.migrations:
+                tables[migration.dst].allocate(migration.request_id, torch.arange(migration.range.start, migration.range.end))
+        state.start(plan)
+        ended = [done for batch in plan.batches for done in state.complete(batch)]
+        for migration in plan.migrations:
+            state.complete_migration(migration)
+            tables[migration.src].release(migration.request_id, migration.range)
+            tables[migration.src].take_moves()  # the graph moves them; no slot is viewed while they are pending
+        for done in ended:
+            if done.id not in state.prefix.entries:
+                for table in tables:
+                    table.release(done.id)
+        for entry in state.take_evictions():
+            for table in tables:
+                table.release(entry)
+        for rank, table in enumerate(tables):
+            assert table_mismatch(state, rank, table) is None, table_mismatch(state, rank, table)
+    return state, tables
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_page_tables_follow_the_cache_with_no_leak_and_no_read_after_eviction(data):
+    """The index and the pool together: refcounted views stay exactly where the state says,
+    a table refuses to free an owner that is still viewed (so nothing reads an evicted
+    prefix), and once every instance is retired the tables hold nothing."""
+    capacity = data.draw(st.integers(1200, 6000))
+    requests = data.draw(prefix_workloads())
+    scheduler = data.draw(schedulers(capacity))
+    state, tables = mirrored_run(scheduler, requests, max_entries=data.draw(st.integers(1, 8)))
+    event(f"{type(scheduler).__name__}: {'hits' if state.prefix.hit_tokens else 'no hit'}")
+    for instance in range(state.num_instances):
+        state.retire(instance)
+        for entry in state.take_evictions():
+            for table in tables:
+                table.release(entry)
+    assert [table.used_tokens for table in tables] == [0] * INSTANCES
+    assert not any(table.shared() for table in tables) and not any(table.requests() for table in tables)

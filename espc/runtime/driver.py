@@ -804,25 +804,10 @@ class Driver:
         """Invariant between iterations: tables hold exactly what the state says — the owned
         tokens and the views of every running request and cached prefix; when nothing is
         live, nothing but cached prefixes."""
-        holders = list(self.state.running.values())
-        if self.state.prefix is not None:
-            holders += [self.state.requests[entry] for entry in self.state.prefix.entries]
         for rank, table in enumerate(self.tables):
-            table.verify()
-            owned, viewed = {}, {}
-            for state in holders:
-                views = _merged(state.borrowed.get(rank, ()))
-                if views:
-                    viewed[state.id] = views
-                own = _subtract(_merged(state.kv.get(rank, ())), views)
-                if own:
-                    owned[state.id] = own
-            actual = {request_id: _merged((r.start, r.end) for r in ranges) for request_id, ranges in table.held().items()}
-            if actual != owned:
-                raise AssertionError(f"instance {rank}: its table holds {actual}, the scheduler's state {owned}")
-            shared = {request_id: _merged((r.start, r.end) for r in ranges) for request_id, ranges in table.shared().items()}
-            if shared != viewed:
-                raise AssertionError(f"instance {rank}: its table's views are {shared}, the scheduler's state's {viewed}")
+            mismatch = table_mismatch(self.state, rank, table)
+            if mismatch is not None:
+                raise AssertionError(mismatch)
         cached = sum(self.state.cached)  # with nothing live, no cached prefix is read: all of them
         if not self._live and sum(table.used_tokens for table in self.tables) != cached:
             raise AssertionError(f"no request is live but KV is held: {[t.used_tokens for t in self.tables]}, cached {cached}")
@@ -847,6 +832,31 @@ def _lengths(batch: PrefillBatch | DecodeBatch) -> tuple[int, ...]:
 
 def _members(work: PrefillBatch | DecodeBatch | Migration) -> tuple[int, ...]:
     return (work.src, work.dst) if isinstance(work, Migration) else work.instances
+
+
+def table_mismatch(state: ClusterState, rank: int, table: PagedKVTable) -> str | None:
+    """How instance `rank`'s page table differs from the scheduler's state — the tokens each
+    running request and cached prefix owns there, and the views each reads — or None; the
+    table's own invariants first (`verify` raises)."""
+    table.verify()
+    holders = list(state.running.values())
+    if state.prefix is not None:
+        holders += [state.requests[entry] for entry in state.prefix.entries]
+    owned, viewed = {}, {}
+    for holder in holders:
+        views = _merged(holder.borrowed.get(rank, ()))
+        if views:
+            viewed[holder.id] = views
+        own = _subtract(_merged(holder.kv.get(rank, ())), views)
+        if own:
+            owned[holder.id] = own
+    actual = {request_id: _merged((r.start, r.end) for r in ranges) for request_id, ranges in table.held().items()}
+    if actual != owned:
+        return f"instance {rank}: its table holds {actual}, the scheduler's state {owned}"
+    shared = {request_id: _merged((r.start, r.end) for r in ranges) for request_id, ranges in table.shared().items()}
+    if shared != viewed:
+        return f"instance {rank}: its table's views are {shared}, the scheduler's state's {viewed}"
+    return None
 
 
 def _subtract(ranges: tuple[tuple[int, int], ...], cut: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
