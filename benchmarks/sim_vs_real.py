@@ -1,76 +1,83 @@
-"""Sim vs real: profile the CPU workers, compile, simulate a 64-request trace, then run the same
-trace for real: mean and P90 TTFT/TPOT within 20% of the simulator's prediction.
+"""Sim vs real: profile the CPU workers, compile the tiny spec with that calibration, simulate
+its workload, then run the same workload on the engine: TTFT and TPOT p50 and p90 of the
+real run within 20% of the simulator's prediction, overall and per phase (prefill DoP,
+decode on one instance or spread over several).
 
-    python benchmarks/sim_vs_real.py [--rate R] [--requests N] [--seed S] [--strategy NAME]
-        [--calibration FILE | --analytical] [--save-calibration FILE] [--quick-profile]
-        [--compile] [--search-seconds S] [--kv-capacity T] [--warmup N] [--json PATH]
+    python benchmarks/sim_vs_real.py [--calibration FILE | --quick-profile] [--save-calibration FILE]
+        [--search-seconds S] [--strategy NAME [--configuration LABEL]] [--rate R] [--requests N]
+        [--seed S] [--warmup N] [--kv-capacity T] [--json PATH] [--text PATH]
 
-On specs/tiny-cpu.toml (4 CPU worker processes over gloo, one torch thread each):
+The user's flow `espc profile` → `espc compile --calibration` → `espc simulate` vs `espc run`
+on specs/tiny-cpu.toml (4 CPU worker processes over gloo, one torch thread each), in one
+process:
 
-1. calibrate: `espc.runtime.profile.profile(spec)` measures prefill, decode and migration on
-   the spec's workers and fits the cost model (or --calibration FILE from `espc profile`;
-   --analytical skips it and uses `CostModel.from_spec`);
-2. compile: the elastic policy MILP on that cost model (`Evaluator.candidates("elastic")`);
-   with --compile the whole compiler (`compile_spec`: MILP, simulated verification, local
-   search, every baseline) and its chosen strategy. --strategy NAME serves a baseline instead
-   (its best configuration by simulated attainment on this trace);
-3. simulate the spec's workload (64 requests, Poisson 2 req/s by default) with that
-   scheduler, cost model and KV capacity;
-4. replay the same requests on `espc.runtime.engine.Engine` with the *same* scheduler
-   (a fresh one from the same candidate, so the same cost model decides DoPs and batches):
-   each request submitted at its arrival time with prompt_len random token ids and
-   max_new_tokens = output_len (greedy, no stop tokens, so output lengths match). A warm-up
-   trace (another seed) runs first so that every worker has built its graphs; only the timed
-   trace is measured;
-5. print sim vs real (the simulator's summary table, then mean / P90 TTFT and TPOT, e2e and
-   attainment with real/sim and whether within 20%), and where they differ: per iteration the
-   cost model's prediction vs the measured duration (timeline: dispatch to completion) vs the
-   workers' own seconds, and how many instances were busy at once against the CPU cores. As a
-   diagnostic (not the target), the trace is simulated again with the per-iteration time the
-   calibration cannot see (the real run's median driver+IPC time per batch and gap between
-   back-to-back batches) added to every batch: what is left is contention and cost-model error.
+1. calibrate: `espc.runtime.profile.profile(spec)` measures prefill and decode at every DoP,
+   migrations, the runtime's dispatch and its contention (iterations while other instances
+   are busy: four workers share two cores here) on the spec's workers and fits the cost
+   model (or --calibration FILE, written by `espc profile`). This happens before, and apart
+   from, the run it is compared with: nothing measured on that run feeds the prediction;
+2. compile: `compile_spec` with that cost model (the MILP, simulated verification, local
+   search, every baseline), as `espc compile --calibration` does; the artifact's policy is
+   served. --strategy NAME serves another of the compiled candidates (e.g. `elastic` when
+   compile chose a baseline: the compiled elastic policy);
+3. simulate: the spec's workload (64 requests, Poisson 8 req/s) through the scheduler
+   `espc run` builds for that policy (`espc.runtime.engine.build_scheduler`);
+4. run: the same workload replayed in real time (`espc.runtime.replay`, as `espc run`) on an
+   Engine of that policy, after an untimed warm-up trace (another seed);
+5. compare: TTFT and TPOT p50 / p90 sim vs real for every request and per class, each run's
+   requests classed by what its own scheduler did with them: the DoP of their prefill, and
+   whether their decode read KV on one instance or several (multi-master decode). Counted
+   in both: prefills at DoP > 1, decode steps over several instances, migrations.
 
-Writes benchmarks/results/sim_vs_real.json by default. Numbers are what they are: nothing is
-tuned to pass.
+Where they differ, the diagnostics say why: per (phase, DoP, more instances busy than CPU
+cores or not) the cost model's prediction of each batch, alone and at the run's contention,
+vs its measured dispatch-to-completion and the workers' own seconds in it (the
+rest is the driver and the queues), and how many instances were busy at once against the
+CPU cores. As a diagnostic (never the target), the trace is simulated again with the real
+run's median per-batch driver time and gap between an instance's back-to-back batches added
+to every batch.
+
+Writes benchmarks/results/sim_vs_real.json and the printed tables to sim_vs_real.txt.
+Numbers are what they are: nothing is tuned to pass. Timing depends on the machine's load:
+run it on a quiet machine; nothing here decides a test.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
 import platform
-import random
+import shlex
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "specs" / "tiny-cpu.toml"
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "sim_vs_real.json"
 TOLERANCE = 0.20
-THREADS = 1
+THREADS = 1  # torch threads per worker: the runtime's default, and what `espc profile` measures
 
 
 # ------------------------------------------------------------------------------- stages
 
 
-def calibrate(spec, arguments) -> tuple[object, dict]:
-    """(cost model, what it came from)."""
+def calibrate(spec, arguments):
+    """(Calibration, what it came from): profiled now, before the run, or read from a file."""
     from espc.planner.sim.calibration import format_calibration, load_calibration, write_calibration
-    from espc.planner.sim.costmodel import CostModel
 
-    if arguments.analytical:
-        return CostModel.from_spec(spec), {"source": "analytical (CostModel.from_spec)"}
     if arguments.calibration is not None:
         calibration = load_calibration(arguments.calibration, spec)
-        source = f"file {arguments.calibration}"
-        seconds = None
+        source, seconds = f"file {arguments.calibration}", None
     else:
         from espc.runtime.profile import Grid, profile
 
@@ -85,185 +92,287 @@ def calibrate(spec, arguments) -> tuple[object, dict]:
     print(f"cost model: calibrated, {source}")
     print(format_calibration(calibration))
     errors = [abs(error) for _, _, error in calibration.errors()]
-    return calibration.cost, {
+    return calibration, {
         "source": source, "profile_seconds": seconds, "conditions": dict(calibration.conditions),
         "grid_points": len(errors), "fit_mean_abs_error": statistics.fmean(errors) if errors else None,
         "fit_max_abs_error": max(errors) if errors else None,
     }
 
 
-def choose_candidate(spec, evaluator, arguments) -> tuple[object, object, dict]:
-    """(candidate, policy or None, description) of what both the simulator and the engine serve."""
-    if arguments.compile:
-        from espc.planner.compile.artifact import spec_hash
-        from espc.planner.compile.compiler import CompileOptions, compile_spec
+def compile_policy(spec, cost, arguments):
+    """The policy `espc compile --calibration` writes for `spec` with `cost`."""
+    from espc.planner.compile.artifact import spec_hash
+    from espc.planner.compile.compiler import CompileOptions, compile_spec
 
-        print(f"compiling (search {arguments.search_seconds:g} s) ...", flush=True)
-        started = time.perf_counter()
-        result = compile_spec(
-            spec, spec_hash(spec), SPEC.parent, CompileOptions(arguments.search_seconds, arguments.compile_requests),
-            cost=evaluator.cost,
-        )
-        policy = result.policy
-        seconds = time.perf_counter() - started
-        print(f"compiled in {seconds:.0f} s: {policy.strategy} ({policy.configuration}): {policy.reason}")
-        strategy, configuration = policy.strategy, policy.configuration
-        if policy.elastic is not None:
-            evaluator.elastic = policy.elastic
-        how = {"compiled": True, "compile_seconds": seconds, "reason": policy.reason}
-    else:
-        policy, strategy, configuration = None, arguments.strategy, None
-        how = {"compiled": False}
-    family = evaluator.candidates(strategy)
-    if configuration is None and len(family) > 1:
-        configuration = evaluator.simulate_strategy(strategy, arguments.rate, arguments.seed).configuration
-        how["configuration_chosen_by"] = "best simulated attainment on this trace"
-    chosen = [c for c in family if configuration is None or c.label == configuration]
-    if not chosen:
-        raise SystemExit(f"strategy {strategy} has no configuration {configuration!r}")
-    candidate = chosen[0]
-    how |= {"strategy": strategy, "configuration": candidate.label}
-    if strategy == "elastic":
-        how["elastic_policy"] = str(evaluator.elastic)
-    return candidate, policy, how
+    print(f"compiling (search {arguments.search_seconds:g} s) ...", flush=True)
+    started = time.perf_counter()
+    policy = compile_spec(spec, spec_hash(spec), SPEC.parent, CompileOptions(arguments.search_seconds), cost=cost).policy
+    seconds = time.perf_counter() - started
+    print(f"compiled in {seconds:.0f} s: {policy.strategy} ({policy.configuration}): {policy.reason}")
+    return policy, seconds
 
 
-class Observer:
-    """Watches the engine's scheduler and driver from outside, without changing what they do:
-    the cost model's prediction of every planned batch (the scheduler's own `batch_seconds`,
-    what the simulator would charge) and the workers' StepResult seconds per iteration."""
+class PlanLog:
+    """What a scheduler decided, watched from outside without changing it: every plan's
+    batches with the cost model's prediction of each (`batch_seconds`, what the simulator
+    charges), and per request the DoP of its prefill and the most instances its decode read
+    KV on (the multi-master spread)."""
 
     def __init__(self, scheduler):
-        self.predicted: dict[tuple, collections.deque] = collections.defaultdict(collections.deque)
-        self.worker_seconds: dict[tuple[int, int], float] = {}  # (iteration, rank) -> seconds
-        self.lock = threading.Lock()
+        self.batches: dict[tuple, collections.deque] = collections.defaultdict(collections.deque)
+        self.prefill_dop: dict[int, int] = {}
+        self.decode_span: dict[int, int] = {}
+        self.prefill_batches: list[tuple[int, tuple[int, ...]]] = []  # (DoP, requests)
+        # (instances of the batch, most instances one of its requests reads KV on, requests)
+        self.decode_steps: list[tuple[int, int, tuple[int, ...]]] = []
+        self.migrations: list[tuple[int, int]] = []  # (request, tokens)
         schedule = scheduler.schedule
 
         def observed(state):
             plan = schedule(state)
             if plan is not None:
-                with self.lock:
-                    for batch in plan.batches:
-                        key = (batch.phase, tuple(batch.instances), tuple(item.request_id for item in batch.items))
-                        self.predicted[key].append((plan.iteration, scheduler.batch_seconds(batch)))
+                self.record(plan, scheduler.batch_seconds)
             return plan
 
         scheduler.schedule = observed
 
-    def attach(self, driver) -> None:
-        answer = driver._answer
+    def record(self, plan, batch_seconds) -> None:
+        for batch in plan.batches:
+            ids = tuple(item.request_id for item in batch.items)
+            self.batches[(batch.phase, tuple(batch.instances), ids)].append(batch_seconds(batch))
+            if batch.phase == "prefill":
+                self.prefill_batches.append((len(batch.instances), ids))
+                for request in ids:
+                    self.prefill_dop[request] = max(self.prefill_dop.get(request, 0), len(batch.instances))
+            else:
+                spans = [sum(1 for _, tokens in item.shards if tokens > 0) for item in batch.items]
+                for request, span in zip(ids, spans):
+                    self.decode_span[request] = max(self.decode_span.get(request, 0), span)
+                self.decode_steps.append((len(batch.instances), max(spans), ids))
+        self.migrations += [(migration.request_id, len(migration.range)) for migration in plan.migrations]
 
-        def observed(rank, iteration, result):
-            if result is not None:
-                with self.lock:
-                    self.worker_seconds[(result.iteration, rank)] = result.seconds
-            answer(rank, iteration, result)
+    def predicted(self, batch) -> float | None:
+        """The prediction of the next batch like `batch` (a BatchRecord), in plan order."""
+        waiting = self.batches.get((batch.phase, tuple(batch.instances), tuple(batch.request_ids)))
+        return waiting.popleft() if waiting else None
 
-        driver._answer = observed
-
-    def iterations(self, timeline, requests: set[int]) -> list[dict]:
-        """One row per batch of the timed requests: measured, predicted, worker seconds."""
-        rows = []
-        with self.lock:
-            pending = {key: collections.deque(values) for key, values in self.predicted.items()}
-            workers = dict(self.worker_seconds)
-        for batch in sorted(timeline, key=lambda b: b.start_s):
-            key = (batch.phase, tuple(batch.instances), tuple(batch.request_ids))
-            if not pending.get(key):
-                continue
-            iteration, predicted = pending[key].popleft()
-            if not set(batch.request_ids) & requests:
-                continue
-            seconds = [workers.get((iteration, rank)) for rank in batch.instances]
-            rows.append({
-                "phase": batch.phase, "dop": len(batch.instances), "requests": len(batch.request_ids),
-                "tokens": batch.tokens, "start_s": batch.start_s, "measured_s": batch.end_s - batch.start_s,
-                "predicted_s": predicted,
-                "worker_s": max(seconds) if all(s is not None for s in seconds) else None,
-            })
-        return rows
+    def counts(self, requests) -> dict:
+        """ESP's decisions for `requests`: batches per (phase, DoP), decode steps over several
+        instances, requests that decoded on several, migrations and tokens moved."""
+        requests = set(requests)
+        prefill = collections.Counter(dop for dop, ids in self.prefill_batches if requests.intersection(ids))
+        decode = [(instances, span) for instances, span, ids in self.decode_steps if requests.intersection(ids)]
+        return {
+            "prefill_batches_by_dop": dict(sorted(prefill.items())),
+            "prefill_dop_gt1_batches": sum(n for dop, n in prefill.items() if dop > 1),
+            "decode_steps_multi_instance": sum(1 for instances, _ in decode if instances > 1),
+            "decode_steps_spread_kv": sum(1 for _, span in decode if span > 1),
+            "requests_decoded_on_several": sum(1 for r in requests if self.decode_span.get(r, 0) > 1),
+            "migrations": sum(1 for r, _ in self.migrations if r in requests),
+            "migrated_tokens": sum(tokens for r, tokens in self.migrations if r in requests),
+        }
 
 
-def replay(spec, policy, candidate, requests, warmup, arguments) -> tuple[object, list[dict], dict]:
-    """Run the trace on the engine: (SimulationResult of the timed requests, iteration rows, info)."""
-    from espc.planner.sim.simulator import SimulationResult
+def simulate_policy(spec, policy, options, requests):
+    """(SimulationResult, PlanLog) of the simulator driving the scheduler `espc run` builds."""
+    from espc.planner.sim.simulator import simulate
+    from espc.runtime.engine import build_scheduler
+
+    scheduler = build_scheduler(spec, policy, SPEC.parent, options)
+    log = PlanLog(scheduler)
+    result = simulate(scheduler, requests, record_timeline=True, prefix_caching=spec.runtime.prefix_caching)
+    return result, log, scheduler
+
+
+def run_policy(spec, policy, options, requests, warmup, seed):
+    """(SimulationResult on the engine's clock, PlanLog, per-batch rows, info) of the engine
+    serving `policy` on `requests` in real time, after the untimed `warmup` trace."""
     from espc.runtime.engine import Engine
-    from espc.runtime.sampling import SamplingParams
+    from espc.runtime.replay import replay
 
-    scheduler = candidate.make()
-    observer = Observer(scheduler)
-    rng = random.Random(arguments.seed)
-    vocab = spec.model.vocab
     print("starting the engine ...", flush=True)
     started = time.perf_counter()
-    try:
-        engine = Engine(spec, policy, base_dir=SPEC.parent, scheduler=scheduler, threads=THREADS)
-    except NotImplementedError as error:  # e.g. a compiled best-static at tp > 1
-        raise SystemExit(
-            f"the runtime cannot serve {candidate.strategy} ({candidate.label}): {error}; "
-            f"choose a strategy with --strategy instead of --compile"
-        ) from None
+    engine = Engine(spec, policy, base_dir=SPEC.parent, **options.model_dump(exclude_none=True))
+    log = PlanLog(engine.scheduler)
     with engine:
-        observer.attach(engine._driver)
         print(f"{engine.stats()['instances']} workers up in {time.perf_counter() - started:.1f} s", flush=True)
-
-        def run(trace, label: str) -> list:
-            prompts = [[rng.randrange(vocab) for _ in range(r.prompt_len)] for r in trace]
-            handles = []
-            begin = time.monotonic()
-            for request, prompt in zip(trace, prompts):
-                delay = begin + request.arrival_s - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                handles.append(engine.submit(prompt, SamplingParams(max_new_tokens=request.output_len)))
-            submitted = time.monotonic() - begin
-            completions = [handle.result(timeout=600) for handle in handles]
-            print(
-                f"{label}: {len(trace)} requests submitted over {submitted:.1f} s (trace: {trace[-1].arrival_s:.1f} s), "
-                f"done after {time.monotonic() - begin:.1f} s", flush=True,
-            )
-            return completions
-
         if warmup:
-            run(warmup, "warm-up")
+            done = replay(engine, warmup, seed=seed + 1000)
+            print(f"warm-up: {len(warmup)} requests in {done.wall_s:.1f} s", flush=True)
+        log.batches.clear()  # the timed trace's predictions only
+        before = len(engine.batch_costs())
         cache_before = engine.stats()["graph_cache"]
-        completions = run(requests, "timed trace")
-        result = engine.result()
+        done = replay(engine, requests, seed=seed)
+        print(f"timed trace: {len(requests)} requests (trace {requests[-1].arrival_s:.1f} s) in {done.wall_s:.1f} s", flush=True)
+        served = engine.result()
+        costs = engine.batch_costs()[before:]
         stats = engine.stats()
         failures = engine.failures
-    ids = {c.request_id for c in completions}
-    bad = [c for c in completions if c.error or c.finish_reason != "length"]
-    records = [r for r in result.records if r.id in ids]
-    for record, request in zip(records, requests):
-        assert (record.prompt_len, record.output_len) == (request.prompt_len, request.output_len), (record, request)
-    timeline = [b for b in result.timeline if set(b.request_ids) & ids]
-    iterations = observer.iterations(result.timeline, ids)
-    busy = [0.0] * len(result.instance_busy_s)
-    for batch in timeline:
-        for instance in batch.instances:
-            busy[instance] += batch.end_s - batch.start_s
-    finished = [r.finish_s for r in records if r.finish_s is not None]
-    duration = max(finished) - min(r.arrival_s for r in records) if finished else 0.0
-    migrated = sum(r.migrated_tokens for r in records)
-    real = SimulationResult(
-        f"{candidate.strategy} (engine)", records, duration, len({row["start_s"] for row in iterations}), busy,
-        migrated, migrated * spec.model.kv_bytes_per_token, timeline,
-    )
+    timeline = served.timeline[before:]  # the driver records a finished batch in both at once
+    model = engine.scheduler.deployment.cost
+    rows = []
+    for batch, cost in zip(timeline, costs):
+        assert (batch.start_s, batch.instances) == (cost.start_s, cost.instances), (batch, cost)
+        predicted = log.predicted(batch)
+        others = sum(len(o.instances) for o in timeline if o.start_s <= batch.start_s < o.end_s) - len(batch.instances)
+        rows.append({
+            "phase": batch.phase, "dop": len(batch.instances), "requests": len(batch.request_ids), "tokens": batch.tokens,
+            "start_s": batch.start_s, "measured_s": batch.end_s - batch.start_s, "predicted_s": predicted,
+            # what the simulator would charge the batch were this run's concurrency at its start to last
+            "contended_s": None if predicted is None else predicted * model.contention_factor(batch.phase, len(batch.instances), others),
+            "worker_s": cost.worker_s, "busy_instances": busy_during(batch, timeline),
+        })
     info = {
-        "not_length_finished": [(c.request_id, c.finish_reason, c.error) for c in bad],
-        "graph_cache_before_timed": cache_before, "graph_cache_after": stats["graph_cache"],
+        "failed": done.failed, "graph_cache_before_timed": cache_before, "graph_cache_after": stats["graph_cache"],
         "failures": failures, "engine_iterations_total": stats["iterations"],
     }
-    return real, iterations, info
+    return done.result, log, rows, info
 
 
-def measured_overhead(iterations: list[dict], timeline) -> dict[str, float]:
-    """What the calibration cannot see, per phase, from the real run: the median of an
-    iteration's dispatch-to-completion minus its slowest worker's own seconds (driver, IPC),
+# ------------------------------------------------------------------------------ compare
+
+
+def classes_of(log: PlanLog, records) -> dict[str, list]:
+    """Each run's requests by what its own scheduler did with them."""
+    classes: dict[str, list] = collections.defaultdict(list)
+    for record in records:
+        classes["all"].append(record)
+        classes[f"prefill dop {log.prefill_dop.get(record.id, 0)}"].append(record)
+        span = log.decode_span.get(record.id, 0)
+        if span:
+            classes["decode 1 instance" if span == 1 else "decode >1 instance"].append(record)
+    return classes
+
+
+def latency(records, metric: str, percentile: int) -> float:
+    """TTFT of completed requests, or TPOT of those with two or more output tokens."""
+    if metric == "TTFT":
+        values = [r.ttft_s for r in records if r.completed]
+    else:
+        values = [r.tpot_s for r in records if r.completed and r.output_len > 1]
+    return float(np.percentile(values, percentile)) if values else math.nan
+
+
+def compare(sim_classes, real_classes) -> list[dict]:
+    order = ["all"] + sorted(k for k in sim_classes.keys() | real_classes.keys() if k.startswith("prefill"))
+    order += [k for k in ("decode 1 instance", "decode >1 instance") if k in sim_classes or k in real_classes]
+    rows = []
+    for name in order:
+        sim, real = sim_classes.get(name, []), real_classes.get(name, [])
+        for metric in ("TTFT", "TPOT"):
+            for percentile in (50, 90):
+                s, r = latency(sim, metric, percentile), latency(real, metric, percentile)
+                ratio = r / s if s and not math.isnan(s) and not math.isnan(r) else math.nan
+                rows.append({
+                    "class": name, "metric": f"{metric} p{percentile}", "sim_requests": len(sim), "real_requests": len(real),
+                    "sim_s": s, "real_s": r, "real_over_sim": ratio,
+                    "within_20pct": bool(abs(ratio - 1) <= TOLERANCE) if not math.isnan(ratio) else None,
+                })
+    return rows
+
+
+def format_compare(rows: list[dict]) -> str:
+    header = f"{'class':<19} {'metric':<9} {'n sim':>5} {'n real':>6} {'sim':>10} {'real':>10} {'real/sim':>9} {'≤ 20%?':>7}"
+    lines = [header, "─" * len(header)]
+    for row in rows:
+        verdict = "-" if row["within_20pct"] is None else "yes" if row["within_20pct"] else "NO"
+        lines.append(
+            f"{row['class']:<19} {row['metric']:<9} {row['sim_requests']:>5} {row['real_requests']:>6} "
+            f"{_ms(row['sim_s']):>10} {_ms(row['real_s']):>10} {_ratio(row['real_over_sim']):>9} {verdict:>7}"
+        )
+    return "\n".join(lines)
+
+
+def _ms(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value * 1e3:.1f} ms"
+
+
+def _ratio(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}×"
+
+
+def format_counts(sim: dict, real: dict) -> str:
+    labels = {
+        "prefill_batches_by_dop": "prefill batches by DoP",
+        "prefill_dop_gt1_batches": "prefills at DoP > 1",
+        "decode_steps_multi_instance": "decode steps over >1 instance",
+        "decode_steps_spread_kv": "decode steps reading KV on >1 instance",
+        "requests_decoded_on_several": "requests decoded on >1 instance",
+        "migrations": "migrations",
+        "migrated_tokens": "tokens migrated",
+    }
+    lines = [f"{'ESP decisions (timed trace)':<40} {'sim':>22} {'real':>22}"]
+    for key, label in labels.items():
+        lines.append(f"{label:<40} {str(sim[key]):>22} {str(real[key]):>22}")
+    return "\n".join(lines)
+
+
+def busy_during(batch, timeline) -> float:
+    """Instances busy while `batch` ran (its own included), time-weighted over its span."""
+    span = batch.end_s - batch.start_s
+    if span <= 0:
+        return float(len(batch.instances))
+    overlap = sum(
+        len(other.instances) * max(0.0, min(other.end_s, batch.end_s) - max(other.start_s, batch.start_s))
+        for other in timeline if other is not batch
+    )
+    return len(batch.instances) + overlap / span
+
+
+def iteration_summary(rows: list[dict], cores: int) -> list[dict]:
+    """Per (phase, dop, whether more instances than CPU cores were busy during the batch):
+    medians of measured / predicted and worker / measured, and sums."""
+    groups: dict[tuple[str, int, bool], list[dict]] = collections.defaultdict(list)
+    for row in rows:
+        if row["predicted_s"] is not None:
+            groups[(row["phase"], row["dop"], row["busy_instances"] > cores)].append(row)
+    summary = []
+    for (phase, dop, contended), members in sorted(groups.items()):
+        summary.append({
+            "phase": phase, "dop": dop, "busy_over_cores": contended, "batches": len(members),
+            "mean_busy_instances": statistics.fmean(m["busy_instances"] for m in members),
+            "mean_requests": statistics.fmean(m["requests"] for m in members),
+            "predicted_median_s": statistics.median(m["predicted_s"] for m in members),
+            "measured_median_s": statistics.median(m["measured_s"] for m in members),
+            "measured_over_predicted_median": statistics.median(m["measured_s"] / m["predicted_s"] for m in members),
+            "contended_median_s": statistics.median(m["contended_s"] for m in members),
+            "measured_over_contended_median": statistics.median(m["measured_s"] / m["contended_s"] for m in members),
+            "worker_median_s": statistics.median(m["worker_s"] for m in members),
+            "worker_over_predicted_median": statistics.median(m["worker_s"] / m["predicted_s"] for m in members),
+            "driver_ipc_median_s": statistics.median(m["measured_s"] - m["worker_s"] for m in members),
+            "predicted_sum_s": sum(m["predicted_s"] for m in members),
+            "measured_sum_s": sum(m["measured_s"] for m in members),
+        })
+    return summary
+
+
+def format_iterations(summary: list[dict]) -> str:
+    header = (
+        f"{'phase':<8} {'dop':>3} {'busy':>9} {'batches':>7} {'req/batch':>9} │ {'predicted':>10} {'measured':>10} {'meas/pred':>9} │ "
+        f"{'× contention':>12} {'meas/that':>9} │ "
+        f"{'worker':>10} {'work/pred':>9} {'driver+IPC':>10} │ {'Σ predicted':>11} {'Σ measured':>11}"
+    )
+    lines = [header, "─" * len(header)]
+    for s in summary:
+        lines.append(
+            f"{s['phase']:<8} {s['dop']:>3} {('> ' if s['busy_over_cores'] else '≤ ') + 'cores':>9} {s['batches']:>7} "
+            f"{s['mean_requests']:>9.1f} │ "
+            f"{s['predicted_median_s'] * 1e3:7.2f} ms {s['measured_median_s'] * 1e3:7.2f} ms "
+            f"{s['measured_over_predicted_median']:>8.2f}× │ {s['contended_median_s'] * 1e3:9.2f} ms "
+            f"{s['measured_over_contended_median']:>8.2f}× │ {s['worker_median_s'] * 1e3:7.2f} ms "
+            f"{s['worker_over_predicted_median']:>8.2f}× {s['driver_ipc_median_s'] * 1e3:7.2f} ms │ "
+            f"{s['predicted_sum_s']:>9.2f} s {s['measured_sum_s']:>9.2f} s"
+        )
+    return "\n".join(lines)
+
+
+def measured_overhead(rows: list[dict], timeline) -> dict[str, float]:
+    """What the calibration did not see, per phase, from the real run: the median of a
+    batch's dispatch-to-completion minus its slowest worker's own seconds (driver, IPC),
     plus the median gap between back-to-back batches of an instance (the driver loop's turn)."""
     overhead = {}
     for phase in ("prefill", "decode"):
-        values = [row["measured_s"] - row["worker_s"] for row in iterations if row["phase"] == phase and row["worker_s"] is not None]
+        values = [row["measured_s"] - row["worker_s"] for row in rows if row["phase"] == phase]
         overhead[phase] = statistics.median(values) if values else 0.0
     gaps = []
     last_end: dict[int, float] = {}
@@ -277,114 +386,18 @@ def measured_overhead(iterations: list[dict], timeline) -> dict[str, float]:
     return overhead
 
 
-def simulate_with_overhead(candidate, requests, overhead: dict[str, float], evaluator):
-    """Diagnostic only: the same simulation with `overhead[phase] + overhead["gap"]` added to
-    every batch's predicted seconds (the scheduler's decisions are unchanged: it plans with
-    the cost model; only the simulator's clock uses batch_seconds)."""
-    from espc.planner.sim.metrics import summarize
+def simulate_with_overhead(spec, policy, options, requests, overhead: dict[str, float]):
+    """Diagnostic only: the same simulation with `overhead[phase] + overhead["gap"]` added
+    to every batch's predicted seconds (the scheduler plans with the cost model as before;
+    only the simulator's clock charges more)."""
     from espc.planner.sim.simulator import simulate
+    from espc.runtime.engine import build_scheduler
 
-    scheduler = candidate.make()
+    scheduler = build_scheduler(spec, policy, SPEC.parent, options)
+    log = PlanLog(scheduler)
     predicted = scheduler.batch_seconds
     scheduler.batch_seconds = lambda batch: predicted(batch) + overhead[batch.phase] + overhead["gap"]
-    result = simulate(scheduler, requests, record_timeline=True)
-    return summarize(dataclasses.replace(result, strategy=f"{result.strategy} + overhead"), evaluator.spec.slo, evaluator.prefill_s)
-
-
-# ------------------------------------------------------------------------------ reports
-
-
-METRICS = (
-    # (label, getter, checked against the 20% target)
-    ("TTFT mean", lambda s: s.ttft.mean, True),
-    ("TTFT p90", lambda s: s.ttft.p90, True),
-    ("TPOT mean", lambda s: s.tpot.mean, True),
-    ("TPOT p90", lambda s: s.tpot.p90, True),
-    ("e2e mean", lambda s: s.e2e.mean, False),
-    ("e2e p90", lambda s: s.e2e.p90, False),
-    ("queueing mean", lambda s: s.queueing.mean, False),
-    ("attainment", lambda s: s.attainment, False),
-    ("mean utilisation", lambda s: s.mean_utilisation, False),
-)
-
-
-def compare_rows(sim, real, adjusted) -> list[dict]:
-    rows = []
-    for label, get, checked in METRICS:
-        s, r, a = get(sim), get(real), get(adjusted)
-        ratio = r / s if s and not math.isnan(s) else math.nan
-        rows.append({
-            "metric": label, "sim": s, "real": r, "real_over_sim": ratio, "checked": checked,
-            "within_20pct": (abs(ratio - 1) <= TOLERANCE) if not math.isnan(ratio) else False,
-            "sim_plus_overhead": a, "real_over_sim_plus_overhead": r / a if a and not math.isnan(a) else math.nan,
-        })
-    return rows
-
-
-def _value(label: str, value: float) -> str:
-    if label in ("attainment", "mean utilisation"):
-        return f"{value:.1%}"
-    return f"{value * 1e3:.1f} ms" if value < 1 else f"{value:.3f} s"
-
-
-def _ratio(value: float) -> str:
-    return "-" if math.isnan(value) else f"{value:.2f}×"
-
-
-def format_rows(rows: list[dict]) -> str:
-    header = (
-        f"{'metric':<17} {'sim':>11} {'real':>11} {'real/sim':>9} {'within 20%?':>12} │ "
-        f"{'sim+overhead':>12} {'real/(sim+overhead)':>19}"
-    )
-    lines = [header, "─" * len(header)]
-    for row in rows:
-        verdict = ("yes" if row["within_20pct"] else "NO") if row["checked"] else f"({'yes' if row['within_20pct'] else 'no'})"
-        lines.append(
-            f"{row['metric']:<17} {_value(row['metric'], row['sim']):>11} {_value(row['metric'], row['real']):>11} "
-            f"{_ratio(row['real_over_sim']):>9} {verdict:>12} │ {_value(row['metric'], row['sim_plus_overhead']):>12} "
-            f"{_ratio(row['real_over_sim_plus_overhead']):>19}"
-        )
-    return "\n".join(lines)
-
-
-def iteration_summary(rows: list[dict]) -> list[dict]:
-    """Per (phase, dop): medians of measured / predicted and worker / measured, and sums."""
-    groups: dict[tuple[str, int], list[dict]] = collections.defaultdict(list)
-    for row in rows:
-        groups[(row["phase"], row["dop"])].append(row)
-    summary = []
-    for (phase, dop), members in sorted(groups.items()):
-        workers = [m for m in members if m["worker_s"] is not None]
-        summary.append({
-            "phase": phase, "dop": dop, "batches": len(members),
-            "mean_requests": statistics.fmean(m["requests"] for m in members),
-            "measured_median_s": statistics.median(m["measured_s"] for m in members),
-            "predicted_median_s": statistics.median(m["predicted_s"] for m in members),
-            "measured_over_predicted_median": statistics.median(m["measured_s"] / m["predicted_s"] for m in members),
-            "measured_sum_s": sum(m["measured_s"] for m in members),
-            "predicted_sum_s": sum(m["predicted_s"] for m in members),
-            "worker_median_s": statistics.median(m["worker_s"] for m in workers) if workers else None,
-            "driver_ipc_median_s": statistics.median(m["measured_s"] - m["worker_s"] for m in workers) if workers else None,
-        })
-    return summary
-
-
-def format_iterations(summary: list[dict]) -> str:
-    header = (
-        f"{'phase':<8} {'dop':>3} {'batches':>7} {'req/batch':>9} │ {'predicted':>10} {'measured':>10} {'meas/pred':>9} │ "
-        f"{'worker':>10} {'driver+IPC':>10} │ {'Σ predicted':>11} {'Σ measured':>11}"
-    )
-    lines = [header, "─" * len(header)]
-    for s in summary:
-        worker = f"{s['worker_median_s'] * 1e3:7.2f} ms" if s["worker_median_s"] is not None else "-"
-        driver = f"{s['driver_ipc_median_s'] * 1e3:7.2f} ms" if s["driver_ipc_median_s"] is not None else "-"
-        lines.append(
-            f"{s['phase']:<8} {s['dop']:>3} {s['batches']:>7} {s['mean_requests']:>9.1f} │ "
-            f"{s['predicted_median_s'] * 1e3:7.2f} ms {s['measured_median_s'] * 1e3:7.2f} ms "
-            f"{s['measured_over_predicted_median']:>8.2f}× │ {worker:>10} {driver:>10} │ "
-            f"{s['predicted_sum_s']:>9.2f} s {s['measured_sum_s']:>9.2f} s"
-        )
-    return "\n".join(lines)
+    return simulate(scheduler, requests, record_timeline=True, prefix_caching=spec.runtime.prefix_caching), log
 
 
 def concurrency(timeline, cores: int) -> dict:
@@ -395,7 +408,7 @@ def concurrency(timeline, cores: int) -> dict:
         events.append((batch.start_s, len(batch.instances)))
         events.append((batch.end_s, -len(batch.instances)))
     if not events:
-        return {"mean_busy_instances": 0.0, "share_over_cores": 0.0}
+        return {"mean_busy_instances": 0.0, "share_over_cores": 0.0, "span_s": 0.0}
     events.sort()
     busy = 0
     weighted = over = 0.0
@@ -413,117 +426,138 @@ def concurrency(timeline, cores: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rate", type=float, default=None, help="arrival rate (req/s); default the spec's (2)")
-    parser.add_argument("--requests", type=int, default=None, help="requests in the trace; default the spec's (64)")
-    parser.add_argument("--seed", type=int, default=None, help="workload seed; default the spec's (0)")
-    parser.add_argument("--strategy", default="elastic", help="elastic (the MILP policy) or a baseline: static-sp, static-tp, ...")
+    parser.add_argument("--rate", type=float, default=None, help="arrival rate (req/s); default the spec's")
+    parser.add_argument("--requests", type=int, default=None, help="requests in the trace; default the spec's")
+    parser.add_argument("--seed", type=int, default=None, help="workload seed; default the spec's")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--calibration", type=Path, help="a calibration file from `espc profile` instead of profiling now")
-    source.add_argument("--analytical", action="store_true", help="the analytical cost model (CostModel.from_spec), no calibration")
+    source.add_argument("--quick-profile", action="store_true", help="profile on the quick grid (seconds; not for planning)")
     parser.add_argument("--save-calibration", type=Path, help="write the calibration measured now here")
-    parser.add_argument("--quick-profile", action="store_true", help="profile on the quick grid (seconds; not for planning)")
-    parser.add_argument("--compile", action="store_true", help="run the whole compiler and serve its chosen strategy")
-    parser.add_argument("--search-seconds", type=float, default=3.0, help="with --compile: the local search budget")
-    parser.add_argument("--compile-requests", type=int, default=100, help="with --compile: requests per simulated trial")
+    parser.add_argument("--search-seconds", type=float, default=5.0, help="compile's local search budget (make run's 5)")
+    parser.add_argument("--strategy", help="serve this compiled candidate instead of compile's choice (e.g. elastic)")
+    parser.add_argument("--configuration", help="with --strategy: its configuration label (see `espc compare`)")
     parser.add_argument("--kv-capacity", type=int, default=None, help="KV tokens per instance (default: the spec's memory)")
     parser.add_argument("--warmup", type=int, default=16, help="requests of the untimed warm-up trace (another seed)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    parser.add_argument("--text", type=Path, help="the printed tables (default: the JSON's path with .txt)")
     arguments = parser.parse_args()
-
-    from rich.console import Console
+    text = arguments.text or arguments.json.with_suffix(".txt")
+    command = shlex.join([os.path.relpath(sys.executable, ROOT), os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+    load = os.getloadavg()
 
     from espc import load_spec
-    from espc.planner.compile.evaluation import Evaluator
-    from espc.planner.compile.report import summary_table
-    from espc.planner.sim.metrics import summarize
+    from espc.planner.sim.metrics import isolated_prefill, summarize
     from espc.planner.sim.workload import generate
+    from espc.runtime.engine import EngineOptions
 
     started = time.perf_counter()
-    load = os.getloadavg()
     spec = load_spec(SPEC)
     seed = spec.workload.seed if arguments.seed is None else arguments.seed
-    arguments.seed = seed
-    cost, cost_info = calibrate(spec, arguments)
-    evaluator = Evaluator(spec, SPEC.parent, cost=cost, kv_capacity=arguments.kv_capacity)
+    calibration, cost_info = calibrate(spec, arguments)
+    policy, compile_seconds = compile_policy(spec, calibration.cost, arguments)
+    options = EngineOptions(
+        threads=THREADS, strategy=arguments.strategy, configuration=arguments.configuration, kv_capacity=arguments.kv_capacity,
+    )
     requests = generate(spec.workload, base_dir=SPEC.parent, rate=arguments.rate, seed=seed, requests=arguments.requests)
     warmup = generate(spec.workload, base_dir=SPEC.parent, rate=arguments.rate, seed=seed + 1000, requests=arguments.warmup) if arguments.warmup else []
-    candidate, policy, served = choose_candidate(spec, evaluator, arguments)
-    print(f"serving {served['strategy']} ({served['configuration']})")
-    if "elastic_policy" in served:
-        print(served["elastic_policy"])
-    sim_result, sim = evaluator.run(candidate, requests, timeline=True)
-    sim_iterations = collections.Counter((b.phase, len(b.instances)) for b in sim_result.timeline)
-    real_result, iterations, info = replay(spec, policy, candidate, requests, warmup, arguments)
-    real = summarize(real_result, spec.slo, evaluator.prefill_s)
+
+    sim_result, sim_log, scheduler = simulate_policy(spec, policy, options, requests)
+    served = {"strategy": options.strategy or policy.strategy, "scheduler": scheduler.name,
+              "compiled_choice": f"{policy.strategy} ({policy.configuration})", "reason": policy.reason,
+              "elastic_policy": str(policy.elastic) if policy.elastic else None, "compile_seconds": compile_seconds}
+    print(f"serving {served['scheduler']}")
+    real_result, real_log, rows, info = run_policy(spec, policy, options, requests, warmup, seed)
+    real_records = sorted(real_result.records, key=lambda r: r.id)
+    for record, request in zip(real_records, requests):  # the engine numbers requests in arrival order
+        assert (record.prompt_len, record.output_len) == (request.prompt_len, request.output_len), (record, request)
+    real_ids = {record.id for record in real_records}
+
+    rows_compared = compare(classes_of(sim_log, sim_result.records), classes_of(real_log, real_records))
+    sim_counts, real_counts = sim_log.counts(r.id for r in requests), real_log.counts(real_ids)
+    prefill_s = isolated_prefill(scheduler.deployment.cost)
+    sim_summary, real_summary = summarize(sim_result, spec.slo, prefill_s), summarize(real_result, spec.slo, prefill_s)
     cores = os.cpu_count() or 1
-    real_concurrency = concurrency(real_result.timeline, cores)
-    sim_concurrency = concurrency(sim_result.timeline, cores)
-    per_iteration = iteration_summary(iterations)
-    overhead = measured_overhead(iterations, real_result.timeline)
-    adjusted = simulate_with_overhead(candidate, requests, overhead, evaluator)
-    rows = compare_rows(sim, real, adjusted)
+    per_iteration = iteration_summary(rows, cores)
+    overhead = measured_overhead(rows, real_result.timeline)
+    adjusted_result, _ = simulate_with_overhead(spec, policy, options, requests, overhead)
+    percentiles = [(metric, p) for metric in ("TTFT", "TPOT") for p in (50, 90)]
+    adjusted = {f"{metric} p{p}": latency(adjusted_result.records, metric, p) for metric, p in percentiles}
+    real_overall = {f"{metric} p{p}": latency(real_records, metric, p) for metric, p in percentiles}
+    concurrency_real, concurrency_sim = concurrency(real_result.timeline, cores), concurrency(sim_result.timeline, cores)
     elapsed = time.perf_counter() - started
 
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print(f"$ {command}")
+        print(f"load average before the run: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} ({cores} CPUs); "
+              f"{len(requests)} requests, seed {seed}, rate {arguments.rate or spec.workload.arrival.rate:g} req/s, "
+              f"warm-up {len(warmup)}")
+        print(f"cost model: {cost_info['source']}; compiled: {served['compiled_choice']}; served: {served['scheduler']}")
+        print()
+        print("Sim vs real, TTFT and TPOT (TPOT of requests with ≥ 2 output tokens), each run's requests classed by its "
+              "own scheduler's decisions; target real/sim within 20%")
+        print(format_compare(rows_compared))
+        checked = [row for row in rows_compared if row["within_20pct"] is not None]
+        print(f"{sum(row['within_20pct'] for row in checked)} of {len(checked)} rows within 20%")
+        print()
+        print(format_counts(sim_counts, real_counts))
+        print()
+        print("Per batch of the timed trace, by phase, DoP and whether more instances than CPU cores were busy while it "
+              "ran: the cost model's prediction alone, and × its contention factor for the other instances this run had "
+              "busy when the batch started, vs the measured dispatch-to-completion, and the workers' own seconds (the "
+              "rest is driver + IPC)")
+        print(format_iterations(per_iteration))
+        print(
+            f"busy instances at once (time-weighted): real {concurrency_real['mean_busy_instances']:.2f}, "
+            f"sim {concurrency_sim['mean_busy_instances']:.2f}; share of the time with more busy instances than the "
+            f"{cores} CPU cores: real {concurrency_real['share_over_cores']:.1%}, sim {concurrency_sim['share_over_cores']:.1%}"
+        )
+        print(
+            "diagnostic, not the target: simulated again with the real run's median driver+IPC per batch (prefill "
+            f"{overhead['prefill'] * 1e3:.2f} ms, decode {overhead['decode'] * 1e3:.2f} ms) and gap between an instance's "
+            f"batches ({overhead['gap'] * 1e3:.2f} ms) added to every batch: "
+            + ", ".join(f"{key} {_ms(value)} (real/that {_ratio(real_overall[key] / value)})" for key, value in adjusted.items())
+        )
+        if info["failed"] or info["failures"]:
+            print(f"problems: {info['failed']} {info['failures']}")
+        print(f"{elapsed:.0f} s in all")
     print()
-    Console(width=160).print(summary_table([sim, real], f"{len(requests)} requests, seed {seed}, "
-                                           f"rate {arguments.rate or spec.workload.arrival.rate:g} req/s"))
-    print()
-    print(f"Sim vs real ({served['strategy']} {served['configuration']}, {len(requests)} requests, "
-          f"cost model: {cost_info['source']}): target mean and P90 TTFT/TPOT within 20% of the simulator")
-    print(format_rows(rows))
-    checked = [row for row in rows if row["checked"]]
-    print(f"{sum(row['within_20pct'] for row in checked)} of {len(checked)} checked metrics within 20% "
-          f"(rows in parentheses are informational)")
-    print(
-        "sim+overhead is a diagnostic, not the target: the same simulation with the real run's median per-iteration "
-        f"driver+IPC time added to every batch (prefill {overhead['prefill'] * 1e3:.2f} ms, decode "
-        f"{overhead['decode'] * 1e3:.2f} ms) plus the median gap between an instance's back-to-back batches "
-        f"({overhead['gap'] * 1e3:.2f} ms)"
-    )
-    print()
-    print("Per iteration of the timed trace: the cost model's prediction (what the simulator charges) vs the measured "
-          "dispatch-to-completion, and the workers' own seconds")
-    print(format_iterations(per_iteration))
-    print(
-        f"busy instances at once (time-weighted): real {real_concurrency['mean_busy_instances']:.2f}, "
-        f"sim {sim_concurrency['mean_busy_instances']:.2f}; real share of time with more busy instances than the "
-        f"{cores} CPU cores: {real_concurrency['share_over_cores']:.1%}; load average before the run {load[0]:.2f}"
-    )
-    print(f"sim batches by (phase, dop): {dict(sorted(sim_iterations.items()))}")
-    print(f"graph cache: before the timed trace {info['graph_cache_before_timed']}; after {info['graph_cache_after']}")
-    if info["not_length_finished"] or info["failures"]:
-        print(f"problems: {info['not_length_finished']} {info['failures']}")
-    print(f"{elapsed:.0f} s in all")
+    print(out.getvalue(), end="")
 
     report = {
         "benchmark": "sim_vs_real",
+        "command": command,
         "tolerance": TOLERANCE,
         "machine": {"python": platform.python_version(), "processor": platform.machine(), "cpus": cores,
                     "load_average_before": list(load)},
         "spec": str(SPEC.relative_to(ROOT)),
         "trace": {"requests": len(requests), "seed": seed, "rate": arguments.rate or spec.workload.arrival.rate,
-                  "warmup_requests": len(warmup), "kv_capacity": arguments.kv_capacity or candidate.make().deployment.capacity[0]},
+                  "warmup_requests": len(warmup), "kv_capacity": scheduler.deployment.capacity[0]},
         "served": served,
-        "cost_model": cost_info | {"fits": cost.to_dict()},
-        "rows": rows,
-        "sim_summary": dataclasses.asdict(sim),
-        "real_summary": dataclasses.asdict(real),
+        "cost_model": cost_info | {"fits": calibration.cost.to_dict()},
+        "rows": rows_compared,
+        "esp_decisions": {"sim": sim_counts, "real": real_counts},
+        "sim_summary": dataclasses.asdict(sim_summary),
+        "real_summary": dataclasses.asdict(real_summary),
         "iterations": per_iteration,
         "measured_overhead_s": overhead,
-        "sim_plus_overhead_summary": dataclasses.asdict(adjusted),
-        "concurrency": {"real": real_concurrency, "sim": sim_concurrency},
-        "sim_batches": {f"{phase} dop {dop}": n for (phase, dop), n in sorted(sim_iterations.items())},
+        "sim_plus_overhead": adjusted,
+        "concurrency": {"real": concurrency_real, "sim": concurrency_sim},
         "engine": info,
         "requests": [
-            {"id": request.id, "arrival_s": request.arrival_s, "prompt_len": request.prompt_len, "output_len": request.output_len,
-             "sim_ttft_s": s.ttft_s, "real_ttft_s": r.ttft_s, "sim_tpot_s": s.tpot_s, "real_tpot_s": r.tpot_s}
-            for request, s, r in zip(requests, sim_result.records, real_result.records)
+            {"prompt_len": request.prompt_len, "output_len": request.output_len,
+             "sim": {"ttft_s": s.ttft_s, "tpot_s": s.tpot_s, "prefill_dop": sim_log.prefill_dop.get(s.id),
+                     "decode_instances": sim_log.decode_span.get(s.id)},
+             "real": {"ttft_s": r.ttft_s, "tpot_s": r.tpot_s, "prefill_dop": real_log.prefill_dop.get(r.id),
+                      "decode_instances": real_log.decode_span.get(r.id)}}
+            for request, s, r in zip(requests, sim_result.records, real_records)
         ],
         "elapsed_s": elapsed,
     }
     arguments.json.parent.mkdir(parents=True, exist_ok=True)
     arguments.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    print(f"wrote {arguments.json}")
+    text.write_text(out.getvalue())
+    print(f"wrote {arguments.json} and {text}")
 
 
 if __name__ == "__main__":

@@ -190,6 +190,29 @@ def test_dp_matches_brute_force_with_the_cost_model(seed):
     assert recosted >= exact.cost  # the brute force is the optimum under prefill_time
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_one_prompt_problems_match_brute_force_bit_for_bit_with_the_cost_model(seed):
+    """One prompt (most scheduler decisions) takes a path without the DP's tables: with the
+    segment times as the brute force's cost too, the same batch and the same float."""
+    cost, tp = real_cost(), 1
+    draw = random.Random(20_000 + seed)
+    for _ in range(25):
+        length, instances = draw.randint(1, 300), draw.randint(0, 4)
+        ring_slots = tuple(itertools.accumulate(sorted((draw.randint(0, 200) for _ in range(4)), reverse=True)))
+        problem = BatchingProblem(
+            (length,), (draw.randint(1, 4),), (draw.randint(1, 300),), instances, draw.choice([0.0, 0.25, 1.0, 4.0]),
+            draw.choice([None, ring_slots]),
+        )
+
+        def segments(lengths, dop, starts, ends):
+            return cost.prefill_segment_times(lengths, dop, tp, starts, ends)
+
+        def prefill(lengths, dop: int) -> float:
+            return float(segments(lengths, dop, np.zeros(1, dtype=np.int64), np.ones(1, dtype=np.int64))[0])
+
+        assert optimal_batches(problem, segments) == brute_force_batches(problem, prefill), problem
+
+
 # -------------------------------------------------------------------------------- edge cases
 
 

@@ -139,10 +139,11 @@ def test_a_continuation_adds_the_prefix_exchange_to_its_own_graphs(spec):
     assert two.graph(0) is not fresh.graph(0) and two.graph(0) is two.graph(1)
     # Per layer: the ring's one exchange, the queries out and the (o, lse) answers back.
     assert count(fresh, 0, ops.COMM_START) == layers and count(two, 0, ops.COMM_START) == 3 * layers
-    # Attention: own block, the ring's block, the own prefix shard and the peers' queries over it.
-    assert count(two, 0, torch.ops.espc.attn_partial.default) == 4 * layers
-    assert count(one, 2, ops.COMM_START) == 0 and count(one, 2, torch.ops.espc.attn_partial.default) == 2 * layers
-    assert count(one, 2, torch.ops.espc.kv_gather.default) == layers
+    # Attention: own block, the ring's block; the own prefix shard and the peers' queries over
+    # it, both read in place from the pool (no copy of the prefix).
+    paged, partial = torch.ops.espc.attn_paged.default, torch.ops.espc.attn_partial.default
+    assert count(two, 0, partial) == 2 * layers and count(two, 0, paged) == 2 * layers
+    assert count(one, 2, ops.COMM_START) == 0 and count(one, 2, partial) == count(one, 2, paged) == layers
     assert "prefill dop=2 +resident prefix" in str(two)
 
 

@@ -234,7 +234,12 @@ def test_an_edited_artifact_is_refused(compiled, tmp_path):
     copy.mkdir()
     for path in out.iterdir():
         (copy / path.name).write_bytes(path.read_bytes())
-    (copy / "policy.json").write_text((copy / "policy.json").read_text().replace('"migration": true', '"migration": false'))
+    text = (copy / "policy.json").read_text()
+    flipped = text.replace('"migration": true', '"migration": false')  # turn migration off, or on if it was off
+    if flipped == text:
+        flipped = text.replace('"migration": false', '"migration": true')
+    assert flipped != text
+    (copy / "policy.json").write_text(flipped)
     for args in (["inspect", str(copy)], ["simulate", str(copy)], ["compare", str(copy)]):
         result = runner.invoke(app, args)
         assert result.exit_code == 2, args

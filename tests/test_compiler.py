@@ -129,13 +129,13 @@ def test_the_search_starts_from_static_seeds_and_keeps_the_best_verified_policy(
     verified = [t.goodput_rps for t in result.trials if t.stage in ("verify", "seed") and t.goodput_rps is not None]
     assert elastic.goodput_rps >= max(verified)
     # The ablate stage measured the best policy without ESP's choices: the compiled policy is
-    # whichever of the two measured higher, and its prediction is that goodput.
+    # whichever of the two measured higher (rigid on a tie), and its prediction is that goodput.
     searched = max(trial.goodput_rps for trial in result.trials if trial.stage != "ablate" and trial.goodput_rps is not None)
     ablated = [trial.goodput_rps for trial in result.trials if trial.stage == "ablate"]
     if result.policy.elastic.is_rigid() and ablated:
-        assert ablated[0] > searched and elastic.goodput_rps == ablated[0]
+        assert ablated[0] >= searched and elastic.goodput_rps == ablated[0]
     else:
-        assert elastic.goodput_rps == searched and all(rate <= searched for rate in ablated)
+        assert elastic.goodput_rps == searched and all(rate < searched for rate in ablated)
 
 
 def test_auto_goodput_metric_is_per_class_when_a_prompt_needs_several_instances():

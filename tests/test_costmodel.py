@@ -346,6 +346,17 @@ def test_calibrate_rejects_tables_that_cannot_determine_the_fit(testbed):
         testbed.calibrate(decode=[(0, 1, 1, 10, 0.01)])
 
 
+def test_contention_factor_reads_the_measured_table(testbed):
+    assert testbed.contention_factor("decode", 1, 3) == 1.0  # not measured: devices that share nothing
+    contended = testbed.calibrate(contention={("decode", 2): (1.0, 1.4, 2.5)})
+    assert [contended.contention_factor("decode", 2, busy) for busy in (0, 1, 2, 5)] == [1.0, 1.4, 2.5, 2.5]
+    assert contended.contention_factor("prefill", 2, 1) == 1.0
+    restored = CostModel.from_dict(json.loads(json.dumps(contended.calibrate(admission_s=0.002).to_dict())))
+    assert restored.contention == contended.contention and restored.admission_s == 0.002
+    with pytest.raises(ValueError, match=r"contention decode dop 1: factors \[0.0\] must be > 0"):
+        testbed.calibrate(contention={("decode", 1): (0.0,)})
+
+
 def test_to_dict_from_dict_round_trip(testbed):
     calibrated = testbed.calibrate(
         prefill=synthetic_prefill_rows(4, 2, 0.03, 7e-5, 4e-10),

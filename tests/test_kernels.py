@@ -12,7 +12,7 @@ import pytest
 import torch
 from tolerances import TOLERANCES
 
-from espc.backend.kernels import attn_decode_partial, attn_merge, attn_partial, reference
+from espc.backend.kernels import attn_decode_partial, attn_merge, attn_paged, attn_partial, reference
 
 IMPLS = ["torch", "triton"]
 
@@ -266,3 +266,88 @@ def test_bad_arguments_are_clear_errors(impl):
     with pytest.raises(ValueError, match="num_splits must be >= 1"):
         attn_decode_partial(q, k, v, q_pos, k_pos, q_seq, k_seq, causal=True, scale=1.0, impl=impl, num_splits=0)
 
+
+
+def in_pool(k, v, layers=3, layer=1, spare=23, seed=0):
+    """A pool [layers, 2, slots, Hkv, D] holding k/v of layer `layer` at scattered slots in
+    random order (pages of no request are contiguous here); every other slot and layer is NaN,
+    so a read outside the given slots poisons the result. Returns (pool, slots)."""
+    nk, hkv, d = k.shape
+    slots = torch.randperm(nk + spare, generator=torch.Generator().manual_seed(seed))[:nk]
+    pool = torch.full((layers, 2, nk + spare, hkv, d), float("nan"), dtype=k.dtype)
+    pool[layer, 0, slots], pool[layer, 1, slots] = k, v
+    return pool, slots
+
+
+# (nq, nk, hq, hkv, d, causal, layout, dtype, splits): decode-like (few queries, packed
+# requests) and prefix-like (many queries) reads, odd sizes, GQA, more splits than keys.
+PAGED_CASES = [
+    (1, 37, 8, 1, 80, True, "contig", torch.float32, None),
+    (3, 100, 4, 2, 16, True, "packed", torch.float32, 3),
+    (7, 61, 4, 4, 80, False, "striped", torch.float32, 1),
+    (37, 37, 4, 2, 16, True, "striped_before", torch.bfloat16, 2),
+    (2, 7, 8, 1, 16, True, "contig", torch.float16, 19),
+    (5, 100, 4, 2, 80, True, "packed", torch.bfloat16, None),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", PAGED_CASES, ids=lambda c: "-".join(map(str, c)).replace("torch.", ""))
+def test_paged_matches_float64(impl, case):
+    """attn_paged reads K/V in place at permuted slots of one layer of a pool and gives
+    attn_partial's result over those keys."""
+    nq, nk, hq, hkv, d, causal, layout, dtype, splits = case
+    q, k, v, q_pos, k_pos, q_seq, k_seq = make_inputs(nq, nk, hq, hkv, d, layout, dtype, seed=nk)
+    pool, slots = in_pool(k, v)
+    scale = 1 / math.sqrt(d)
+    out = attn_paged(q, pool, 1, slots, q_pos, k_pos, q_seq, k_seq, causal=causal, scale=scale, impl=impl, num_splits=splits)
+    check(out, oracle(q, k, v, q_pos, k_pos, q_seq, k_seq, causal, scale), dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_paged_empty_shard(impl):
+    """No slots (a shard of 0 tokens): o = 0, lse = -inf, and nothing of the pool is read."""
+    q, k, v, q_pos, k_pos, q_seq, k_seq = make_inputs(3, 0, 4, 2, 16, "contig", torch.float32)
+    pool = torch.full((2, 2, 9, 2, 16), float("nan"))
+    o, lse = attn_paged(q, pool, 0, torch.empty(0, dtype=torch.long), q_pos, k_pos, q_seq, k_seq, causal=True, scale=0.2, impl=impl)
+    assert o.shape == (3, 4, 16) and (o == 0).all() and torch.isneginf(lse).all()
+
+
+def test_torch_paged_reads_a_long_context_in_bounded_chunks(monkeypatch):
+    """With a gather budget of 7 keys' K and V, the reference reads 300 keys in 43 chunks
+    (one index_select each, none larger than the budget) and merges them to the same result."""
+    q, k, v, q_pos, k_pos, q_seq, k_seq = make_inputs(2, 300, 4, 2, 16, "packed", torch.float32, seed=5)
+    pool, slots = in_pool(k, v)
+    monkeypatch.setattr(reference, "_GATHER_BUDGET", 7 * 2 * 2 * 16 * 4)
+    gathered = []
+    index_select = torch.Tensor.index_select
+
+    def counted(self, dim, index):
+        gathered.append(index.numel())
+        return index_select(self, dim, index)
+
+    monkeypatch.setattr(torch.Tensor, "index_select", counted)
+    out = attn_paged(q, pool, 1, slots, q_pos, k_pos, q_seq, k_seq, causal=True, scale=0.25, impl="torch")
+    monkeypatch.undo()
+    assert len(gathered) == 43 and max(gathered) == 7 and sum(gathered) == 300
+    check(out, oracle(q, k, v, q_pos, k_pos, q_seq, k_seq, True, 0.25), torch.float32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_paged_bad_arguments_are_clear_errors(impl):
+    q, k, v, q_pos, k_pos, q_seq, k_seq = make_inputs(3, 5, 4, 2, 16, "contig", torch.float32)
+    pool, slots = in_pool(k, v, layers=2, spare=3)
+    bad = [
+        ((q, pool[0], 0, slots), r"pool must be \[layers, 2, slots, kv_heads, head_dim\], got \(2, 8, 2, 16\)"),
+        ((q, pool, 2, slots), "layer 2 is outside the pool's 2 layers"),
+        ((q, pool, 1, slots.int()), "kv_slots must be int64"),
+        ((q, pool, 1, slots + 3), r"kv_slots span \[\d+, \d+\], outside the pool's 8 slots"),
+        ((q.half(), pool, 1, slots), "q dtype torch.float16 differs from the pool's torch.float32"),
+        ((q[:, :3], pool, 1, slots), "multiple of kv heads"),
+        ((q, pool, 1, slots[:4]), r"k_pos must be int64 of shape \(4,\)"),
+    ]
+    for (q_, pool_, layer, slots_), message in bad:
+        with pytest.raises(ValueError, match=message):
+            attn_paged(q_, pool_, layer, slots_, q_pos, k_pos, q_seq, k_seq, causal=True, scale=1.0, impl=impl)
+    with pytest.raises(ValueError, match="attn_paged: num_splits must be >= 1"):
+        attn_paged(q, pool, 1, slots, q_pos, k_pos, q_seq, k_seq, causal=True, scale=1.0, impl=impl, num_splits=0)

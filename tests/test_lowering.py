@@ -97,6 +97,19 @@ def test_graph_structure_depends_only_on_the_plan_shape(model):
     assert len(lowering.cache.verified) == 2 and lowering.cache.hit_rate == pytest.approx(2 / 3)
 
 
+def test_warm_up_builds_every_shape_a_plan_without_migrations_uses(model):
+    lowering = Lowering(model)
+    assert lowering.warm_up(3) == 9  # per DoP: prefill fresh and continuing a prefix, decode
+    assert lowering.warm_up(3) == 0
+    misses = lowering.cache.misses
+    decode = DecodeBatch((4, 6), (DecodeItem(1, 4, {4: 10, 6: 7}), DecodeItem(2, 6, {6: 3})))
+    continued = PrefillBatch((5, 2, 1), (PrefillItem(3, 32, 40, even_retention(32, 40, (5, 2, 1))),))
+    lowering.lower(IterationPlan(0, (decode, continued)))
+    assert lowering.cache.misses == misses  # built at warm-up, whatever the instances
+    lowering.lower(prefill_plan((0, 1, 2, 3), {1: 8}))
+    assert lowering.cache.misses == misses + 1  # DoP 4 was not warmed
+
+
 def test_graph_ops_per_role(model):
     lowering = Lowering(model)
     plan = IterationPlan(
@@ -119,6 +132,8 @@ def test_graph_ops_per_role(model):
     assert count(1, ops.COMM_START) == layers * 2 and count(1, torch.ops.espc.attn_partial.default) == layers * 3
     assert count(0, ops.COMM_START) == layers * 2 + 1  # and one migration exchange
     assert count(3, ops.COMM_START) == 2 * layers  # queries out, partials back
+    # Decode reads its shard in place, for its own queries and for its peers': no context copy.
+    assert count(3, torch.ops.espc.attn_paged.default) == 2 * layers
     assert count(6, ops.COMM_START) == 1 and count(6, torch.ops.espc.kv_pack.default) == 2  # and its compaction
     assert [n.name for n in program.graph(6).graph.nodes][-3:] == ["compact_kv", "compact_store", "output"]  # last
     assert count(0, torch.ops.espc.kv_unpack.default) == 1

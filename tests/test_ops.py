@@ -44,18 +44,20 @@ def test_pure_ops_pass_opcheck():
     answers = [torch.randn(2, 4, 17), torch.randn(0, 4, 17)]
     torch.library.opcheck(espc.partial_gather, (o, lse, answers, index), test_utils=CHECKS)
     pool = _pool()
-    torch.library.opcheck(espc.kv_gather, (pool, 1, torch.tensor([5, 2])), test_utils=CHECKS)
+    paged = (q, pool, 1, torch.tensor([5, 2, 7, 0, 11, 3, 9, 1, 4]), pos_q, pos_k, seq_q, seq_k, True, 0.25, "torch")
+    torch.library.opcheck(espc.attn_paged, paged, test_utils=CHECKS)
+    torch.library.opcheck(espc.attn_paged, (*paged, 2), test_utils=CHECKS)
     torch.library.opcheck(espc.kv_pack, (pool, torch.tensor([5, 2, 7])), test_utils=CHECKS)
     torch.library.opcheck(espc.kv_store, (pool.clone(), 0, torch.tensor([1, 4]), torch.randn(2, 2, 2, 16)), test_utils=CHECKS)
     torch.library.opcheck(espc.kv_unpack, (pool.clone(), torch.tensor([3]), torch.randn(2, 2, 1, 2, 16)), test_utils=CHECKS)
 
 
-def test_kv_store_gather_and_pack_unpack_round_trip():
+def test_kv_store_and_pack_unpack_round_trip():
     pool = torch.zeros(2, 2, 10, 2, 16)
     block = torch.randn(2, 3, 2, 16)
     slots = torch.tensor([7, 0, 4])
     espc.kv_store(pool, 1, slots, block)
-    torch.testing.assert_close(espc.kv_gather(pool, 1, slots), block, rtol=0, atol=0)
+    torch.testing.assert_close(pool[1][:, slots], block, rtol=0, atol=0)
     assert pool[0].abs().sum() == 0 and pool[1, :, [1, 2, 3, 5, 6, 8, 9]].abs().sum() == 0
     buffer = espc.kv_pack(pool, slots)
     assert buffer.shape == (2, 2, 3, 2, 16) and buffer.is_contiguous()  # one buffer per migration
@@ -104,7 +106,7 @@ def test_comm_and_pool_writes_are_registered_side_effects_and_survive_dce():
     graph = fx.Graph()
     pool, slots, block = graph.placeholder("pool"), graph.placeholder("slots"), graph.placeholder("block")
     graph.call_function(espc.kv_store.default, (pool, 0, slots, block))
-    graph.call_function(espc.kv_gather.default, (pool, 0, slots))  # pure and unused: dropped
+    graph.call_function(espc.kv_pack.default, (pool, slots))  # pure and unused: dropped
     ticket = graph.call_function(ops.COMM_START, ([block], [1], [], [], [2, -1, 2, 16], torch.float32, 1))
     graph.call_function(ops.COMM_WAIT, (ticket, [], [2, -1, 2, 16], torch.float32))  # result unused: kept
     graph.output(None)

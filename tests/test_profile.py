@@ -79,6 +79,16 @@ def test_quick_profile_fits_finite_positive_coefficients_for_every_measurement(p
     p = cost.parameters
     # A busy machine can hide the bandwidth behind the latency: then the link's is kept.
     assert (p.migration_bandwidth is None or p.migration_bandwidth > 0) and p.migration_latency_s >= 0
+    # The runtime's dispatch per phase and dop; contention: a factor per number of other
+    # instances busy (0 .. world − dop), 1 alone, never below a smaller number's.
+    assert {phase: set(by_dop) for phase, by_dop in loaded.conditions["dispatch_s"].items()} == {
+        "prefill": {"1", "2"}, "decode": {"1", "2"}
+    }
+    assert set(cost.contention) == {("prefill", 1), ("prefill", 2), ("decode", 1), ("decode", 2)}
+    assert cost.admission_s == loaded.conditions["admission_s"] >= 0
+    for (phase, dop), factors in cost.contention.items():
+        assert len(factors) == 2 - dop + 1 and factors[0] == 1.0
+        assert all(later >= earlier for earlier, later in zip(factors, factors[1:])), (phase, dop, factors)
     errors = loaded.errors()
     assert len(errors) == 18
     assert all(predicted > 0 and math.isfinite(error) for _, predicted, error in errors)

@@ -57,6 +57,44 @@ def test_one_request():
     assert result.iterations == 3
 
 
+def test_contention_slows_batches_while_other_instances_run():
+    """A measured contention table (espc profile on shared CPU cores): a batch progresses
+    at 1 / its factor while another instance is busy, at full pace alone."""
+    cost = fitted_cost(2)
+    contended = CostModel(
+        cost.model, cost.cluster, prefill_fits=cost.prefill_fits, decode_fits=cost.decode_fits,
+        contention={("prefill", 1): (1.0, 1.5), ("decode", 1): (1.0, 2.0)},
+    )
+    deployment = Deployment(1, (10_000, 10_000), contended)
+    together = [Request(0, 0.0, 100, 2), Request(1, 0.0, 100, 2)]  # one on each instance, at once
+    result = simulate(StaticScheduler(deployment, (1, 1)), together, record_timeline=True, check=True)
+    assert sorted(batch.instances for batch in result.timeline if batch.phase == "prefill") == [(0,), (1,)]
+    for record in result.records:
+        assert record.ttft_s == pytest.approx(1.5 * 2.0)  # (1 s + 100 × 10 ms) × 1.5
+        assert record.finish_s == pytest.approx(3.0 + 2.0 * 0.1)
+    (alone,) = simulate(StaticScheduler(deployment, (1, 1)), together[:1], check=True).records
+    assert (alone.ttft_s, alone.finish_s) == (pytest.approx(2.0), pytest.approx(2.1))
+
+    # A prefills alone for 1 s (1 of its 2 s done), then beside B at 1/1.5 until done at
+    # 2.5 s; its decode step (0.1 s of work at 1/2 beside B) ends at 2.7 s. B did 1 s of its
+    # 2 s by 2.5 s and 0.2/1.5 s more by 2.7 s, then the rest alone: done at 3.5667 s.
+    a, b = simulate(
+        StaticScheduler(deployment, (1, 1)), [Request(0, 0.0, 100, 2), Request(1, 1.0, 100, 1)], record_timeline=True,
+        check=True,
+    ).records
+    assert (a.ttft_s, a.finish_s) == (pytest.approx(2.5), pytest.approx(2.7))
+    assert b.first_token_s == pytest.approx(2.7 + 2.0 - 1.0 - 0.2 / 1.5)
+
+
+def test_admission_time_delays_every_request():
+    """The runtime's measured time from arrival to a request's first batch (espc profile)."""
+    cost = fitted_cost(1)
+    admitted = CostModel(cost.model, cost.cluster, prefill_fits=cost.prefill_fits, decode_fits=cost.decode_fits, admission_s=0.5)
+    (record,) = simulate(StaticScheduler(Deployment(1, (10_000,), admitted), (1,)), [Request(0, 1.0, 100, 3)], check=True).records
+    assert record.arrival_s == 1.0 and record.queueing_s == pytest.approx(0.5)
+    assert record.ttft_s == pytest.approx(0.5 + 2.0) and record.tpot_s == pytest.approx(0.1)
+
+
 def test_two_overlapping_requests_prefill_first():
     requests = [Request(0, 0.0, 100, 2), Request(1, 0.5, 50, 2)]
     a, b = simulate(static(1), requests, check=True).records

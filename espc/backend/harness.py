@@ -1,7 +1,8 @@
-"""Run lowered plans in N gloo processes on the CPU, without the runtime.
+"""Run lowered plans in N processes, without the runtime: gloo on the CPU, or NCCL with rank r
+on cuda:r.
 
 `Harness(spec, world)` spawns one process per rank (torch.multiprocessing, spawn), each with
-the random-weight model of the spec, a KV pool (`espc.backend.kvpool`: the tensor and its
+the random-weight model of the spec on its device, a KV pool (`espc.backend.kvpool`: the tensor and its
 paged table, as the runtime's) and a `Lowering`. `run(plan, tokens)` lowers and verifies the
 plan in the parent (so a bad plan fails before any rank waits on a message), sends it to
 every rank, and each rank lowers its own graph (cached), applies the plan to its table and
@@ -106,16 +107,23 @@ def free_port() -> int:
 def _worker(rank: int, world: int, port: int, spec: ModelSpec, options: dict, commands, results) -> None:
     torch.set_num_threads(options["threads"])
     try:
+        device = torch.device("cuda", rank) if options["device"] == "cuda" else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+            options["backend"], init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
             timeout=timedelta(seconds=options["timeout"]),
         )
+        # NCCL creates its communicator on the first operation, which must involve every
+        # rank: a barrier now, not the first batch_isend_irecv of one pair of ranks.
+        dist.barrier(device_ids=[rank] if device.type == "cuda" else None)
         tp = options["tp"]
         init_tp_group(world, tp, rank)
-        model = shard_model(build_model(spec, dtype=options["dtype"]), tp, rank % tp)
+        model = shard_model(build_model(spec, dtype=options["dtype"], device=device), tp, rank % tp)
         lowering = Lowering(model, attention=options["attention"], tp=tp)
         table = PagedKVTable(options["slots"], options["page_size"], options["max_requests"])
-        pool = pool_tensor(spec, table.num_slots, options["dtype"], kv_heads=tp_shard(spec, tp, rank % tp).local_kv_heads)
+        kv_heads = tp_shard(spec, tp, rank % tp).local_kv_heads
+        pool = pool_tensor(spec, table.num_slots, options["dtype"], device, kv_heads=kv_heads)
         results.put((rank, "ready", None))
     except Exception:
         results.put((rank, None, traceback.format_exc()))
@@ -155,11 +163,14 @@ def _step(rank, spec, options, lowering, pool, table, plan, tokens) -> RankResul
     assert counters["tp"]["calls"] == reduces, f"rank {rank}: {counters['tp']['calls']} TP all-reduces, the plan needs {reduces}"
     for request, row in logits.items():
         assert torch.isfinite(row).all(), f"rank {rank}: request {request} has non-finite logits"
+    # Answers cross the process boundary on the host (never as CUDA IPC handles).
+    logits = {request: row.cpu() for request, row in logits.items()}
     return RankResult(rank, logits, counters, table.held(), seconds)
 
 
 class Harness:
-    """N gloo ranks on the CPU executing lowered plans; use as a context manager. Each rank's
+    """N ranks executing lowered plans; use as a context manager. `device="cpu"` (gloo) or
+    `"cuda"` (rank r on cuda:r, its model and pool there; `backend="nccl"`). Each rank's
     table holds up to `slots` tokens of up to `max_requests` requests in pages of
     `page_size` (`PagedKVTable`). With `tp` > 1 the N ranks are N / tp elastic instances of
     tp ranks each (world rank = instance · tp + TP rank); plans name instances, and every
@@ -168,16 +179,21 @@ class Harness:
     def __init__(
         self, spec: ModelSpec, world: int, *, slots: int = 16384, page_size: int = 16, max_requests: int = 64,
         dtype: torch.dtype = torch.float32, attention: str = "torch", threads: int = 1, timeout: float = 120.0,
-        tp: int = 1,
+        tp: int = 1, device: str = "cpu", backend: str = "gloo",
     ):
         if world % tp:
             raise ValueError(f"tp({tp}) does not divide the world of {world} ranks")
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device {device!r}: expected cpu or cuda")
+        if device == "cuda" and torch.cuda.device_count() < world:
+            raise ValueError(f"{world} ranks need one CUDA device each; this machine has {torch.cuda.device_count()}")
         self.spec, self.world, self.timeout, self.tp = spec, world, timeout, tp
         meta = shard_model(build_model(spec, dtype=dtype, device="meta"), tp, 0)
         self.lowering = Lowering(meta, attention=attention, tp=tp)
         options = {
             "slots": slots, "page_size": page_size, "max_requests": max_requests, "dtype": dtype,
-            "attention": attention, "threads": threads, "timeout": timeout, "tp": tp,
+            "attention": attention, "threads": threads, "timeout": timeout, "tp": tp, "device": device,
+            "backend": backend,
         }
         context = mp.get_context("spawn")
         self._results = context.Queue()

@@ -103,13 +103,44 @@ class KVPoolFull(RuntimeError):
         self.request = request
 
 
-@dataclass
 class _Resident:
-    pages: list[int]  # the page table, in acquisition order
-    positions: torch.Tensor  # held token positions, in allocation order
-    members: set[int]  # the same positions: a membership test per decode step stays O(1)
-    slots: torch.Tensor  # the slot of each position
-    spare: torch.Tensor  # sorted free slots inside its own pages, refilled first
+    """One request's own tokens on the table. `positions` (in allocation order) and `slots`
+    (the slot of each) are the first `held` entries of buffers that grow by doubling, so a
+    decode step's append costs O(new tokens), not a copy of the context. An append writes
+    only past `held`, and everything else replaces the buffers, so a tensor once returned
+    (to a graph's inputs, or kept by a transaction to restore) never changes."""
+
+    def __init__(self, pages: list[int], positions: torch.Tensor, members: set[int], slots: torch.Tensor, spare: torch.Tensor):
+        self.pages = pages  # the page table, in acquisition order
+        self.members = members  # the positions: a membership test per decode step stays O(1)
+        self.spare = spare  # sorted free slots inside its own pages, refilled first
+        self.positions, self.slots = positions, slots
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self._positions[:self.held]
+
+    @positions.setter
+    def positions(self, positions: torch.Tensor) -> None:
+        self._positions, self.held = positions, len(positions)
+
+    @property
+    def slots(self) -> torch.Tensor:
+        return self._slots[:self.held]
+
+    @slots.setter
+    def slots(self, slots: torch.Tensor) -> None:
+        self._slots = slots
+
+    def append(self, positions: torch.Tensor, slots: torch.Tensor) -> None:
+        n, end = self.held, self.held + len(positions)
+        if end > min(len(self._positions), len(self._slots)):
+            capacity = max(2 * end, 64)
+            self._positions = torch.cat((self._positions[:n], torch.empty(capacity - n, dtype=_LONG)))
+            self._slots = torch.cat((self._slots[:n], torch.empty(capacity - n, dtype=_LONG)))
+        self._positions[n:end] = positions
+        self._slots[n:end] = slots
+        self.held = end
 
 
 @dataclass(frozen=True)
@@ -222,9 +253,8 @@ class PagedKVTable:
             self._residents[request] = _Resident(pages, positions, set(values), slots, spare)
         else:
             entry.pages.extend(pages)
-            entry.positions = torch.cat((entry.positions, positions))
+            entry.append(positions, slots)
             entry.members.update(values)
-            entry.slots = torch.cat((entry.slots, slots))
             entry.spare = spare
         self._used += n
         return slots
@@ -377,6 +407,10 @@ class PagedKVTable:
     @property
     def free_pages(self) -> int:
         return len(self._free_pages)
+
+    def holds(self, request: RequestId) -> bool:
+        """Whether the request owns or views any slot of this table."""
+        return request in self._residents or request in self._views
 
     def requests(self) -> tuple[RequestId, ...]:
         """The resident requests (each owns at least one token; views alone do not count), sorted."""

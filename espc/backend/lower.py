@@ -68,11 +68,14 @@ from espc.backend.tensor_parallel import local_heads, world_rank
 from espc.model.llama import Llama
 from espc.planner.plan import (
     DecodeBatch,
+    DecodeItem,
     IterationPlan,
     Migration,
     PrefillBatch,
+    PrefillItem,
     RequestId,
     TokenRange,
+    even_retention,
 )
 
 _ops = torch.ops.espc
@@ -241,6 +244,15 @@ class _Builder:
         )
         return self.item(result, 0, f"{name}_o"), self.item(result, 1, f"{name}_lse")
 
+    def attention_paged(self, q, pool, layer: int, slots, q_pos, k_pos, q_seq, k_seq, name: str) -> tuple[fx.Node, fx.Node]:
+        """Attention of q over the keys at token `slots` of the pool's layer, read in place
+        (split-KV; the kernel chooses the splits): no copy of the context."""
+        result = self.call(
+            _ops.attn_paged.default, q, pool, layer, slots, q_pos, k_pos, q_seq, k_seq, True, self.scale,
+            self.attention, None, name=name,
+        )
+        return self.item(result, 0, f"{name}_o"), self.item(result, 1, f"{name}_lse")
+
     def merge(self, layer: int, o_parts: fx.Node, lse_parts: fx.Node) -> fx.Node:
         merged = self.call(_ops.attn_merge.default, o_parts, lse_parts, self.attention, name=f"merge{layer}")
         return self.item(merged, 0, f"attn{layer}")
@@ -360,13 +372,18 @@ class _RemoteKV:
             ops.CHANNELS["query"], name=f"query{layer}_start", comm=meta,
         )
 
-    def answer(self, layer: int, ticket: fx.Node, kv, kv_pos, kv_seq, o: fx.Node, lse: fx.Node) -> tuple[fx.Node, fx.Node]:
-        """Answer the peers' queries over the local KV `kv`, and gather their answers to
-        this rank's queries beside its own partial (o, lse): [m, n, Hq, D], [m, n, Hq]."""
+    def answer(
+        self, layer: int, ticket: fx.Node, pool: fx.Node, kv_slots, kv_pos, kv_seq, o: fx.Node, lse: fx.Node
+    ) -> tuple[fx.Node, fx.Node]:
+        """Answer the peers' queries over the local KV (at `kv_slots` of the pool, read in
+        place), and gather their answers to this rank's queries beside its own partial
+        (o, lse): [m, n, Hq, D], [m, n, Hq]."""
         g = self.g
         received = g.call(ops.COMM_WAIT, ticket, self.recv_pos, [-1, g.heads, g.head_dim], g.dtype, name=f"query{layer}_wait")
         q_in = g.call(torch.cat, received, name=f"q_in{layer}")
-        o_in, lse_in = g.attention_partial(q_in, kv, self.in_pos, kv_pos, self.in_seq, kv_seq, f"attn_peer{layer}")
+        o_in, lse_in = g.attention_paged(
+            q_in, pool, layer, kv_slots, self.in_pos, kv_pos, self.in_seq, kv_seq, f"attn_peer{layer}"
+        )
         answers = g.call(_ops.partial_pack.default, o_in, lse_in, self.recv_pos, name=f"partial_pack{layer}")
         meta = CommMeta(
             ops.CHANNELS["partial"], layer, tuple((p, f"answer_to{k}") for k, p in enumerate(self.names, 1)),
@@ -417,8 +434,7 @@ def _prefill(g: _Builder, role: Role, pool: fx.Node) -> fx.Node:
                 )
                 block = g.item(received, 0, f"kv{layer}_{s + 1}")
         if role.prefix:
-            prefix = g.halves(g.call(_ops.kv_gather.default, pool, layer, prefix_slots, name=f"prefix{layer}"))
-            o, lse = g.attention_partial(q, prefix, pos, prefix_pos, seq, prefix_seq, f"attn_prefix{layer}")
+            o, lse = g.attention_paged(q, pool, layer, prefix_slots, pos, prefix_pos, seq, prefix_seq, f"attn_prefix{layer}")
             if ticket is None:  # a ring of one: the whole prefix is local
                 o_parts.append(o)
                 lse_parts.append(lse)
@@ -429,7 +445,7 @@ def _prefill(g: _Builder, role: Role, pool: fx.Node) -> fx.Node:
             lse_stack = g.call(torch.stack, lse_parts, name=f"lse_parts{layer}")
             if ticket is not None:  # the prefix partials: this rank's and its peers' answers
                 assert remote is not None  # a ticket comes from remote.ask
-                o_prefix, lse_prefix = remote.answer(layer, ticket, prefix, prefix_pos, prefix_seq, o, lse)
+                o_prefix, lse_prefix = remote.answer(layer, ticket, pool, prefix_slots, prefix_pos, prefix_seq, o, lse)
                 o_stack = g.call(torch.cat, [o_stack, o_prefix], name=f"o_all{layer}")
                 lse_stack = g.call(torch.cat, [lse_stack, lse_prefix], name=f"lse_all{layer}")
             o = g.merge(layer, o_stack, lse_stack)
@@ -450,11 +466,12 @@ def _decode(g: _Builder, role: Role, pool: fx.Node) -> fx.Node:
         ticket = remote.ask(layer, q) if remote is not None else None
         new_kv = g.call(torch.stack, [k, v], name=f"new_kv{layer}")
         g.call(_ops.kv_store.default, pool, layer, new_slots, new_kv, name=f"append{layer}")
-        kv = g.halves(g.call(_ops.kv_gather.default, pool, layer, kv_slots, name=f"kv{layer}"))
-        o, lse = g.attention_partial(q, kv, pos, kv_pos, seq, kv_seq, f"attn_local{layer}")
+        # The context is read where it lies in the pool (after the append above): no layer
+        # copies it out, here or for the peers' queries.
+        o, lse = g.attention_paged(q, pool, layer, kv_slots, pos, kv_pos, seq, kv_seq, f"attn_local{layer}")
         if remote is not None:
             assert ticket is not None  # asked above: remote is set
-            o_parts, lse_parts = remote.answer(layer, ticket, kv, kv_pos, kv_seq, o, lse)
+            o_parts, lse_parts = remote.answer(layer, ticket, pool, kv_slots, kv_pos, kv_seq, o, lse)
             o = g.merge(layer, o_parts, lse_parts)
         x = g.layer_out(layer, x, o)
     return g.module("lm_head", g.module("norm", x))
@@ -482,7 +499,9 @@ def _with_seq(per_request: list[torch.Tensor], ids: Sequence[int] | None = None)
     return _cat(per_request), _cat([torch.full_like(p, i) for i, p in zip(ids, per_request)])
 
 
-def _prefill_inputs(b: RankBinding, kv: SlotTable, tokens: Mapping[RequestId, torch.Tensor]) -> dict[str, Any]:
+def _prefill_inputs(
+    b: RankBinding, kv: SlotTable, tokens: Mapping[RequestId, torch.Tensor], reads: bool = True
+) -> dict[str, Any]:
     batch = b.batch
     assert isinstance(batch, PrefillBatch)  # a "prefill" role is bound to its batch (`bind`)
     d, p, rank = len(batch.instances), b.position, b.rank
@@ -499,7 +518,7 @@ def _prefill_inputs(b: RankBinding, kv: SlotTable, tokens: Mapping[RequestId, to
             )
         ids.append(chunk[positions - item.start])
     inputs["tokens"] = _cat(ids)
-    if b.role.prefix:  # before the retained tokens below are allocated: the prefix only
+    if b.role.prefix and reads:  # before the retained tokens below are allocated: the prefix only
         inputs.update(_prefix_inputs(b, kv, local))
     for s in range(d):
         origin = (p - s) % d
@@ -582,7 +601,9 @@ def _check_prefix_holders(plan: IterationPlan, rank: int, kv: SlotTable) -> None
                 )
 
 
-def _decode_inputs(b: RankBinding, kv: SlotTable, tokens: Mapping[RequestId, torch.Tensor]) -> dict[str, Any]:
+def _decode_inputs(
+    b: RankBinding, kv: SlotTable, tokens: Mapping[RequestId, torch.Tensor], reads: bool = True
+) -> dict[str, Any]:
     batch = b.batch
     assert isinstance(batch, DecodeBatch)  # a "decode" role is bound to its batch (`bind`)
     m, p, rank, ring = len(batch.instances), b.position, b.rank, batch.instances
@@ -591,7 +612,7 @@ def _decode_inputs(b: RankBinding, kv: SlotTable, tokens: Mapping[RequestId, tor
     held = [dict(item.shards) for item in batch.items]
     kv_pos, kv_slots, kv_seq = [], [], []
     for i, item in enumerate(batch.items):
-        if held[i].get(rank, 0):
+        if held[i].get(rank, 0) and reads:
             positions, slots = kv.resident(item.request_id)
             if len(positions) != held[i][rank]:
                 raise ValueError(
@@ -626,9 +647,9 @@ def _decode_inputs(b: RankBinding, kv: SlotTable, tokens: Mapping[RequestId, tor
     return inputs
 
 
-def _migration_inputs(b: RankBinding, kv: SlotTable) -> dict[str, Any]:
+def _migration_inputs(b: RankBinding, kv: SlotTable, reads: bool = True) -> dict[str, Any]:
     inputs: dict[str, Any] = {}
-    for k, migration in enumerate(b.sends):
+    for k, migration in enumerate(b.sends if reads else ()):
         positions, slots = kv.resident(migration.request_id)
         span = migration.range
         inside = (positions >= span.start) & (positions < span.end)
@@ -692,16 +713,20 @@ class Program:
 
     def inputs(
         self, rank: int, kv: SlotTable, tokens: Mapping[RequestId, torch.Tensor], pool: torch.Tensor | None,
-        tp_rank: int = 0,
+        tp_rank: int = 0, *, reads: bool = True,
     ) -> dict[str, Any] | None:
         """Apply the plan to `rank`'s slot table `kv` and return the rank's graph inputs, or
         None when the rank runs no graph in this plan (it only frees). Call it for every rank
         of the world, once per plan. `tokens`: per request, the ids of the prefill chunk
         [start, end), or the one new token of a decode step. `tp_rank`: whose peers the
         inputs name (`peer_ranks`); the other inputs are the same for every TP rank.
+        `reads=False` applies the same bookkeeping without naming the resident KV the graph
+        reads (decode shards, a continued prefill's prefix, a migration's source slots): the
+        inputs then lack those, and the call costs O(new tokens) instead of O(context).
 
-        This is the one order of a plan's slot bookkeeping; the driver (on each worker's
-        table) and the gloo harness (on each rank's own) both go through it:
+        This is the one order of a plan's slot bookkeeping; every copy of a table goes
+        through it — the driver's mirror of each worker's (`reads=False`), the worker's own
+        and the gloo harness's rank's:
 
         1. The plan's frees release first. `IterationPlan.verify` and the scheduler's
            `ClusterState` count a plan's capacity after its frees, so a plan may put new KV
@@ -725,10 +750,10 @@ class Program:
             return None
         inputs = {"pool": pool, **self.peer_ranks(rank, tp_rank)}
         if b.role.phase == "prefill":
-            inputs.update(_prefill_inputs(b, kv, tokens))
+            inputs.update(_prefill_inputs(b, kv, tokens, reads))
         elif b.role.phase == "decode":
-            inputs.update(_decode_inputs(b, kv, tokens))
-        inputs.update(_migration_inputs(b, kv))
+            inputs.update(_decode_inputs(b, kv, tokens, reads))
+        inputs.update(_migration_inputs(b, kv, reads))
         for migration in b.sends:
             kv.release(migration.request_id, migration.range)
         if b.sends:
@@ -756,6 +781,8 @@ class Program:
         inputs = self.inputs(rank, kv, tokens, pool, tp_rank)
         if inputs is None:
             return {}
+        # The table's bookkeeping is host tensors; the graph runs where the pool lives.
+        inputs = {name: value.to(pool.device) if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
         outputs = self.graph(rank)(**inputs)
         if not outputs:
             return {}
@@ -810,6 +837,29 @@ class Lowering:
         self.tp = tp
         self.attention = attention
         self.cache = cache if cache is not None else GraphCache()
+
+    def warm_up(self, max_dop: int) -> int:
+        """Build and cache the graph of every Role without migrations up to `max_dop`
+        instances: prefill (fresh, and continuing a resident prefix) and decode at each
+        DoP. A Role's graph does not depend on which rank runs it, so one-request plans on
+        instances 0 … d−1 stand for every batch of that shape; otherwise the first batch
+        of each shape would pay the graph's construction in its latency. A shape the
+        backend does not lower (NotImplementedError) is skipped: a batch of it fails when
+        it comes. Returns the number of graphs built now."""
+        built = len(self.cache.graphs)
+        for d in range(1, max_dop + 1):
+            ring = tuple(range(d))
+            batches: list[PrefillBatch | DecodeBatch] = [
+                PrefillBatch(ring, (PrefillItem(0, start, start + d, even_retention(start, start + d, ring)),))
+                for start in (0, d)  # fresh; continuing a resident prefix [0, d)
+            ]
+            batches.append(DecodeBatch(ring, (DecodeItem(0, 0, tuple((instance, 1) for instance in ring)),)))
+            for batch in batches:
+                try:
+                    self.lower(IterationPlan(0, (batch,)), ranks=(0,), verify=False)
+                except NotImplementedError:
+                    continue
+        return len(self.cache.graphs) - built
 
     def lower(
         self, plan: IterationPlan, *, ranks: tuple[int, ...] | None = None, verify: bool = True,

@@ -1,10 +1,11 @@
 """The `espc::` torch.library ops that lowered graphs call, each with a fake implementation.
 
-Attention: `attn_partial`, `attn_merge` (the kernels of `espc.backend.kernels`).
+Attention: `attn_partial`, `attn_merge`, and `attn_paged`, which attends to K/V read in place
+from the pool at given slots (the kernels of `espc.backend.kernels`).
 Multi-master decode: `query_scatter` (a master's queries, one message per peer),
 `partial_pack` (a peer's (o, lse) answers, one message per master) and `partial_gather`
 (a master lines the answers up with its own partial for `attn_merge`).
-KV pool: `kv_store`, `kv_gather` (one layer, token-granular slots), `kv_pack`, `kv_unpack`
+KV pool: `kv_store` (one layer, token-granular slots), `kv_pack`, `kv_unpack`
 (every layer of a token set as ONE contiguous buffer: a migration).
 Communication: `send_recv_start` issues a batch of point-to-point sends and receives on the
 world group and returns a ticket; `send_recv_wait` waits for the ticket and returns what was
@@ -93,6 +94,25 @@ def _(q, k, v, q_pos, k_pos, q_seq, k_seq, causal, scale, impl):
     return q.new_empty(q.shape, dtype=torch.float32), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
+@torch.library.custom_op("espc::attn_paged", mutates_args=())
+def attn_paged(
+    q: torch.Tensor, pool: torch.Tensor, layer: int, kv_slots: torch.Tensor,
+    q_pos: torch.Tensor, k_pos: torch.Tensor, q_seq: torch.Tensor, k_seq: torch.Tensor,
+    causal: bool, scale: float, impl: str, num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attn_partial` over the keys held at token slots `kv_slots` [Nk] of layer `layer` of the
+    pool, read in place (split-KV; `num_splits` None: the kernel chooses)."""
+    return kernels.attn_paged(
+        q, pool, layer, kv_slots, q_pos, k_pos, q_seq, k_seq, causal=causal, scale=scale, impl=impl,
+        num_splits=num_splits,
+    )
+
+
+@attn_paged.register_fake
+def _(q, pool, layer, kv_slots, q_pos, k_pos, q_seq, k_seq, causal, scale, impl, num_splits=None):
+    return q.new_empty(q.shape, dtype=torch.float32), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
 @torch.library.custom_op("espc::attn_merge", mutates_args=())
 def attn_merge(o_parts: torch.Tensor, lse_parts: torch.Tensor, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-sum-exp merge of [P, Nq, Hq, D] partials into (o, lse), in fp32."""
@@ -171,17 +191,6 @@ def kv_store(pool: torch.Tensor, layer: int, slots: torch.Tensor, block: torch.T
 @kv_store.register_fake
 def _(pool, layer, slots, block):
     return None
-
-
-@torch.library.custom_op("espc::kv_gather", mutates_args=())
-def kv_gather(pool: torch.Tensor, layer: int, slots: torch.Tensor) -> torch.Tensor:
-    """The block [2, n, Hkv, D] of layer `layer` held at token slots [n]."""
-    return pool[layer].index_select(1, slots)
-
-
-@kv_gather.register_fake
-def _(pool, layer, slots):
-    return pool.new_empty((2, slots.shape[0], *pool.shape[3:]))
 
 
 @torch.library.custom_op("espc::kv_pack", mutates_args=())

@@ -1,13 +1,18 @@
 """The driver: runs the compiled policy's scheduler against the real clock and the workers.
 
-It owns the global tables: the scheduler's `ClusterState` (which requests hold how many
-tokens where) and, per worker, a `PagedKVTable` (which slot of that worker's pool holds which
-token). Its loop, on one thread, does what the simulator does with a virtual clock:
+It owns the global state: the scheduler's `ClusterState` (which requests hold how many
+tokens where) and, per worker, a mirror of the worker's `PagedKVTable` (which slot of its
+pool holds which token). Its loop, on one thread, does what the simulator does with a
+virtual clock:
 
     arrivals and cancellations -> results of the workers (a batch completes when all its
     ranks answered; a migration when both ends did) -> faults -> schedule (same Scheduler
-    object, same ClusterState) -> lower the plan (verified, cached) -> compute each rank's
-    graph inputs against its table -> send each worker its slice.
+    object, same ClusterState) -> lower the plan (verified, cached) -> apply its bookkeeping
+    to the mirrors (all or nothing) -> send each worker the plan and its new token ids.
+
+The worker applies the same bookkeeping to its own table and computes its graph's inputs
+there, so what travels per step is O(new tokens), whatever the context length
+(benchmarks/step_bytes.py).
 
 A worker processes its commands in order, so a plan may be sent to a rank that is still
 busy with an earlier one (a migration out of an instance running a batch): it runs after,
@@ -47,6 +52,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from espc.backend.kvpool import KVPoolFull, PagedKVTable
@@ -66,7 +72,6 @@ from espc.runtime.worker import BEAT, DTYPES, ERROR, READY, RESULT, Sampling, St
 
 # A scheduler may first free KV (preemption) and then plan into the freed space.
 _MAX_PLANS_PER_WAKE = 8
-_LONG = torch.int64
 
 
 class EngineError(RuntimeError):
@@ -167,6 +172,7 @@ class DriverOptions:
     dtype: str
     admission: Admission = Admission()
     launcher: str = "spawn"  # spawn | torchrun (see espc.runtime.launch)
+    warm_up: bool = True  # graphs of every batch shape built at start-up (`Lowering.warm_up`)
 
 
 class Driver:
@@ -184,7 +190,10 @@ class Driver:
         cache = PrefixCache(page, options.max_running) if spec.runtime.prefix_caching else None
         self.state = ClusterState(deployment.capacity, prefix=cache)
         residents = options.max_running * (2 if cache else 1)
+        # The driver's mirror of each worker's own table: it decides (and rolls back) every
+        # plan's bookkeeping here first, the worker repeats it from the plan (`worker._execute`).
         self.tables = [PagedKVTable(capacity, page, residents) for capacity in deployment.capacity]
+        self._released: list[list[RequestId]] = [[] for _ in self.tables]  # per table, not yet sent to its worker
         # The driver's world is instances: with tp > 1 each is tp workers (`instance_workers`)
         # that run the same graph on their shards; it lowers TP rank 0's structure to verify.
         self.tp = deployment.tp
@@ -223,8 +232,9 @@ class Driver:
         device = self.spec.cluster.nodes[0].device.kind
         config = WorkerConfig(
             self.spec.model, self.base_dir, self.world * self.tp, "env://" if torchrun else f"tcp://127.0.0.1:{free_port()}",
-            self.spec.runtime.backend, device, self.options.dtype, self.spec.runtime.attention, self.tables[0].num_slots,
-            self.options.threads, self.options.comm_timeout_s, self.tp,
+            self.spec.runtime.backend, device, self.options.dtype, self.spec.runtime.attention,
+            tuple(table.capacity_tokens for table in self.tables), self.tables[0].page_size, self.tables[0].max_requests,
+            self.options.threads, self.options.comm_timeout_s, self.tp, self.options.warm_up,
         )
         try:
             if torchrun:
@@ -234,6 +244,8 @@ class Driver:
             self._workers = instance_workers(ranks, self.tp)
         except LaunchError as error:
             raise EngineError(str(error)) from None
+        if self.options.warm_up:  # while the workers start: the graphs it verifies plans with
+            self.lowering.warm_up(self.world)
         ready: set[int] = set()
         deadline = time.monotonic() + self.options.start_timeout_s
         while len(ready) < self.world:
@@ -450,7 +462,10 @@ class Driver:
             self._stalled_since = None
 
     def _dispatch(self, plan: IterationPlan) -> None:
-        """Apply the plan to the tables and the state, and send each rank its slice.
+        """Apply the plan to the tables and the state, and send each rank its slice: every
+        instance whose table the plan touches gets the plan, the token ids it feeds and the
+        releases its table has not seen yet; the worker applies them to its own table in the
+        same order (`worker._execute`), so no slot index travels.
 
         Faults touch only what they must: a batch the backend cannot lower fails its own
         requests and the rest of the plan runs (`_lower`); a table that cannot hold what the
@@ -462,16 +477,23 @@ class Driver:
         if lowered is None:
             return
         plan, program = lowered
-        tokens = {}
+        # numpy, not torch: a torch.multiprocessing queue moves every tensor through its own
+        # shared-memory segment (~1.4 ms per step for a handful of small tensors).
+        tokens: dict[RequestId, np.ndarray] = {}
         for batch in plan.batches:
             for item in batch.items:
                 live = self._live[item.request_id]
                 if isinstance(batch, PrefillBatch):
                     assert isinstance(item, PrefillItem)  # a prefill batch holds prefill items
-                    tokens[item.request_id] = torch.tensor(live.sequence()[item.start:item.end], dtype=_LONG)
+                    tokens[item.request_id] = np.array(live.sequence()[item.start:item.end], dtype=np.int64)
                 else:
-                    tokens[item.request_id] = torch.tensor(live.generated[-1:], dtype=_LONG)
-        steps = {}
+                    tokens[item.request_id] = np.array(live.generated[-1:], dtype=np.int64)
+        ids = {request: torch.from_numpy(chunk) for request, chunk in tokens.items()}
+        changed = set(plan.frees) | set(plan.evictions) | {hit.source for hit in plan.hits}
+        touched = [
+            rank for rank, table in enumerate(self.tables)
+            if rank in program.bindings or any(table.holds(request) for request in changed)
+        ]
         rank = 0
         try:
             with ExitStack() as transactions:  # all tables or none: an exception rolls each back
@@ -482,21 +504,23 @@ class Driver:
                     for hit in plan.hits:  # before the inputs, which read the prefix through the views
                         table.share(hit.request_id, hit.source, TokenRange(0, hit.tokens))
                 for rank, table in enumerate(self.tables):  # every table: the plan's frees apply to all
-                    inputs = program.inputs(rank, table, tokens, None)
-                    if inputs is None:
-                        continue
-                    del inputs["pool"]
-                    # numpy, not torch: a torch.multiprocessing queue moves every tensor through its
-                    # own shared-memory segment, ~1.4 ms per step for a handful of small index tensors.
-                    inputs = {name: v.numpy() if isinstance(v, torch.Tensor) else v for name, v in inputs.items()}
-                    sampling = {}
-                    for request_id in program.outputs(rank):
-                        live = self._live[request_id]
-                        sampling[request_id] = Sampling(live.params, live.seed, len(live.generated))
-                    steps[rank] = Step(plan, inputs, sampling)
+                    program.inputs(rank, table, ids, None, reads=False)
         except KVPoolFull as error:  # `rank`: the table that could not hold it
             self._kv_full(plan, rank, error)
             return
+        steps = {}
+        for rank in touched:
+            sampling = {}
+            for request_id in program.outputs(rank):
+                live = self._live[request_id]
+                sampling[request_id] = Sampling(live.params, live.seed, len(live.generated))
+            feeds = {
+                item.request_id: tokens[item.request_id]
+                for batch in plan.batches if rank in batch.instances for item in batch.items
+            }
+            table = self.tables[rank]
+            steps[rank] = Step(plan, feeds, sampling, tuple(self._released[rank]), (table.used_tokens, table.used_pages))
+            self._released[rank].clear()
         self.state.start(plan)
         self._release_evicted()
         now = self.now()
@@ -672,8 +696,12 @@ class Driver:
     # ---------------------------------------------------------------------- ends, faults
 
     def _release(self, request_id: int) -> None:
-        for table in self.tables:
-            table.release(request_id)
+        """Release the request on every table that holds it; each worker hears of it with
+        its next step (before that step's own bookkeeping, as here)."""
+        for rank, table in enumerate(self.tables):
+            if table.holds(request_id):
+                table.release(request_id)
+                self._released[rank].append(request_id)
 
     def _release_evicted(self) -> None:
         """Release in every table the cached requests the state evicted."""

@@ -58,6 +58,9 @@ class EngineOptions(BaseModel):
     heartbeat_timeout_s: PositiveFloat = 10.0
     comm_timeout_s: PositiveFloat = 60.0
     stall_timeout_s: PositiveFloat = 30.0
+    warm_up: bool = Field(
+        True, description="build every batch shape's graphs at start-up, not in the first request of each shape"
+    )
 
 
 class EngineOverrides(TypedDict, total=False):
@@ -76,6 +79,7 @@ class EngineOverrides(TypedDict, total=False):
     heartbeat_timeout_s: float
     comm_timeout_s: float
     stall_timeout_s: float
+    warm_up: bool
 
 
 @dataclass
@@ -160,7 +164,7 @@ class Engine:
             DriverOptions(
                 self.scheduler.deployment.capacity[0], options.max_running, options.threads, options.start_timeout_s,
                 options.heartbeat_timeout_s, options.comm_timeout_s, options.stall_timeout_s,
-                options.dtype or spec.model.dtype, admission(spec, self.scheduler), options.launcher,
+                options.dtype or spec.model.dtype, admission(spec, self.scheduler), options.launcher, options.warm_up,
             ),
             base_dir,
         )

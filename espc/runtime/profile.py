@@ -8,21 +8,29 @@ inputs and the graph, the slowest rank of the batch. Every shape runs once untim
 builds the graphs of a new role and warms the allocator), then `repeats` times; the median
 counts. Grid, per dop from 1 to the number of instances:
 
-- prefill: single prompts of several lengths and a few batches of equal prompts;
+- prefill: single prompts of several lengths and a few batches of equal prompts; prompts
+  (and decode contexts) longer than the rest at the dops whose KV holds them (`Grid.long`);
 - decode: batch sizes × context lengths, each request's KV retained evenly over the group
   and one master per request, round robin (every request spans the whole group, as the cost
   model assumes); the contexts are prefilled untimed first;
 - migration: a request's first tokens moved from instance 0 to 1 (and back, untimed), with
   more repeats than the rest (they are short and cheap);
-- the runtime's own time per iteration (`measure_dispatch`), through a real Engine against
-  the grid's fit: the fits add it, so the simulator charges what a runtime iteration lasts.
+- through a real Engine at every dop (`measure_runtime`): the runtime's own time per
+  iteration against the grid's fit (the fits add it, so the simulator charges what a
+  runtime iteration lasts), and its contention: how much longer its iterations last while
+  0, 1, … other instances decode requests of their own. Where the workers share fewer
+  cores than there are of them, a batch runs slower while other instances run, a group
+  whose ranks wait on each other slower still, and the one driver that feeds them all
+  takes longer to come back to each.
 
 `espc.planner.sim.calibration.fit` fits the cost model on the medians.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +60,7 @@ SETUP_PREFILL_TOKENS = 1024
 dense over a batch, so one big batch would cost (Σ tokens)² instead of Σ tokens²."""
 THREADS = 1  # torch threads per worker: the runtime's default (EngineOptions.threads)
 MIGRATION_REPEATS = 4  # × repeats: see _Session.time_migrations
+LONG_DECODE_ROOM = 64  # KV slots a long context keeps free to decode into (Grid.long_at)
 
 
 @dataclass(frozen=True)
@@ -61,11 +70,14 @@ class Grid:
     prefill: tuple[tuple[int, ...], ...]  # batches: the prompt length of each request
     decode: tuple[tuple[int, tuple[int, ...]], ...]  # (context per request, batch sizes)
     migration: tuple[int, ...]  # tokens moved
+    long: tuple[int, ...] = ()  # single prompts, and decode contexts of one request, at the dops that hold them
 
     @classmethod
     def full(cls, spec: Spec) -> Grid:
-        """Lengths up to half the model's context, at most 2048 tokens, so that the grid takes
-        under a minute on the tiny spec: a dense prefill of 4096 tokens alone takes seconds."""
+        """Lengths up to half the model's context, at most 2048 tokens, at every dop; longer
+        prompts and contexts (up to the model's context) at the dops whose KV holds them,
+        where long prompts run: a policy spreads a prompt that one instance cannot hold, and
+        its time is not extrapolated from short ones. About a minute on the tiny spec."""
         top = min(spec.model.max_context // 2, 2048)
         singles = [n for n in (16, 64, 256, 1024) if n < top] + [top]
         batches = [(top // 8,) * 4, (top // 16,) * 8, (top // 32,) * 4]
@@ -74,6 +86,7 @@ class Grid:
             # Σ context ≤ 4 × top per step: the decode kernel is dense over the batch too.
             decode=tuple((c, tuple(b for b in (1, 4, 16) if b * c <= 4 * top)) for c in (top // 32, top // 4, top) if c >= 1),
             migration=(16, top // 8, top),
+            long=tuple(n for n in (2 * top, 3 * top, 4 * top) if n <= spec.model.max_context),
         )
 
     @classmethod
@@ -86,10 +99,15 @@ class Grid:
             migration=(16, min(spec.model.max_context // 2, 2048)),  # large enough to see the bandwidth
         )
 
-    def points(self, instances: int) -> int:
-        """Grid points measured on `instances` workers (dop 1 to instances)."""
+    def points(self, instances: int, capacity: int) -> int:
+        """Grid points measured on `instances` workers (dop 1 to instances) of `capacity` KV slots."""
         per_dop = len(self.prefill) + sum(len(batches) for _, batches in self.decode)
-        return instances * per_dop + len(self.migrations(instances))
+        long = sum(2 * len(self.long_at(dop, capacity)) for dop in range(1, instances + 1))
+        return instances * per_dop + long + len(self.migrations(instances))
+
+    def long_at(self, dop: int, capacity: int) -> tuple[int, ...]:
+        """The long lengths `dop` instances of `capacity` KV slots hold (with room to decode)."""
+        return tuple(n for n in self.long if n + LONG_DECODE_ROOM <= dop * capacity)
 
     def migrations(self, instances: int) -> tuple[int, ...]:
         return self.migration if instances > 1 else ()  # a single instance never migrates
@@ -121,7 +139,8 @@ def profile(spec: Spec, *, grid: Grid | None = None, repeats: int = 3, on_progre
         raise ProfileError(f"repeats must be ≥ 1, got {repeats}")
     grid = grid or Grid.full(spec)
     world = len(cluster.instances(1))
-    total = grid.points(world)
+    capacity = CostModel.from_spec(spec).kv_capacity_tokens(1)  # each worker's KV slots in the runtime
+    total = grid.points(world, capacity)
     measurements: list[Measurement] = []
 
     def record(phase: str, dop: int, lengths: Sequence[int], samples: Sequence[float]) -> None:
@@ -133,7 +152,7 @@ def profile(spec: Spec, *, grid: Grid | None = None, repeats: int = 3, on_progre
 
     dtype = getattr(torch, spec.model.dtype)  # the spec's dtype names are torch's
     with Harness(
-        spec.model, world, slots=grid.slots(repeats), page_size=spec.runtime.kv_block_size, dtype=dtype,
+        spec.model, world, slots=max(grid.slots(repeats), capacity if grid.long else 0), page_size=spec.runtime.kv_block_size, dtype=dtype,
         attention=spec.runtime.attention, threads=THREADS,
     ) as harness:
         session = _Session(harness)
@@ -146,55 +165,150 @@ def profile(spec: Spec, *, grid: Grid | None = None, repeats: int = 3, on_progre
                 progress(f"decode dop {dop}: context {context}")
                 for contexts, samples in session.time_decode(ring, context, batches, repeats):
                     record("decode", dop, contexts, samples)
+            for length in grid.long_at(dop, capacity):
+                progress(f"prefill and decode dop {dop}: {length} tokens")
+                record("prefill", dop, (length,), session.time_prefill(ring, (length,), repeats))
+                for contexts, samples in session.time_decode(ring, length, (1,), repeats):
+                    record("decode", dop, contexts, samples)
         if grid.migrations(world):
             progress("migration")
             for tokens, samples in session.time_migrations(grid.migrations(world), repeats):
                 record("migration", 2, (tokens,), samples)
-    progress("runtime dispatch")
-    conditions: dict[str, Any] = {"attention": spec.runtime.attention, "dtype": spec.model.dtype, "threads": THREADS, "world": world}
+    progress("runtime dispatch and contention")
+    conditions: dict[str, Any] = {
+        "attention": spec.runtime.attention, "dtype": spec.model.dtype, "threads": THREADS, "world": world,
+        "cores": len(os.sched_getaffinity(0)),
+    }
     workers_only = fit(spec, measurements, conditions)
-    conditions["dispatch_s"] = measure_dispatch(spec, workers_only.cost, repeats)
+    conditions["dispatch_s"], conditions["contention"], conditions["admission_s"] = measure_runtime(
+        spec, workers_only.cost, repeats
+    )
     progress("fitting")
     return fit(spec, measurements, conditions)
 
 
 DISPATCH_PROMPTS = (16, 64, 256)
 DISPATCH_TOKENS = 16
+BACKGROUND_PROMPT = 4  # tokens: under DISPATCH_PROMPTS, so a static scheduler routes it apart
+BACKGROUND_TOKENS = 1024
 
 
-def measure_dispatch(spec: Spec, workers_only: CostModel, repeats: int) -> dict[str, float]:
-    """Seconds a runtime iteration lasts beyond what the grid measured on the workers, per
-    phase: the driver computing inputs, the command and result queues, its loop taking the
-    next step, and whatever else differs between a worker of the engine and of the grid.
-    Measured through a real Engine (one instance per request, requests one after another,
-    so nothing queues) against `workers_only`, the cost model fitted on the grid alone:
-    decode, the median period between a request's successive steps minus the predicted
-    step; prefill, the median batch time plus the gap before that instance's next batch
-    minus the predicted prefill. The fits add these, so the simulator charges what a
-    runtime iteration lasts."""
+def measure_runtime(
+    spec: Spec, workers_only: CostModel, repeats: int
+) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, list[float]]], float]:
+    """(dispatch, contention, admission): the first two per phase and dop, measured through a real Engine per dop: a
+    static group of dop instances takes the timed requests, one after another, while 0, 1,
+    …, world − dop of the other instances each decode a request of their own (`_Background`).
+
+    The time of a timed iteration: decode, the period between a request's successive
+    steps; prefill, the batch plus the gap before that group's next batch. Both include what
+    the grid did not measure on the workers: the driver computing inputs and sending each of
+    the group's ranks its step, the command and result queues, its loop taking the next step
+    (a group waits for the last of its ranks to hear and to answer, so it grows with the
+    dop), and, with other instances busy, the cores and the driver they share.
+
+    dispatch: the median time with nothing else busy minus `workers_only`'s prediction (the
+    cost model fitted on the grid alone). contention: the median time with 0, 1, … other
+    instances busy over the median with none (1, then never below the factor of fewer: what
+    is below is noise). admission: the median time from a timed request's arrival to the
+    start of its first batch with nothing else busy (the driver taking it in, planning,
+    lowering, computing inputs), which no iteration's time holds."""
     from espc.planner.sim.strategies import Deployment, StaticScheduler
     from espc.runtime.engine import Engine
     from espc.runtime.sampling import SamplingParams
 
     world = len(spec.cluster.instances(1))
-    deployment = Deployment.build(CostModel.from_spec(spec), 1, max(DISPATCH_PROMPTS) + DISPATCH_TOKENS + 1)
-    with Engine(spec, scheduler=StaticScheduler(deployment, (1,) * world), threads=THREADS) as engine:
-        for _ in range(1 + repeats):  # the first round builds the graphs
-            for length in DISPATCH_PROMPTS:
-                engine.generate([[0] * length], SamplingParams(max_new_tokens=DISPATCH_TOKENS))
-        costs = engine.batch_costs()[len(DISPATCH_PROMPTS) * DISPATCH_TOKENS:]
-    by_instance: dict[int, list] = {}
+    # Room for a timed and a background request on one instance.
+    capacity = max(DISPATCH_PROMPTS) + DISPATCH_TOKENS + BACKGROUND_PROMPT + BACKGROUND_TOKENS + 2
+    deployment = Deployment.build(CostModel.from_spec(spec), 1, capacity)
+    dispatch: dict[str, dict[int, float]] = {"prefill": {}, "decode": {}}
+    contention: dict[str, dict[int, list[float]]] = {"prefill": {}, "decode": {}}
+    admission: list[float] = []
+    for dop in range(1, world + 1):
+        # Timed prompts are "long": they go to the largest group, the dop one; background
+        # prompts are short: each to the least loaded single instance.
+        scheduler = StaticScheduler(deployment, (dop,) + (1,) * (world - dop), long_prompt_threshold=min(DISPATCH_PROMPTS))
+        # Without the start-up warm-up: each block's first round builds what it needs, untimed.
+        with Engine(spec, scheduler=scheduler, threads=THREADS, warm_up=False) as engine:
+            by_busy = []  # other instances busy -> phase -> [(seconds, lengths)]
+            for busy in range(world - dop + 1):
+                with _Background(engine, busy):
+                    start = len(engine.batch_costs())
+                    timed = set()
+                    for round_ in range(1 + repeats):  # the first round is not timed: it builds the graphs
+                        for length in DISPATCH_PROMPTS:
+                            (done,) = engine.generate([[0] * length], SamplingParams(max_new_tokens=DISPATCH_TOKENS))
+                            if round_:
+                                timed.add(done.request_id)
+                    served = engine.result()
+                    batches = list(zip(served.timeline[start:], engine.batch_costs()[start:]))
+                if busy == 0:
+                    arrivals = {record.id: record.arrival_s for record in served.records if record.id in timed}
+                    firsts: dict[int, float] = {}
+                    for batch, _ in batches:
+                        for request in batch.request_ids:
+                            firsts.setdefault(request, batch.start_s)
+                    admission += [firsts[request] - arrival for request, arrival in arrivals.items() if request in firsts]
+                by_busy.append(_iteration_times([cost for batch, cost in batches if timed.issuperset(batch.request_ids)]))
+            for phase, predict in (("prefill", workers_only.prefill_time), ("decode", workers_only.decode_time)):
+                alone = by_busy[0][phase]
+                dispatch[phase][dop] = max(0.0, statistics.median(s - predict(lengths, dop, 1) for s, lengths in alone))
+                factors = [1.0]
+                for times in by_busy[1:]:
+                    slowdown = statistics.median(s for s, _ in times[phase]) / statistics.median(s for s, _ in alone)
+                    factors.append(max(factors[-1], slowdown))
+                contention[phase][dop] = factors
+    return dispatch, contention, max(0.0, statistics.median(admission))
+
+
+def _iteration_times(costs) -> dict[str, list[tuple[float, tuple[int, ...]]]]:
+    """(seconds, lengths) of each iteration of `costs` (an engine's finished batches of
+    requests served one after another) as the runtime paces them: a decode step until the
+    group's next step, a prefill until its next batch (the batch plus the gap)."""
+    times: dict[str, list[tuple[float, tuple[int, ...]]]] = {"prefill": [], "decode": []}
+    by_group: dict[tuple[int, ...], list] = {}
     for cost in costs:
-        by_instance.setdefault(cost.instances[0], []).append(cost)
-    decode_extra, prefill_extra = [], []
-    for batches in by_instance.values():
+        by_group.setdefault(cost.instances, []).append(cost)
+    for batches in by_group.values():
         for before, after in zip(batches, batches[1:]):
-            period = after.start_s - before.start_s
-            if before.phase == "decode" and after.phase == "decode":
-                decode_extra.append(period - workers_only.decode_time(before.lengths, 1, 1))
-            elif before.phase == "prefill":
-                prefill_extra.append(period - workers_only.prefill_time(before.lengths, 1, 1))
-    return {"prefill": max(0.0, statistics.median(prefill_extra)), "decode": max(0.0, statistics.median(decode_extra))}
+            if before.phase == "prefill" or after.phase == "decode":  # not a last step to the next prompt
+                times[before.phase].append((after.start_s - before.start_s, before.lengths))
+    return times
+
+
+class _Background:
+    """While the block runs, `count` requests decode on instances of their own (a static
+    scheduler sends each short prompt to the least loaded single instance), each replaced
+    when it ends; cancelled, and waited for, on exit."""
+
+    def __init__(self, engine, count: int):
+        from espc.runtime.sampling import SamplingParams
+
+        self.engine = engine
+        self.count = count
+        self.params = SamplingParams(max_new_tokens=BACKGROUND_TOKENS)
+        self.handles: list = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._keep, name="espc-profile-background", daemon=True)
+
+    def __enter__(self) -> _Background:
+        self.handles = [self.engine.submit([0] * BACKGROUND_PROMPT, self.params) for _ in range(self.count)]
+        self.thread.start()
+        return self
+
+    def _keep(self) -> None:
+        while not self.stop.wait(0.005):
+            for index, handle in enumerate(self.handles):
+                if handle.done():
+                    self.handles[index] = self.engine.submit([0] * BACKGROUND_PROMPT, self.params)
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        for handle in self.handles:
+            handle.cancel()
+        for handle in self.handles:
+            handle.result(timeout=60)
 
 
 class _Session:
@@ -278,6 +392,7 @@ class _Session:
                     samples[tokens].append(_slowest(results, (0, 1)))
         self.run(frees=[request])
         return list(samples.items())
+
 
 def _slowest(results: list[RankResult], ranks: Sequence[int]) -> float:
     """An iteration lasts until its slowest rank is done."""

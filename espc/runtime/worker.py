@@ -3,11 +3,16 @@ executes its slice of every iteration.
 
 The driver (`espc.runtime.driver`) sends each worker, in order, `Step` commands: the plan
 (from which the worker lowers its own graph through its graph cache: same code, same graphs
-as the driver's verified lowering), the graph inputs the driver computed against its global
-KV table (slots, positions, token ids), and how to sample the requests whose logits this
-rank produces. The worker runs the graph, samples (so only token ids travel back, plus the
-logits rows when a request asked for them) and answers with a `StepResult`. Its pool holds
-no bookkeeping: which slot holds what is the driver's table alone.
+as the driver's verified lowering), the token ids it feeds (a prefill chunk, one token per
+decode step), the requests the driver released from this worker's table since the last
+step, and how to sample the requests whose logits this rank produces. The worker keeps its
+own block table (`PagedKVTable`, same size as the driver's mirror of it) and applies each
+step to it exactly as the driver applied it to the mirror (releases, the plan's evictions
+and prefix hits, then `Program.inputs`), so both name the same slots without the driver
+sending any: a step costs O(new tokens) to send whatever the context length. It runs the
+graph, samples (so only token ids travel back, plus the logits rows when a request asked
+for them) and answers with a `StepResult` when it ran a graph (a step that only touches
+its table gets no answer).
 
 A heartbeat thread reports every `HEARTBEAT_S` so the driver can tell a hung worker (no
 beats: stopped, or stuck outside Python) from one that waits on a peer.
@@ -37,7 +42,16 @@ import torch
 import torch.distributed as dist
 
 from espc.frontend.spec import ModelSpec
-from espc.planner.plan import IterationPlan, RequestId
+from espc.planner.plan import (
+    DecodeBatch,
+    DecodeItem,
+    IterationPlan,
+    PrefillBatch,
+    PrefillItem,
+    RequestId,
+    TokenRange,
+    even_retention,
+)
 
 HEARTBEAT_S = 0.5
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -55,10 +69,13 @@ class WorkerConfig:
     device: str  # cpu | cuda
     dtype: str
     attention: str  # torch | triton
-    pool_slots: int
+    kv_capacity: tuple[int, ...]  # per instance: tokens its table (and pool) holds
+    kv_page_size: int
+    kv_max_requests: int
     threads: int
     comm_timeout_s: float
     tp: int = 1  # ranks per elastic instance
+    warm_up: bool = True  # build every batch shape's graphs before answering READY
 
 
 @dataclass(frozen=True)
@@ -72,9 +89,13 @@ class Sampling:
 
 @dataclass(frozen=True)
 class Step:
+    """One plan for one instance: what its table and graph need beyond the plan itself."""
+
     plan: IterationPlan
-    inputs: dict[str, Any]  # the graph inputs of this rank (numpy arrays and ints), without the pool
+    tokens: dict[RequestId, np.ndarray]  # int64 ids: a prefill item's [start, end), a decode item's new token
     sampling: dict[RequestId, Sampling]
+    releases: tuple[RequestId, ...] = ()  # released from this table since its last step, in that order
+    table: tuple[int, int] = (0, 0)  # (tokens, pages) the driver's mirror holds after the step
 
 
 @dataclass(frozen=True)
@@ -99,7 +120,7 @@ def _heartbeat(rank: int, results, stop: threading.Event) -> None:
 def worker_main(rank: int, config: WorkerConfig, commands, results) -> None:
     """The process body: start up, answer READY (or ERROR), then execute commands until None."""
     # Imported here: the spawned interpreter pays for them once, the driver never needs them.
-    from espc.backend.kvpool import pool_tensor
+    from espc.backend.kvpool import PagedKVTable, pool_tensor
     from espc.backend.lower import Lowering
     from espc.backend.tensor_parallel import init_tp_group, tp_shard
     from espc.runtime.sampling import sample, token_logprobs
@@ -129,11 +150,10 @@ def worker_main(rank: int, config: WorkerConfig, commands, results) -> None:
         )
         lowering = Lowering(model, attention=config.attention, tp=config.tp)
         kv_heads = tp_shard(config.model, config.tp, tp_rank).local_kv_heads
-        pool = pool_tensor(config.model, config.pool_slots, dtype, device, kv_heads=kv_heads)
-        # The first call of a torch.library custom op in a process sets up torch's machinery
-        # for them (about a second on a CPU, whatever the op and its size), which the first
-        # request to reach this worker would pay in its TTFT: pay it now, on an empty read.
-        torch.ops.espc.kv_gather(pool, 0, torch.empty(0, dtype=torch.int64, device=device))
+        table = PagedKVTable(config.kv_capacity[instance], config.kv_page_size, config.kv_max_requests)
+        pool = pool_tensor(config.model, table.num_slots, dtype, device, kv_heads=kv_heads)
+        if config.warm_up:
+            _warm_up(lowering, pool, config, rank, tp_rank, device)
         threading.Thread(target=_heartbeat, args=(instance, results, stop), daemon=True).start()
         results.put((READY, instance, os.getpid()))
     except Exception:
@@ -142,8 +162,8 @@ def worker_main(rank: int, config: WorkerConfig, commands, results) -> None:
     try:
         while (command := commands.get()) is not None:
             try:
-                result = _execute(instance, tp_rank, lowering, pool, command, sample, token_logprobs)
-                if tp_rank == 0:  # the instance's answer; its other ranks computed the same logits
+                result = _execute(instance, tp_rank, lowering, pool, table, command, sample, token_logprobs)
+                if result is not None and tp_rank == 0:  # its other ranks computed the same logits
                     results.put((RESULT, instance, result))
             except Exception:
                 results.put((ERROR, instance, (command.plan.iteration, traceback.format_exc())))
@@ -158,17 +178,59 @@ def worker_main(rank: int, config: WorkerConfig, commands, results) -> None:
         os._exit(0)
 
 
-def _execute(rank: int, tp_rank: int, lowering, pool: torch.Tensor, command: Step, sample, token_logprobs) -> StepResult:
-    """Run instance `rank`'s graph as its TP rank `tp_rank`; TP rank 0 samples."""
+def _warm_up(lowering, pool: torch.Tensor, config: WorkerConfig, rank: int, tp_rank: int, device: torch.device) -> None:
+    """Pay at start-up what the first request of each batch shape would pay in its latency:
+    building the graphs of every shape without migrations (`Lowering.warm_up`; a
+    migration's are built when one first happens); the first call of each op — torch's
+    custom-op machinery costs about a second on its first call in a process, an attention
+    kernel milliseconds (a Triton one its compilation) — by running the DoP-1 prefill,
+    continued prefill and decode graphs once on a scratch table over the pool's first
+    pages (a slot is read only after its request wrote it, so what they leave there is
+    never read); and the first message between two ranks (connection set-up; NCCL creates
+    point-to-point communicators lazily), by one small exchange with every other rank."""
+    from espc.backend.kvpool import PagedKVTable
+
+    lowering.warm_up(config.world // config.tp)
+    page = config.kv_page_size
+    scratch = PagedKVTable(2 * page, page, 1)
+    ring, ids = (0,), torch.arange(2 * page)  # token ids stay on the host, as the driver's do
+    fresh = PrefillItem(0, 0, page, even_retention(0, page, ring))
+    continued = PrefillItem(0, page, page + 1, even_retention(page, page + 1, ring))
+    plans: list[tuple[PrefillBatch | DecodeBatch, torch.Tensor]] = [
+        (PrefillBatch(ring, (fresh,)), ids[:page]),
+        (PrefillBatch(ring, (continued,)), ids[page:page + 1]),
+        (DecodeBatch(ring, (DecodeItem(0, 0, ((0, page + 1),)),)), ids[:1]),
+    ]
+    with torch.inference_mode():
+        for batch, tokens in plans:
+            lowering.lower(IterationPlan(0, (batch,)), ranks=(0,), verify=False).run(0, pool, scratch, {0: tokens}, tp_rank)
+    if config.world > 1:
+        peers = [peer for peer in range(config.world) if peer != rank]
+        message = torch.zeros(1, device=device)
+        exchange = [dist.P2POp(dist.isend, message, peer) for peer in peers]
+        exchange += [dist.P2POp(dist.irecv, torch.empty(1, device=device), peer) for peer in peers]
+        for work in dist.batch_isend_irecv(exchange):
+            work.wait()
+
+
+def _execute(
+    rank: int, tp_rank: int, lowering, pool: torch.Tensor, table, command: Step, sample, token_logprobs
+) -> StepResult | None:
+    """Apply the step to instance `rank`'s table in the driver's order and run its graph as
+    TP rank `tp_rank`; TP rank 0 samples. None: the instance runs no graph in this plan."""
     started = time.perf_counter()
-    program = lowering.lower(command.plan, ranks=(rank,), verify=False)
+    plan = command.plan
+    program = lowering.lower(plan, ranks=(rank,), verify=False)
     tokens: dict[RequestId, int] = {}
     logits: dict[RequestId, np.ndarray] = {}
     logprobs: dict[RequestId, Any] = {}
     with torch.inference_mode():
-        inputs = {name: _to(value, pool.device) for name, value in command.inputs.items()}
-        inputs.update(program.peer_ranks(rank, tp_rank))  # the driver's inputs name TP rank 0's peers
-        outputs = program.graph(rank)(pool=pool, **inputs)
+        inputs = apply_step(rank, table, program, command, pool, tp_rank)
+        if inputs is None:
+            return None
+        # Index tensors are built on the CPU (the table is there); the graph runs on the pool's device.
+        inputs = {name: _to(value, pool.device) for name, value in inputs.items()}
+        outputs = program.graph(rank)(**inputs)
         if outputs and tp_rank == 0:
             for request, row in zip(program.outputs(rank), outputs[0].unbind(0)):
                 how = command.sampling[request]
@@ -177,9 +239,33 @@ def _execute(rank: int, tp_rank: int, lowering, pool: torch.Tensor, command: Ste
                     logits[request] = row.float().cpu().numpy()
                 if how.params.logprobs is not None:  # from the same row: no extra pass
                     logprobs[request] = token_logprobs(row, tokens[request], how.params.logprobs)
-    return StepResult(rank, command.plan.iteration, tokens, logits, logprobs, time.perf_counter() - started)
+    return StepResult(rank, plan.iteration, tokens, logits, logprobs, time.perf_counter() - started)
+
+
+def apply_step(
+    rank: int, table, program, command: Step, pool: torch.Tensor | None, tp_rank: int = 0
+) -> dict[str, Any] | None:
+    """Apply `command` to instance `rank`'s own table in the driver's order — the releases
+    it has not seen, the plan's evictions and prefix hits, then `Program.inputs` — and
+    return its graph's inputs (None: it runs no graph in this plan). Raises when the table
+    then differs from the driver's mirror, which would make the two name different slots."""
+    plan = command.plan
+    for request in command.releases:
+        table.release(request)
+    for entry in plan.evictions:
+        table.release(entry)
+    for hit in plan.hits:
+        table.share(hit.request_id, hit.source, TokenRange(0, hit.tokens))
+    ids = {request: torch.from_numpy(chunk) for request, chunk in command.tokens.items()}
+    inputs = program.inputs(rank, table, ids, pool, tp_rank)
+    if (table.used_tokens, table.used_pages) != command.table:
+        raise RuntimeError(
+            f"iteration {plan.iteration}: instance {rank}'s table holds {table.used_tokens} tokens in "
+            f"{table.used_pages} pages after the step, the driver's mirror {command.table[0]} in "
+            f"{command.table[1]}: they no longer name the same slots"
+        )
+    return inputs
 
 
 def _to(value: Any, device: torch.device) -> Any:
-    """Graph inputs travel as numpy arrays (see Driver._dispatch)."""
-    return torch.from_numpy(value).to(device) if isinstance(value, np.ndarray) else value
+    return value.to(device) if isinstance(value, torch.Tensor) else value

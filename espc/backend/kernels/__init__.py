@@ -12,6 +12,12 @@
     attn_decode_partial(..., impl, num_splits=None) -> (o, lse)
         same result as attn_partial, computed split-KV (flash-decoding) for few queries over
         long KV.
+    attn_paged(q, pool, layer, kv_slots, q_pos, k_pos, q_seq, k_seq, *, causal, scale, impl,
+               num_splits=None) -> (o, lse)
+        attn_decode_partial over k = pool[layer, 0, kv_slots], v = pool[layer, 1, kv_slots]
+        (pool [layers, 2, slots, Hkv, D], kv_slots int64 [Nk]) without copying the context:
+        the Triton kernel loads K/V tiles at their slots; the torch reference gathers and
+        attends chunk by chunk (bounded memory) and merges.
 
 impl="torch" (default; CPU reference, memory-bounded) or "triton" (CUDA, or CPU under
 TRITON_INTERPRET=1). The Triton module is imported on first use so that torch-only callers
@@ -26,7 +32,7 @@ import torch
 
 IMPLS = ("torch", "triton")
 
-__all__ = ["IMPLS", "attn_decode_partial", "attn_merge", "attn_partial"]
+__all__ = ["IMPLS", "attn_decode_partial", "attn_merge", "attn_paged", "attn_partial"]
 
 
 def _impl(impl: str):
@@ -61,4 +67,16 @@ def attn_decode_partial(
     """Split-KV (flash-decoding) attn_partial; num_splits=None lets the impl choose."""
     return _impl(impl).attn_decode_partial(
         q, k, v, q_pos, k_pos, q_seq, k_seq, causal=causal, scale=scale, num_splits=num_splits
+    )
+
+
+def attn_paged(
+    q: torch.Tensor, pool: torch.Tensor, layer: int, kv_slots: torch.Tensor,
+    q_pos: torch.Tensor, k_pos: torch.Tensor, q_seq: torch.Tensor, k_seq: torch.Tensor,
+    *, causal: bool, scale: float, impl: str = "torch", num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-KV attention over the keys at `kv_slots` of the paged pool's layer `layer`, read
+    in place; num_splits=None lets the impl choose."""
+    return _impl(impl).attn_paged(
+        q, pool, layer, kv_slots, q_pos, k_pos, q_seq, k_seq, causal=causal, scale=scale, num_splits=num_splits
     )

@@ -15,6 +15,9 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Upper bound on score-matrix elements materialised at once (64 MiB in fp32): queries are
 # processed in blocks so a 16K x 16K causal prefill never builds the full [Hq, Nq, Nk] matrix.
 _SCORE_BUDGET = 1 << 24
+# Upper bound on the K and V bytes `attn_paged` gathers out of the pool at once (4 MiB): a long
+# context is read chunk by chunk, so no call copies a layer's whole context.
+_GATHER_BUDGET = 1 << 22
 # Below this many queries of one sequence (decode steps, short chunks) the dense path is
 # cheaper than the fused kernel, which needs K and V copied out per query head under GQA.
 FLASH_MIN_QUERIES = 32
@@ -28,23 +31,56 @@ def check_attn_args(q, k, v, q_pos, k_pos, q_seq, k_seq) -> None:
         )
     if k.shape != v.shape:
         raise ValueError(f"attn: k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
-    nq, hq, d = q.shape
-    nk, hkv, dk = k.shape
-    if dk != d:
-        raise ValueError(f"attn: head dim of q ({d}) and k/v ({dk}) differ")
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"attn: query heads ({hq}) must be a positive multiple of kv heads ({hkv})")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"attn: {name} dtype {t.dtype} not in fp32/fp16/bf16")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"attn: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    _check_queries_over_keys("attn", q, k, k.shape[0], q_pos, k_pos, q_seq, k_seq, (v,))
+
+
+def check_paged_args(q, pool, layer, kv_slots, q_pos, k_pos, q_seq, k_seq) -> None:
+    """Raise ValueError naming the offending argument unless `attn_paged`'s inputs meet the
+    contract: pool [layers, 2, slots, Hkv, D] of q's dtype, 0 <= layer < layers, kv_slots
+    int64 [Nk]. Slot values are checked against the pool on the CPU only: on CUDA that check
+    would synchronise the stream in every layer (the slots come from the pool's own table)."""
+    if q.dim() != 3:
+        raise ValueError(f"attn_paged: q must be 3-D [N, H, D], got {tuple(q.shape)}")
+    if pool.dim() != 5 or pool.shape[1] != 2:
+        raise ValueError(f"attn_paged: pool must be [layers, 2, slots, kv_heads, head_dim], got {tuple(pool.shape)}")
+    if not 0 <= layer < pool.shape[0]:
+        raise ValueError(f"attn_paged: layer {layer} is outside the pool's {pool.shape[0]} layers")
+    if kv_slots.dtype != torch.int64 or kv_slots.dim() != 1:
+        raise ValueError(f"attn_paged: kv_slots must be int64 of shape (Nk,), got {kv_slots.dtype} {tuple(kv_slots.shape)}")
+    if q.dtype != pool.dtype:
+        raise ValueError(f"attn_paged: q dtype {q.dtype} differs from the pool's {pool.dtype}")
+    _check_queries_over_keys("attn_paged", q, pool[layer, 0], kv_slots.shape[0], q_pos, k_pos, q_seq, k_seq, (kv_slots,))
+    if kv_slots.device.type == "cpu" and kv_slots.numel():
+        low, high = int(kv_slots.min()), int(kv_slots.max())
+        if low < 0 or high >= pool.shape[2]:
+            raise ValueError(f"attn_paged: kv_slots span [{low}, {high}], outside the pool's {pool.shape[2]} slots")
+
+
+def check_splits(op: str, num_splits: int | None) -> None:
+    """Raise ValueError unless num_splits is None (the impl chooses) or >= 1."""
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"{op}: num_splits must be >= 1, got {num_splits}")
+
+
+def _check_queries_over_keys(op: str, q, keys, nk: int, q_pos, k_pos, q_seq, k_seq, others) -> None:
+    """Shared checks: q [Nq, Hq, D] against `keys` [*, Hkv, D] (k, or a pool layer's K) of nk
+    rows; positions and sequence ids; one device for q, keys, `others` and the index tensors."""
+    nq, hq, d = q.shape
+    hkv, dk = keys.shape[-2:]
+    if dk != d:
+        raise ValueError(f"{op}: head dim of q ({d}) and k/v ({dk}) differ")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"{op}: query heads ({hq}) must be a positive multiple of kv heads ({hkv})")
+    if q.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{op}: dtype {q.dtype} not in fp32/fp16/bf16")
     for name, t, n in (("q_pos", q_pos, nq), ("k_pos", k_pos, nk), ("q_seq", q_seq, nq), ("k_seq", k_seq, nk)):
         if t.dtype != torch.int64 or t.shape != (n,):
-            raise ValueError(f"attn: {name} must be int64 of shape ({n},), got {t.dtype} {tuple(t.shape)}")
-    devices = {t.device for t in (q, k, v, q_pos, k_pos, q_seq, k_seq)}
+            raise ValueError(f"{op}: {name} must be int64 of shape ({n},), got {t.dtype} {tuple(t.shape)}")
+    devices = {t.device for t in (q, keys, *others, q_pos, k_pos, q_seq, k_seq)}
     if len(devices) != 1:
-        raise ValueError(f"attn: all inputs must be on one device, got {sorted(map(str, devices))}")
+        raise ValueError(f"{op}: all inputs must be on one device, got {sorted(map(str, devices))}")
 
 
 def check_merge_args(o_parts, lse_parts) -> None:
@@ -163,8 +199,7 @@ def attn_decode_partial(q, k, v, q_pos, k_pos, q_seq, k_seq, *, causal: bool, sc
     exercised on CPU too. `num_splits=None` means one chunk.
     """
     check_attn_args(q, k, v, q_pos, k_pos, q_seq, k_seq)
-    if num_splits is not None and num_splits < 1:
-        raise ValueError(f"attn_decode_partial: num_splits must be >= 1, got {num_splits}")
+    check_splits("attn_decode_partial", num_splits)
     nk = k.shape[0]
     splits = max(1, min(num_splits or 1, nk))
     chunk = -(-nk // splits) if nk else 0
@@ -176,3 +211,30 @@ def attn_decode_partial(q, k, v, q_pos, k_pos, q_seq, k_seq, *, causal: bool, sc
     if len(parts) == 1:
         return parts[0]
     return attn_merge(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
+
+
+def attn_paged(q, pool, layer: int, kv_slots, q_pos, k_pos, q_seq, k_seq, *, causal: bool, scale: float, num_splits=None):
+    """`attn_partial` over the K/V rows at `kv_slots` of `pool[layer]` ([layers, 2, slots, Hkv, D]).
+
+    Split-KV like `attn_decode_partial`: the slots are cut into at least `num_splits`
+    contiguous chunks (None: 1), and into more where a chunk's K and V would exceed
+    `_GATHER_BUDGET` bytes; each chunk is gathered (a copy of that chunk only), attended to
+    and merged into the running result, so memory stays bounded whatever the context.
+    """
+    check_paged_args(q, pool, layer, kv_slots, q_pos, k_pos, q_seq, k_seq)
+    check_splits("attn_paged", num_splits)
+    nk = kv_slots.shape[0]
+    token_bytes = 2 * pool.shape[3] * pool.shape[4] * pool.element_size()
+    splits = max(num_splits or 1, -(-nk * token_bytes // _GATHER_BUDGET))
+    chunk = max(1, -(-nk // splits))
+    layer_kv = pool[layer]
+
+    def part(s: int):
+        k, v = layer_kv.index_select(1, kv_slots[s:s + chunk])
+        return attn_partial(q, k, v, q_pos, k_pos[s:s + chunk], q_seq, k_seq[s:s + chunk], causal=causal, scale=scale)
+
+    o, lse = part(0)  # with nk = 0, one empty chunk: o = 0, lse = -inf
+    for s in range(chunk, nk, chunk):
+        part_o, part_lse = part(s)
+        o, lse = attn_merge(torch.stack((o, part_o)), torch.stack((lse, part_lse)))
+    return o, lse

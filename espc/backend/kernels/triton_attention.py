@@ -1,12 +1,15 @@
 """Triton attention kernels and their launchers (CUDA, or the Triton interpreter on CPU in tests).
 
-Three entry points with the contract of `espc.backend.kernels`:
+Four entry points with the contract of `espc.backend.kernels`:
 - `attn_partial`: one program per (block of query rows, kv head). Rows are the flattened
   (query, head-in-GQA-group) pairs, so a K/V tile is loaded once for the whole group — the
   same layout serves prefill and decode. Masks come from global positions and sequence ids
   (striped ring layouts, packed requests); tiles with no visible key are skipped.
 - `attn_decode_partial`: flash-decoding — the KV range is split into chunks handled by
   separate programs (third grid axis), whose partials are then merged.
+- `attn_paged`: the same flash-decoding over K/V read in place from a paged KV pool: the
+  kernel is given views of the layer's K and V in the pool and the slot of each key
+  (KV_ROWS, GATHER), and loads its K/V tiles at those rows; no copy of the context is made.
 - `attn_merge`: log-sum-exp merge of partials, streamed over parts.
 
 Numerics: fp32 accumulators and online softmax in the exp2 domain; fp32 dots use IEEE
@@ -22,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import check_attn_args, check_merge_args
+from .reference import check_attn_args, check_merge_args, check_paged_args, check_splits
 
 _INTERPRET = bool(triton.knobs.runtime.interpret)
 _LOG2E = 1.0 / math.log(2.0)
@@ -30,7 +33,7 @@ _LOG2E = 1.0 / math.log(2.0)
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, QPOS, KPOS, QSEQ, KSEQ, O, LSE,
+    Q, K, V, KV_ROWS, QPOS, KPOS, QSEQ, KSEQ, O, LSE,
     stride_qm, stride_qh, stride_qd,
     stride_kn, stride_kh, stride_kd,
     stride_vn, stride_vh, stride_vd,
@@ -39,8 +42,11 @@ def _attn_fwd_kernel(
     n_q, n_k, split_size, qk_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+    GATHER: tl.constexpr,
 ):
     """Partial attention of BLOCK_M (query, head) rows of one kv head over KV split `program_id(2)`.
+
+    Key j is row j of K and V, or with GATHER row KV_ROWS[j] (a slot of a paged pool).
 
     Writes o (normalised) and natural-log lse for split s at O + s*stride_os, LSE + s*stride_ls;
     rows that see no key get o = 0, lse = -inf. qk_scale is softmax scale * log2(e).
@@ -80,13 +86,17 @@ def _attn_fwd_kernel(
         if CAUSAL:
             visible = visible & (k_pos[None, :] <= q_pos[:, None])
         if tl.max(visible.to(tl.int32)) > 0:
+            if GATHER:
+                kv_rows = tl.load(KV_ROWS + cols, mask=col_ok, other=0)
+            else:
+                kv_rows = cols
             kv_mask = col_ok[:, None] & d_ok[None, :]
             k = tl.load(
-                K + cols[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :] * stride_kd,
+                K + kv_rows[:, None] * stride_kn + kv_head * stride_kh + offs_d[None, :] * stride_kd,
                 mask=kv_mask, other=0.0,
             )
             v = tl.load(
-                V + cols[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :] * stride_vd,
+                V + kv_rows[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :] * stride_vd,
                 mask=kv_mask, other=0.0,
             )
             if UPCAST:
@@ -176,10 +186,15 @@ def _block_n(q) -> int:
     return 64 if _head_dim_pad(q.shape[2]) * q.element_size() <= 256 else 32
 
 
-def _launch_fwd(q, k, v, q_pos, k_pos, q_seq, k_seq, causal, scale, num_splits, block_m, block_n):
-    """Run the forward kernel over `num_splits` KV chunks -> ([S, Nq, Hq, D], [S, Nq, Hq]) fp32."""
+def _launch_fwd(q, k, v, q_pos, k_pos, q_seq, k_seq, causal, scale, num_splits, block_m, block_n, kv_rows=None):
+    """Run the forward kernel over `num_splits` KV chunks -> ([S, Nq, Hq, D], [S, Nq, Hq]) fp32.
+
+    `kv_rows` [Nk] int64: key j is row kv_rows[j] of k and v (views of a pool layer's K and V);
+    None: key j is row j."""
     nq, hq, d = q.shape
-    nk, hkv, _ = k.shape
+    nk, hkv = k_pos.shape[0], k.shape[1]
+    assert kv_rows is not None or k.shape[0] == nk, f"{k.shape[0]} K rows for {nk} key positions"
+    assert kv_rows is None or kv_rows.shape == (nk,), f"kv_rows {tuple(kv_rows.shape)} for {nk} key positions"
     split_size = triton.cdiv(triton.cdiv(nk, num_splits), block_n) * block_n
     num_splits = triton.cdiv(nk, split_size)
     o = torch.empty((num_splits, nq, hq, d), dtype=torch.float32, device=q.device)
@@ -187,12 +202,13 @@ def _launch_fwd(q, k, v, q_pos, k_pos, q_seq, k_seq, causal, scale, num_splits, 
     group = hq // hkv
     q_pos, k_pos, q_seq, k_seq = (t.contiguous() for t in (q_pos, k_pos, q_seq, k_seq))
     grid = (triton.cdiv(nq * group, block_m), hkv, num_splits)
+    gather = kv_rows is not None
     _attn_fwd_kernel[grid](
-        q, k, v, q_pos, k_pos, q_seq, k_seq, o, lse,
+        q, k, v, kv_rows.contiguous() if gather else k_pos, q_pos, k_pos, q_seq, k_seq, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(),
         nq, nk, split_size, scale * _LOG2E,
         GROUP=group, HEAD_DIM=d, HEAD_DIM_PAD=_head_dim_pad(d),
-        BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), UPCAST=_INTERPRET,
+        BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal), UPCAST=_INTERPRET, GATHER=gather,
         num_warps=4, num_stages=2,
     )
     return o, lse
@@ -248,15 +264,36 @@ def attn_decode_partial(q, k, v, q_pos, k_pos, q_seq, k_seq, *, causal: bool, sc
     processed by its own programs; the per-chunk partials are merged by `attn_merge`.
     """
     check_attn_args(q, k, v, q_pos, k_pos, q_seq, k_seq)
+    check_splits("attn_decode_partial", num_splits)
     _check_device(q)
-    if num_splits is not None and num_splits < 1:
-        raise ValueError(f"attn_decode_partial: num_splits must be >= 1, got {num_splits}")
-    nk = k.shape[0]
+    return _split_kv(q, k, v, None, q_pos, k_pos, q_seq, k_seq, causal, scale, num_splits)
+
+
+def attn_paged(q, pool, layer: int, kv_slots, q_pos, k_pos, q_seq, k_seq, *, causal: bool, scale: float, num_splits=None):
+    """`attn_decode_partial` over the K/V rows at `kv_slots` of `pool[layer]`, read in place.
+
+    pool [layers, 2, slots, Hkv, D]: the kernel gets views of the layer's K and V (no copy)
+    and loads each tile's rows at their slots.
+    """
+    check_paged_args(q, pool, layer, kv_slots, q_pos, k_pos, q_seq, k_seq)
+    check_splits("attn_paged", num_splits)
+    _check_device(q)
+    return _split_kv(q, pool[layer, 0], pool[layer, 1], kv_slots, q_pos, k_pos, q_seq, k_seq, causal, scale, num_splits)
+
+
+def _split_kv(q, k, v, kv_rows, q_pos, k_pos, q_seq, k_seq, causal, scale, num_splits):
+    """The flash-decoding launch shared by `attn_decode_partial` and `attn_paged`."""
+    nk = k_pos.shape[0]
     if q.shape[0] == 0 or nk == 0 or q.shape[1] == 0:
         return _empty_result(q)
-    block_m = 16  # decode rows are (few queries) x (GQA group): small M tiles waste little
+    # Decode rows are (few queries) x (GQA group): small M tiles waste little. Many queries (a
+    # continued prefill over its resident prefix) take attn_partial's GPU tile.
+    rows = q.shape[0] * (q.shape[1] // k.shape[1])
+    block_m = 64 if rows >= 256 and not _INTERPRET else 16
     splits = num_splits if num_splits is not None else _default_splits(q, nk, block_m, k.shape[1])
-    o_parts, lse_parts = _launch_fwd(q, k, v, q_pos, k_pos, q_seq, k_seq, causal, scale, splits, block_m, _block_n(q))
+    o_parts, lse_parts = _launch_fwd(
+        q, k, v, q_pos, k_pos, q_seq, k_seq, causal, scale, splits, block_m, _block_n(q), kv_rows
+    )
     if o_parts.shape[0] == 1:
         return o_parts[0], lse_parts[0]
     return attn_merge(o_parts, lse_parts)

@@ -99,6 +99,8 @@ def optimal_batches(problem: BatchingProblem, segment_costs: SegmentCosts) -> Ba
         return Batching((), 0.0)
     if m == 0:
         return None
+    if n == 1:
+        return _one_batch(problem, segment_costs)
     starts, ends, offsets = _candidate_batches(problem)
     top_dop = min(m, max(problem.max_dop))
     lengths = np.asarray(problem.lengths, dtype=float)
@@ -147,6 +149,22 @@ def optimal_batches(problem: BatchingProblem, segment_costs: SegmentCosts) -> Ba
         batches.append((start, i, dop))
         i, j = start, j - dop
     return Batching(tuple(reversed(batches)), total)
+
+
+def _one_batch(problem: BatchingProblem, segment_costs: SegmentCosts) -> Batching | None:
+    """The DP's answer for one prompt, without its tables (nine decisions in ten batch one
+    prompt): the dop of the lowest cost, the fewest instances among equal costs — the same
+    products of the same segment times, so the same floats and the same tie-break."""
+    (length,) = problem.lengths
+    starts, ends = np.zeros(1, dtype=np.int64), np.ones(1, dtype=np.int64)
+    best: Batching | None = None
+    for dop in range(1, min(problem.instances, problem.max_dop[0]) + 1):
+        if problem.ring_slots is not None and length > problem.ring_slots[dop - 1]:
+            continue
+        cost = float(segment_costs(problem.lengths, dop, starts, ends)[0] * (1.0 + problem.instance_weight * dop))
+        if best is None or cost < best.cost:
+            best = Batching(((0, 1, dop),), cost)
+    return best if best is not None and math.isfinite(best.cost) else None
 
 
 def _candidate_batches(problem: BatchingProblem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -19,7 +19,7 @@
                without a bisection), within a time budget shared between them
     ablate     the best policy without ESP's choices (ElasticPolicy.rigid: fewest instances
                per prefill, no scale-up, no migration); kept instead when it measures
-               higher — compile never turns ESP on where turning it off wins
+               as high or higher — compile never turns ESP on where it earns nothing
     strategies with strategy = "auto", every baseline's goodput on the same workload, seed
                and trial shape (each family screened as in `espc compare`, but only
                its best screened configuration measured; `espc compare` and the
@@ -168,7 +168,9 @@ def compile_spec(
             rigid = best_elastic[1].rigid()
             rate = _goodput(evaluator, rigid, seed, start_rate=best_elastic[0])
             trials.append(Trial("ablate", "elastic-rigid", rate))
-            if rate > best_elastic[0]:
+            # A tie goes to rigid: choices that earned nothing on the compile seed only risk
+            # the held-out ones (benchmarks/results/policy_quality_pcie.txt, uniform seed 1).
+            if rate >= best_elastic[0]:
                 best_elastic = (rate, rigid)
         predictions.append(StrategyPrediction("elastic", f"tp={best_elastic[1].tp}", best_elastic[0], len(trials)))
 

@@ -63,8 +63,11 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from espc.frontend.spec import SLOSpec
 from espc.planner.compile.batching import Batching, BatchingProblem, optimal_batches
@@ -82,15 +85,31 @@ from espc.planner.plan import (
     TokenRange,
 )
 from espc.planner.sim.cluster_state import ClusterState, RequestState
+from espc.planner.sim.costmodel import CostModel
 from espc.planner.sim.prefix_cache import PrefixMatch
 from espc.planner.sim.strategies import Deployment, Scheduler
 
+# The one batch of a one-prompt batching problem: prompts [0, 1).
+_ONE_START, _ONE_END = np.zeros(1, dtype=np.int64), np.ones(1, dtype=np.int64)
+_ONE_START.setflags(write=False)
+_ONE_END.setflags(write=False)
 # A decode group is lent to a prefill only if its tightest request keeps this much of its
 # slack after the predicted prefill time (the cost model's error margin).
 LEND_SAFETY = 1.5
 # A starved request that needs more instances than are free holds back everyone else only
 # when its TTFT deadline is this many isolated prefills away.
 URGENT_PREFILLS = 2.0
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _one_prompt_times(cost: CostModel, tp: int, length: int, dop: int) -> np.ndarray:
+    """`cost.prefill_segment_times` of one prompt alone, memoised across schedulers: a queued
+    prompt is batched again at every decision until it starts, and a compile simulates the
+    same workload under dozens of policies. (A CostModel does not change once built: it
+    keeps its own derived tables likewise.)"""
+    times = cost.prefill_segment_times((length,), dop, tp, _ONE_START, _ONE_END)
+    times.setflags(write=False)  # shared by every call with these arguments
+    return times
 
 
 def _longest_prefix(count: int, acceptable: Callable[[int], bool]) -> int:
@@ -120,7 +139,7 @@ class _Room:
     add (their reserve), updated as the plan takes slots."""
 
     def __init__(self, state: ClusterState, reserve: dict[int, int]):
-        self.free = {i: state.free(i) for i in range(state.num_instances)}
+        self.free = dict(enumerate(map(operator.sub, state.capacity, state.used)))
         self.reserve = reserve
 
     def room(self, instance: int, use_reserve: bool = True) -> int:
@@ -166,6 +185,7 @@ class ElasticScheduler(Scheduler):
         # for every queued request whose prefix lies on busy instances, on every decision.
         self._saved_s = functools.lru_cache(maxsize=1 << 16)(self._saved_s_uncached)
         self.class_of = {i: frozenset(members) for members in policy.instance_classes() for i in members}
+        self._nothing_in_use = dict.fromkeys(policy.buckets, 0)  # copied: a copy does not hash the buckets again
 
     # ------------------------------------------------------------------------ interface
 
@@ -188,18 +208,16 @@ class ElasticScheduler(Scheduler):
     def schedule(self, state: ClusterState) -> IterationPlan | None:
         if not state.idle:
             return None
-        groups = self._decode_groups(state)
+        groups, reserve = self._running_view(state)
         held = {instance for group in groups for instance in group.instances}
         free_instances = [i for i in sorted(state.idle) if i not in held]
-        room = _Room(state, self._reserve(state))
+        room = _Room(state, reserve)
 
         # Each instance class (the policy's instance sets, disjoint) dispatches its own queue
         # on its own instances; a policy without classes has one queue over every instance.
         prefill_batches: list[PrefillBatch] = []
         hits: list[PrefixHit] = []
-        for placement, queue in self._queues_by_placement(self._queue(state)):
-            class_free = [i for i in free_instances if placement is None or i in placement]
-            class_groups = [g for g in groups if placement is None or g.instances <= placement]
+        for placement, queue, class_free, class_groups in self._dispatchable(state, free_instances, groups, room):
             lent, stall_budget_s = self._groups_to_lend(state, queue[0], class_free, class_groups, room)
             lent_instances = {i for group in lent for i in group.instances}
             pool = class_free + sorted(lent_instances)
@@ -230,42 +248,51 @@ class ElasticScheduler(Scheduler):
 
     # ------------------------------------------------------------------------- state views
 
-    @staticmethod
-    def _decode_groups(state: ClusterState) -> list[_DecodeGroup]:
-        """Connected components of instances linked by decoding requests' KV."""
-        parent: dict[int, int] = {}
-
-        def find(x: int) -> int:
-            while parent.setdefault(x, x) != x:
-                parent[x] = parent[parent[x]]
-                x = parent[x]
-            return x
-
-        decoding = [r for r in state.running.values() if r.decoding and r.kv_tokens]
-        for request in decoding:
-            first, *rest = request.kv_tokens
-            for other in rest:
-                parent[find(other)] = find(first)
-            find(first)
-        groups: dict[int, _DecodeGroup] = {}
-        for instance in list(parent):
-            groups.setdefault(find(instance), _DecodeGroup(set())).instances.add(instance)
-        for request in decoding:
-            groups[find(next(iter(request.kv_tokens)))].requests.append(request)
-        return sorted(groups.values(), key=lambda group: min(group.instances))
-
-    def _reserve(self, state: ClusterState) -> dict[int, int]:
-        """Expected future KV of every running request, on the instance of its newest token."""
+    def _running_view(self, state: ClusterState) -> tuple[list[_DecodeGroup], dict[int, int]]:
+        """The decode groups — connected components of instances linked by decoding
+        requests' KV, by lowest instance, each with its requests in `state.running` order —
+        and the reserve — every running request's expected future KV, on the instance of
+        its newest token — from one pass over the running requests (every decision reads
+        both, and the running requests outnumber the instances)."""
         reserve: dict[int, int] = {}
+        decoding: list[RequestState] = []
+        group_of: dict[int, _DecodeGroup] = {}  # instance -> its group, merged as requests link them
         for request in state.running.values():
-            if not request.kv:
+            kv = request.kv
+            if not kv:
                 continue
-            if len(request.kv) == 1:  # (most requests: the iteration-time common case)
-                newest = next(iter(request.kv))
+            if len(kv) == 1:  # (most requests: the iteration-time common case)
+                (newest,) = kv
             else:
-                newest = max(request.kv, key=lambda instance: request.kv[instance][-1][1])
+                newest = max(kv, key=lambda instance: kv[instance][-1][1])
             reserve[newest] = reserve.get(newest, 0) + self._future_tokens(request)
-        return reserve
+            if not request.decoding:
+                continue
+            decoding.append(request)
+            if len(kv) == 1:  # links no instances
+                if newest not in group_of:
+                    group_of[newest] = _DecodeGroup({newest})
+                continue
+            group = None
+            for instance in request.kv_tokens:
+                other = group_of.get(instance)
+                if other is None:
+                    if group is None:
+                        group = _DecodeGroup(set())
+                    group.instances.add(instance)
+                    group_of[instance] = group
+                elif group is None:
+                    group = other
+                elif other is not group:
+                    if len(other.instances) > len(group.instances):
+                        group, other = other, group
+                    group.instances |= other.instances
+                    for member in other.instances:
+                        group_of[member] = group
+        for request in decoding:
+            group_of[next(iter(request.kv_tokens))].requests.append(request)
+        groups = sorted({id(group): group for group in group_of.values()}.values(), key=lambda group: min(group.instances))
+        return groups, reserve
 
     def _future_tokens(self, request: RequestState) -> int:
         return max(self.policy.reserve_output_tokens - request.generated, 1)
@@ -336,6 +363,55 @@ class ElasticScheduler(Scheduler):
 
     # ---------------------------------------------------------------- instance allocation
 
+    def _dispatchable(
+        self, state: ClusterState, free_instances: list[int], groups: list[_DecodeGroup], room: _Room,
+    ) -> Iterator[tuple[frozenset[int] | None, list[RequestState], list[int], list[_DecodeGroup]]]:
+        """The parts of the queue (`_queues_by_placement`) that may start a prefill
+        (`_may_prefill`), each with its class's free instances and decode groups; lazily, as
+        the caller's prefills take room. The queue is put in priority order only when some
+        part may prefill or a finished prefill's entry may have to be forgotten (below)."""
+
+        def of_class(placement: frozenset[int] | None) -> tuple[list[int], list[_DecodeGroup]]:
+            return (
+                [i for i in free_instances if placement is None or i in placement],
+                [g for g in groups if placement is None or g.instances <= placement],
+            )
+
+        if not state.waiting:
+            return
+        if not self._finished_prefills(state) and not any(
+            self._may_prefill(state, part, *of_class(placement), room)
+            for placement, part in self._queues_by_placement(list(state.waiting.values()))
+        ):
+            return
+        for placement, queue in self._queues_by_placement(self._queue(state)):
+            class_free, class_groups = of_class(placement)
+            if self._may_prefill(state, queue, class_free, class_groups, room):
+                yield placement, queue, class_free, class_groups
+            # `_prefills` would admit nothing, but it would still drop the entries of finished
+            # prefills, and when that happens shows in later decisions (an instance whose
+            # prefill ended and that decodes now counts toward its bucket's cap until it is
+            # dropped while idle): it is done here exactly when `_prefills` would have run.
+            elif self._finished_prefills(state) and (
+                class_free or self._groups_to_lend(state, queue[0], class_free, class_groups, room)[0]
+            ):
+                self._forget_finished_prefills(state)
+
+    def _may_prefill(
+        self, state: ClusterState, queue: list[RequestState], free_instances: list[int], groups: list[_DecodeGroup],
+        room: _Room,
+    ) -> bool:
+        """Whether some prompt of `queue` fits the room of the free instances and the ready
+        decode groups — every instance lending could add to the pool. When none does,
+        `_prefills` would admit nothing whatever was lent, and the lending decision is
+        skipped (the most common decision: a decode step while prompts wait for room).
+        With cached prefixes, always: a hit reads its prefix where it lies."""
+        if state.prefix is not None and state.prefix.entries:
+            return True
+        reachable = free_instances + [i for group in groups if group.ready(state.idle) for i in group.instances]
+        room_left = sum(max(room.room(i), 0) for i in reachable)
+        return any(request.pending_target <= room_left for request in queue)
+
     def _groups_to_lend(
         self, state: ClusterState, head: RequestState, free_instances: list[int], groups: list[_DecodeGroup], room: _Room
     ) -> tuple[list[_DecodeGroup], float]:
@@ -402,9 +478,8 @@ class ElasticScheduler(Scheduler):
         the batches on rings of `pool` and plan their retention. A batch on lent instances
         must finish within `stall_budget_s` (the decodes it pauses). Requests with a cached
         prefix go first (`_hit_prefills`: their hits go to `hits`)."""
-        for instance in [i for i in self.prefilling_on if i in state.idle]:
-            del self.prefilling_on[instance]
-        in_use = {bucket: 0 for bucket in self.policy.buckets}
+        self._forget_finished_prefills(state)
+        in_use = self._nothing_in_use.copy()
         for bucket in self.prefilling_on.values():
             in_use[bucket] += 1
         capacity = max(self.deployment.capacity)
@@ -457,9 +532,14 @@ class ElasticScheduler(Scheduler):
                         return
                     blocked.add(bucket)
 
+        pool_room = sum(max(room.room(i), 0) for i in pool)
+        if all(request.pending_target > pool_room for request in queue):
+            return hit_batches  # no prompt fits the pool: `_admitted` would admit none
         chosen = self._admitted(state, admissible(), pool, room, placement, taken)
+        if not chosen:
+            return hit_batches
         cost, tp = self.deployment.cost, self.deployment.tp
-        if lent and chosen:
+        if lent:
             # The decodes on lent instances pause for the whole batch: admit no more prompts
             # than the pool prefills within the stall budget (prefix of the priority order).
             def absorbable(count: int) -> bool:
@@ -482,9 +562,7 @@ class ElasticScheduler(Scheduler):
                 self.policy.instance_weight,
                 ring_slots,
             )
-            return ordered, problem, optimal_batches(
-                problem, lambda lengths, dop, starts, ends: cost.prefill_segment_times(lengths, dop, tp, starts, ends)
-            )
+            return ordered, problem, optimal_batches(problem, self._segment_times)
 
         # Fewer prompts never make batching infeasible, so the lowest-priority requests that
         # do not fit (too many batches for the pool) wait, found by bisection — after the
@@ -525,6 +603,21 @@ class ElasticScheduler(Scheduler):
             )
             batches.append(PrefillBatch(tuple(ring), items))
         return batches
+
+    def _segment_times(self, lengths: Sequence[int], dop: int, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """The batching DP's batch times (`CostModel.prefill_segment_times`); a one-prompt
+        problem's (nine decisions in ten) from `_one_prompt_times`."""
+        if len(lengths) == 1:
+            return _one_prompt_times(self.deployment.cost, self.deployment.tp, lengths[0], dop)
+        return self.deployment.cost.prefill_segment_times(lengths, dop, self.deployment.tp, starts, ends)
+
+    def _finished_prefills(self, state: ClusterState) -> list[int]:
+        """Ring instances in `prefilling_on` whose prefill has finished (they are idle)."""
+        return [instance for instance in self.prefilling_on if instance in state.idle]
+
+    def _forget_finished_prefills(self, state: ClusterState) -> None:
+        for instance in self._finished_prefills(state):
+            del self.prefilling_on[instance]
 
     def _hit_prefills(
         self, state: ClusterState, queue: list[RequestState], pool: list[int], room: _Room, lent: set[int],

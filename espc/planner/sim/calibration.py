@@ -1,14 +1,18 @@
 """Calibration files: what `espc profile` measured on a spec's devices and the cost model it fitted.
 
     {"kind": "espc-calibration", "schema": 1, "espc_version": "…",
-     "conditions": {"attention": "torch", "dtype": "float32", "threads": 1, "world": 4},
+     "conditions": {"attention": "torch", "dtype": "float32", "threads": 1, "world": 4,
+                    "cores": 2, "dispatch_s": {"prefill": {"1": s, "2": s, …}, "decode": {"1": s, …}},
+                    "contention": {"prefill": {"1": [1, f, …], …}, "decode": {…}}, "admission_s": s},
      "cost_model": CostModel.to_dict() (the model and cluster it was measured on, the fits),
      "measurements": [{"phase": "prefill", "dop": 2, "lengths": [256, 256], "samples": [s, …]}, …]}
 
 A measurement's `lengths` are the new tokens per request (prefill), the cached context per
 request (decode), or the tokens moved (migration, between instances 0 and 1). `fit` turns
 measurements into a calibrated CostModel: prefill and decode fits per dop
-(`CostModel.calibrate`), and the latency and bandwidth of a migration. `load_calibration`
+(`CostModel.calibrate`), the latency and bandwidth of a migration, and the conditions'
+contention factors (a batch's slowdown per dop with 0, 1, … other instances busy:
+`CostModel.contention_factor`). `load_calibration`
 refuses a file measured for another model or cluster than the spec's (the cluster's device
 kind fixes the attention kernel), naming every field that differs. No torch here: `espc compile --calibration` reads these
 files without loading it; the measuring is `espc.runtime.profile`.
@@ -82,10 +86,10 @@ class Calibration:
     source: str | None = None  # the file it was loaded from ...
     sha256: str | None = None  # ... and the sha256 of its bytes
 
-    def dispatch_s(self, phase: str) -> float:
-        """The runtime's own time per iteration of `phase` (driver, queues), measured
-        through the engine; 0 for migrations, which ride along a batch's iteration."""
-        return float(self.conditions.get("dispatch_s", {}).get(phase, 0.0))
+    def dispatch_s(self, phase: str, dop: int) -> float:
+        """The runtime's own time per iteration of `phase` at `dop` (driver, queues),
+        measured through the engine; 0 for migrations, which ride along a batch's iteration."""
+        return dispatch_seconds(self.conditions, phase, dop)
 
     def errors(self) -> list[tuple[Measurement, float, float]]:
         """(measurement, predicted seconds, relative error) for every grid point, against
@@ -93,7 +97,7 @@ class Calibration:
         rows = []
         for measurement in self.measurements:
             predicted = measurement.predicted(self.cost)
-            lasts = measurement.seconds + self.dispatch_s(measurement.phase)
+            lasts = measurement.seconds + self.dispatch_s(measurement.phase, measurement.dop)
             rows.append((measurement, predicted, (predicted - lasts) / lasts))
         return rows
 
@@ -101,10 +105,13 @@ class Calibration:
 def fit(spec: Spec, measurements: Sequence[Measurement], conditions: Mapping[str, Any]) -> Calibration:
     """The spec's cost model calibrated on `measurements` (see the module docstring)."""
     cost = CostModel.from_spec(spec)
-    dispatch = conditions.get("dispatch_s", {})  # the runtime's time per iteration beyond the workers'
-    prefill = [(m.dop, 1, m.lengths, m.seconds + dispatch.get("prefill", 0.0)) for m in measurements if m.phase == "prefill"]
+    # The runtime's time per iteration beyond the workers': what an iteration lasts is both.
+    prefill = [
+        (m.dop, 1, m.lengths, m.seconds + dispatch_seconds(conditions, "prefill", m.dop))
+        for m in measurements if m.phase == "prefill"
+    ]
     decode = [
-        (m.dop, 1, len(m.lengths), sum(m.lengths), m.seconds + dispatch.get("decode", 0.0))
+        (m.dop, 1, len(m.lengths), sum(m.lengths), m.seconds + dispatch_seconds(conditions, "decode", m.dop))
         for m in measurements if m.phase == "decode"
     ]
     migrations = [m for m in measurements if m.phase == "migration"]
@@ -112,8 +119,25 @@ def fit(spec: Spec, measurements: Sequence[Measurement], conditions: Mapping[str
     if migrations:
         latency_s, bandwidth = _fit_migration(migrations, cost.instance_kv_bytes_per_token(1))
         parameters = dataclasses.replace(parameters, migration_latency_s=latency_s, migration_bandwidth=bandwidth)
-    calibrated = cost.calibrate(prefill=prefill, decode=decode, parameters=parameters)
+    # phase -> dop -> slowdown with 0, 1, … other instances busy (dops are strings once in JSON)
+    contention = {
+        (phase, int(dop)): factors for phase, by_dop in conditions.get("contention", {}).items() for dop, factors in by_dop.items()
+    }
+    calibrated = cost.calibrate(
+        prefill=prefill, decode=decode, parameters=parameters, contention=contention,
+        admission_s=float(conditions.get("admission_s", 0.0)),
+    )
     return Calibration(calibrated, tuple(measurements), dict(conditions))
+
+
+def dispatch_seconds(conditions: Mapping[str, Any], phase: str, dop: int) -> float:
+    """`conditions["dispatch_s"][phase]`: seconds per dop (keys are strings once written to
+    JSON), or one number for every dop (files profiled before dispatch was measured per
+    dop); 0 when not measured or for a dop it was not measured at."""
+    measured = conditions.get("dispatch_s", {}).get(phase, 0.0)
+    if isinstance(measured, Mapping):
+        return float(measured.get(dop, measured.get(str(dop), 0.0)))
+    return float(measured)
 
 
 def _fit_migration(migrations: Sequence[Measurement], bytes_per_token: int) -> tuple[float, float | None]:
@@ -176,7 +200,8 @@ def load_calibration(path: str | Path, spec: Spec) -> Calibration:
             raise CalibrationError(f"{path}: measured for another spec — {shown}; profile this spec with `espc profile`")
         stored = CostModel.from_dict(measured)
         cost = CostModel(
-            spec.model, spec.cluster, spec.runtime.memory_fraction, stored.parameters, stored.prefill_fits, stored.decode_fits
+            spec.model, spec.cluster, spec.runtime.memory_fraction, stored.parameters, stored.prefill_fits, stored.decode_fits,
+            stored.contention, stored.admission_s,
         )
         measurements = tuple(_measurement(row) for row in data["measurements"])
         conditions = dict(data["conditions"])
@@ -218,15 +243,18 @@ def format_calibration(calibration: Calibration) -> str:
     lines = [f"{'phase':<10} {'dop':>3} {'shape':<18} {'measured':>11} {'fitted':>11} {'error':>8}"]
     rows = calibration.errors()
     for measurement, predicted, error in rows:
-        lasts = measurement.seconds + calibration.dispatch_s(measurement.phase)
+        lasts = measurement.seconds + calibration.dispatch_s(measurement.phase, measurement.dop)
         lines.append(
             f"{measurement.phase:<10} {measurement.dop:>3} {measurement.label():<18} "
             f"{lasts * 1e3:>8.2f} ms {predicted * 1e3:>8.2f} ms {error:>+8.1%}"
         )
     if "dispatch_s" in calibration.conditions:
+        dops = sorted({m.dop for m in calibration.measurements if m.phase != "migration"})
         lines.append(
-            "measured = workers' time + the runtime's dispatch per iteration: "
-            f"prefill {calibration.dispatch_s('prefill') * 1e3:.2f} ms, decode {calibration.dispatch_s('decode') * 1e3:.2f} ms"
+            "measured = workers' time + the runtime's dispatch per iteration, by dop: " + "; ".join(
+                f"{phase} " + ", ".join(f"{calibration.dispatch_s(phase, dop) * 1e3:.2f}" for dop in dops) + " ms"
+                for phase in ("prefill", "decode")
+            )
         )
     errors = [abs(error) for _, _, error in rows]
     if errors:
@@ -238,6 +266,10 @@ def format_calibration(calibration: Calibration) -> str:
                 f"{phase} dop {dop}: α {fitted.alpha_s * 1e3:.4g} ms, β {fitted.beta_s * 1e3:.4g} ms, "
                 f"γ {fitted.gamma_s * 1e3:.4g} ms ({'dense' if fitted.dense else 'per request'}, {fitted.rows} rows)"
             )
+    if cost.admission_s:
+        lines.append(f"admission: {cost.admission_s * 1e3:.2f} ms from a request's arrival to its first batch")
+    for (phase, dop), factors in cost.contention.items():
+        lines.append(f"{phase} dop {dop} with 0, 1, … other instances busy: " + ", ".join(f"{f:.2f}×" for f in factors))
     p = cost.parameters
     if p.migration_bandwidth is not None:
         lines.append(f"migration: latency {p.migration_latency_s * 1e3:.3f} ms, bandwidth {p.migration_bandwidth / 1e9:.3g} GB/s")

@@ -71,6 +71,14 @@ pair of the batch: its quadratic term is (Σn)² for prefill and B·Σctx for de
 `espc profile` also measures KV migrations and sets `migration_latency_s` and
 `migration_bandwidth` (`migration_time` between instances).
 
+Contention: where the instances share fewer CPU cores than they have worker processes (the
+tiny spec's four workers on a two-core machine), a batch runs slower while other instances
+are busy, and a ring or multi-master group, whose ranks wait on each other, slower still.
+`espc profile` measures that slowdown per phase and dop with 0, 1, … other instances busy
+(`contention`); the simulator multiplies a batch's seconds by
+`contention_factor(phase, dop, busy_others)`, the instances busy outside the batch when it
+starts. Without a measurement the factor is 1 (devices that do not share a processor).
+
 Empty batches cost 0 s: the scheduler launches no iteration for them.
 """
 
@@ -200,6 +208,8 @@ class CostModel:
         parameters: CostParameters | None = None,
         prefill_fits: Mapping[tuple[int, int], LinearFit] | None = None,
         decode_fits: Mapping[tuple[int, int], LinearFit] | None = None,
+        contention: Mapping[tuple[str, int], Sequence[float]] | None = None,
+        admission_s: float = 0.0,
     ):
         if not 0 < memory_fraction <= 1:
             raise ValueError(f"memory_fraction must be in (0, 1], got {memory_fraction}")
@@ -209,6 +219,17 @@ class CostModel:
         self.parameters = parameters or CostParameters()
         self.prefill_fits = dict(sorted((prefill_fits or {}).items()))
         self.decode_fits = dict(sorted((decode_fits or {}).items()))
+        # (phase, dop) -> slowdown with 0, 1, … other instances busy (see the module docstring)
+        self.contention = {key: tuple(float(f) for f in factors) for key, factors in sorted((contention or {}).items())}
+        for (phase, dop), factors in self.contention.items():
+            if not factors or min(factors) <= 0:
+                raise ValueError(f"contention {phase} dop {dop}: factors {list(factors)} must be > 0")
+        if admission_s < 0:
+            raise ValueError(f"admission_s must be ≥ 0, got {admission_s}")
+        self.admission_s = float(admission_s)
+        """Seconds from a request's arrival until its first batch can start: the runtime's
+        driver taking it in, planning, lowering and computing inputs (measured by `espc
+        profile`; 0 without a calibration). The simulator lets requests arrive this late."""
         self.device = _weakest_device(cluster)
         self._layouts: dict[int, _Layout] = {}
         self._instance_kv_bytes: dict[int, int] = {}
@@ -468,13 +489,22 @@ class CostModel:
             overhead_s=self._overhead_s(dop),
         )
 
+    def contention_factor(self, phase: str, dop: int, busy_others: int) -> float:
+        """How much slower a `phase` batch of `dop` instances runs while `busy_others` other
+        instances are busy (1 when not measured; past the most measured, the last factor)."""
+        factors = self.contention.get((phase, dop))
+        if not factors:
+            return 1.0
+        return factors[min(max(busy_others, 0), len(factors) - 1)]
+
     # -------------------------------------------------------------------- calibration
 
     def calibrate(
-        self, prefill: Iterable[PrefillRow] = (), decode: Iterable[DecodeRow] = (), parameters: CostParameters | None = None
+        self, prefill: Iterable[PrefillRow] = (), decode: Iterable[DecodeRow] = (), parameters: CostParameters | None = None,
+        contention: Mapping[tuple[str, int], Sequence[float]] | None = None, admission_s: float | None = None,
     ) -> CostModel:
         """A copy using LoongServe's/DistServe's fitted forms for the measured (sp, tp) cases
-        (and `parameters` when given).
+        (and `parameters`, the measured `contention` and `admission_s` when given).
 
         Each (sp, tp) group is fitted by minimising Σ((pred − meas)/meas)², i.e. linear least
         squares on rows scaled by 1/meas, with non-negative coefficients (solved exactly by
@@ -504,6 +534,8 @@ class CostModel:
             parameters or self.parameters,
             self.prefill_fits | {key: _fit_either(rows, f"prefill {key}") for key, rows in prefill_groups.items()},
             self.decode_fits | {key: _fit_either(rows, f"decode {key}") for key, rows in decode_groups.items()},
+            self.contention | dict(contention or {}),
+            self.admission_s if admission_s is None else admission_s,
         )
 
     # --------------------------------------------------------------- serialisation
@@ -522,6 +554,8 @@ class CostModel:
             "parameters": dataclasses.asdict(self.parameters),
             "prefill_fits": fits(self.prefill_fits),
             "decode_fits": fits(self.decode_fits),
+            "contention": [{"phase": phase, "dop": dop, "factors": list(f)} for (phase, dop), f in self.contention.items()],
+            "admission_s": self.admission_s,
         }
 
     @classmethod
@@ -539,6 +573,8 @@ class CostModel:
             CostParameters(**data["parameters"]),
             fits(data["prefill_fits"]),
             fits(data["decode_fits"]),
+            {(row["phase"], row["dop"]): row["factors"] for row in data.get("contention", ())},  # absent before it was measured
+            data.get("admission_s", 0.0),
         )
 
     def __str__(self) -> str:

@@ -5,8 +5,14 @@ arrivals, batch completions and migration completions, processed in (time, prior
 order — completions before arrivals at the same instant, so freed instances and KV are
 visible to the requests that arrive then — which makes every run deterministic. After each
 instant the scheduler is asked for a plan; the plan's batches start at once and finish
-after the time the cost model gives them; migrations run beside the batches (DMA over the
-link between the two instances) and hold KV on both ends until they finish.
+after the time the cost model gives them; migrations run beside the batches (DMA over the link between the two instances)
+and hold KV on both ends until they finish.
+
+Contention: where `espc profile` measured instances that share CPU cores (the cost model's
+`contention` table), a batch progresses at 1 / `contention_factor(phase, dop, others)` of
+its cost-model time per second while `others` instances besides its own are busy, and every
+batch in flight is re-timed whenever one starts or ends (`_InFlight`). Without a table
+each batch simply takes its cost-model time.
 
 A `RunWatch` may stop a run early (a goodput trial whose attainment target can no longer
 be met: metrics.TrialJudge); the requests left then end unfinished, as at the end of a run.
@@ -130,6 +136,20 @@ class RunWatch(Protocol):
         ...
 
 
+@dataclass(slots=True)
+class _InFlight:
+    """A batch running on a machine with measured contention: `work_s` of its cost-model
+    time is left as of `since_s`, done at 1 / `factor` per second; `event` is the id of its
+    current completion event (earlier ones are stale)."""
+
+    batch: PrefillBatch | DecodeBatch
+    start_s: float
+    work_s: float
+    since_s: float
+    factor: float = 0.0
+    event: int = -1
+
+
 def request_record(state: RequestState) -> RequestRecord:
     request = state.request
     return RequestRecord(
@@ -156,19 +176,51 @@ def simulate(
     state = ClusterState(deployment.capacity, check=check, prefix=cache)
     events: list[tuple[float, int, int, object]] = []
     sequence = itertools.count()
-    for request in requests:
-        heapq.heappush(events, (request.arrival_s, _ARRIVAL, request.id, request))
+    for request in requests:  # taken in after the runtime's admission time (0 without a calibration)
+        heapq.heappush(events, (request.arrival_s + deployment.cost.admission_s, _ARRIVAL, request.id, request))
     busy = [0.0] * deployment.num_instances
     timeline: list[BatchRecord] = []
     unfinished = "never scheduled: the run ended with the request still queued"
+    cost = deployment.cost
+    in_flight: dict[int, _InFlight] | None = {} if cost.contention else None  # by the first instance
+
+    def retime(now: float) -> None:
+        """Every batch in flight at the pace of the instances busy now (see the module docstring)."""
+        assert in_flight is not None
+        running = sum(len(flight.batch.instances) for flight in in_flight.values())
+        for flight in in_flight.values():
+            flight.work_s = max(0.0, flight.work_s - (now - flight.since_s) / flight.factor) if flight.factor else flight.work_s
+            flight.since_s = now
+            dop = len(flight.batch.instances)
+            factor = cost.contention_factor(flight.batch.phase, dop, running - dop)
+            if factor != flight.factor:
+                flight.factor, flight.event = factor, next(sequence)
+                heapq.heappush(events, (now + flight.work_s * factor, _BATCH_DONE, flight.event, flight))
 
     while events:
+        if in_flight is not None:
+            while events and events[0][1] == _BATCH_DONE and events[0][2] != cast(_InFlight, events[0][3]).event:
+                heapq.heappop(events)  # re-timed since
+            if not events:
+                break
         now = events[0][0]
         state.now = now
+        changed = False
         while events and events[0][0] == now:
-            _, kind, _, payload = heapq.heappop(events)
+            _, kind, event, payload = heapq.heappop(events)
             # The kind says what the payload is (see the pushes below).
             if kind == _BATCH_DONE:
+                if isinstance(payload, _InFlight):
+                    if event != payload.event:
+                        continue  # re-timed since
+                    assert in_flight is not None
+                    del in_flight[payload.batch.instances[0]]
+                    changed = True
+                    for instance in payload.batch.instances:
+                        busy[instance] += now - payload.start_s
+                    if record_timeline:
+                        timeline.append(_batch_record(payload.batch, payload.start_s, now))
+                    payload = payload.batch
                 ended = state.complete(cast("PrefillBatch | DecodeBatch", payload))
                 if watch is not None:
                     for request_state in ended:
@@ -184,6 +236,8 @@ def simulate(
                     state.reject(arrived, reason)
                     if watch is not None:
                         watch.ended(arrived)
+        if changed:
+            retime(now)
         stopped = watch.stop(now) if watch is not None else None
         if stopped is not None:
             unfinished = stopped
@@ -198,17 +252,24 @@ def simulate(
             plan = state.start(plan)
             for batch in plan.batches:
                 seconds = scheduler.batch_seconds(batch)
+                if in_flight is not None:
+                    in_flight[batch.instances[0]] = _InFlight(batch, now, seconds, now)
+                    continue
                 heapq.heappush(events, (now + seconds, _BATCH_DONE, next(sequence), batch))
                 for instance in batch.instances:
                     busy[instance] += seconds
                 if record_timeline:
                     timeline.append(_batch_record(batch, now, now + seconds))
+            if in_flight is not None and plan.batches:
+                retime(now)
             for migration in plan.migrations:
                 seconds = scheduler.migration_seconds(migration)
                 heapq.heappush(events, (now + seconds, _MIGRATION_DONE, next(sequence), migration))
             if plan.batches or plan.migrations:
                 break
 
+    if in_flight is not None:
+        timeline.sort(key=lambda record: record.start_s)  # recorded as they ended
     for state_left in list(state.waiting.values()) + list(state.running.values()):
         state_left.rejected = state_left.rejected or unfinished
     records = sorted((request_record(s) for s in state.requests.values()), key=lambda record: record.id)
