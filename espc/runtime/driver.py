@@ -492,7 +492,8 @@ class Driver:
         changed = set(plan.frees) | set(plan.evictions) | {hit.source for hit in plan.hits}
         touched = [
             rank for rank, table in enumerate(self.tables)
-            if rank in program.bindings or any(table.holds(request) for request in changed)
+            if rank not in self.state.retired
+            and (rank in program.bindings or any(table.holds(request) for request in changed))
         ]
         rank = 0
         try:
