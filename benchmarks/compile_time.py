@@ -2,7 +2,7 @@
 
     python benchmarks/compile_time.py [--instances 8,64,256] [--strategies elastic,auto]
         [--search-seconds 0] [--requests 300] [--json benchmarks/results/compile_time.json]
-    python benchmarks/compile_time.py --tiny [--json benchmarks/results/compile_time_tiny.json]
+    python benchmarks/compile_time.py --tiny [--workers 1,2] [--json benchmarks/results/compile_time_tiny.json]
 
 specs/lwm7b-a800x8.toml (tp 2) with its node of 8 A800 repeated, so the cluster has
 exactly N elastic instances (2N devices). Each compile runs the whole pipeline of
@@ -15,7 +15,9 @@ every option at its default: 20 s search budget, 300-request trials) — `make r
 — with the machine's load average and the compile's CPU seconds beside it (the target,
 ≤ 10 s on 2 cores, is for a machine the compile has to itself; on a loaded one the CPU
 seconds are the better measure), and the decisions: the chosen strategy, every
-strategy's predicted goodput and the elastic policy's DoP caps.
+strategy's predicted goodput and the elastic policy's DoP caps. `--workers 1,2` compiles
+once per worker count back to back (the CPU seconds of the forked workers are shown apart)
+and says whether the decisions are the same, as they must be.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from espc.frontend.loader import load_spec, validate_spec
 from espc.frontend.spec import Spec
 from espc.planner.compile.artifact import spec_hash
 from espc.planner.compile.compiler import CompileOptions, CompileResult, compile_spec
+from espc.planner.compile.parallel import available_workers
 
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "specs" / "lwm7b-a800x8.toml"
@@ -78,41 +81,53 @@ def timed_compile(spec: Spec, base_dir: Path, options: CompileOptions) -> tuple[
         close_stage()
         last[0], last[1] = [clock() for clock in clocks], stage
 
-    started, cpu_started = time.perf_counter(), time.process_time()
+    def children_cpu() -> float:
+        times = os.times()
+        return times.children_user + times.children_system
+
+    started, cpu_started, children_started = time.perf_counter(), time.process_time(), children_cpu()
     result = compile_spec(spec, spec_hash(spec), base_dir, options, on_progress=on_progress)
     total, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     close_stage()
     return {
-        "seconds": total, "cpu_seconds": cpu, "stages": stages, "stage_cpu_seconds": stage_cpu,
+        "seconds": total, "cpu_seconds": cpu, "workers_cpu_seconds": children_cpu() - children_started,
+        "stages": stages, "stage_cpu_seconds": stage_cpu,
         "chosen": f"{result.policy.strategy} ({result.policy.configuration})",
         "milp_seconds": sum(solution.solver.seconds for solution in result.milp),
         "simulations": len(result.trials),
     }, result
 
 
-def tiny(json_path: Path | None) -> None:
-    """`--tiny`: see the module docstring."""
-    load_before = os.getloadavg()
-    row, result = timed_compile(load_spec(TINY_SPEC), TINY_SPEC.parent, CompileOptions())
-    policy = result.policy
-    row |= {
-        "spec": str(TINY_SPEC.relative_to(ROOT)), "options": "espc compile defaults", "target_s": TINY_TARGET_S,
-        "cpus": os.cpu_count(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
-        "predictions": {p.strategy: [p.configuration, p.goodput_rps] for p in policy.predictions},
-        "reason": policy.reason,
-        "prefill_dop_caps": [bucket.prefill_dop for bucket in policy.elastic.buckets] if policy.elastic else None,
-    }
-    stages = ", ".join(
-        f"{stage} {seconds:.1f} ({row['stage_cpu_seconds'][stage]:.1f} CPU)" for stage, seconds in row["stages"].items()
-    )
-    print(f"espc compile {row['spec']} (defaults): {row['seconds']:.1f} s (target ≤ {TINY_TARGET_S:g} s on 2 cores), "
-          f"{row['cpu_seconds']:.1f} s of CPU, load average {load_before[0]:.1f} before on {row['cpus']} CPUs")
-    print(f"  stages (s): {stages}; {row['simulations']} candidates simulated")
-    print(f"  chosen: {row['chosen']}: {policy.reason}")
-    print(f"  elastic prefill DoP caps per bucket: {row['prefill_dop_caps']}")
+def tiny(json_path: Path | None, worker_counts: list[int]) -> None:
+    """`--tiny`: see the module docstring; once per worker count, back to back."""
+    rows = []
+    for workers in worker_counts:
+        load_before = os.getloadavg()
+        row, result = timed_compile(load_spec(TINY_SPEC), TINY_SPEC.parent, CompileOptions(workers=workers))
+        policy = result.policy
+        row |= {
+            "spec": str(TINY_SPEC.relative_to(ROOT)), "options": f"espc compile defaults, --workers {workers}",
+            "workers": workers, "target_s": TINY_TARGET_S,
+            "cpus": os.cpu_count(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
+            "predictions": {p.strategy: [p.configuration, p.goodput_rps] for p in policy.predictions},
+            "reason": policy.reason,
+            "prefill_dop_caps": [bucket.prefill_dop for bucket in policy.elastic.buckets] if policy.elastic else None,
+        }
+        rows.append(row)
+        stages = ", ".join(
+            f"{stage} {seconds:.1f} ({row['stage_cpu_seconds'][stage]:.1f} CPU)" for stage, seconds in row["stages"].items()
+        )
+        print(f"espc compile {row['spec']} (defaults, {workers} worker{'s' if workers > 1 else ''}): {row['seconds']:.1f} s "
+              f"(target ≤ {TINY_TARGET_S:g} s on 2 cores), {row['cpu_seconds']:.1f} s of CPU here and "
+              f"{row['workers_cpu_seconds']:.1f} s in forked workers, load average {load_before[0]:.1f} before on {row['cpus']} CPUs")
+        print(f"  stages (s): {stages}; {row['simulations']} candidates simulated")
+        print(f"  chosen: {row['chosen']}: {policy.reason}")
+        print(f"  elastic prefill DoP caps per bucket: {row['prefill_dop_caps']}", flush=True)
+    decisions = {json.dumps([row["predictions"], row["prefill_dop_caps"]]) for row in rows}
+    print(f"same decisions on {', '.join(map(str, worker_counts))} workers: {'yes' if len(decisions) == 1 else 'NO'}")
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(row, indent=2))
+        json_path.write_text(json.dumps(rows, indent=2))
 
 
 def main() -> None:
@@ -123,11 +138,15 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300, help="requests per simulated trial")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--tiny", action="store_true", help="compile specs/tiny-cpu.toml with the defaults instead")
+    parser.add_argument("--workers", help="comma-separated worker counts, each measured (default: the compile's default)")
     arguments = parser.parse_args()
+    worker_counts = [int(w) for w in arguments.workers.split(",")] if arguments.workers else [available_workers()]
     if arguments.tiny:
-        tiny(arguments.json)
+        tiny(arguments.json, worker_counts)
         return
-    options = CompileOptions(search_seconds=arguments.search_seconds, trial_requests=arguments.requests)
+    options = CompileOptions(
+        search_seconds=arguments.search_seconds, trial_requests=arguments.requests, workers=worker_counts[0]
+    )
 
     rows = []
     for instances in map(int, arguments.instances.split(",")):

@@ -36,8 +36,10 @@ reported. Compile chooses rigid by itself where rigid measures higher on its see
 
 `--reuse` takes the cells of earlier runs measured with the same settings (trial requests,
 search budget, tp and SLO — elastic's compile depends on all of them) and measures only
-what they lack: a reused cell without some `--baselines` gets just those. `--report`
-measures nothing and prints the table of the reused cells.
+what they lack: a reused cell without some `--baselines` gets just those. The `--json` file
+keeps every reused cell too, the ones this run did not select (other seeds, workloads or
+settings) included, so `--json X --reuse X` only ever adds. `--report` measures nothing
+and prints the table of the reused cells.
 """
 
 from __future__ import annotations
@@ -289,10 +291,12 @@ def _variant(cell: dict) -> dict:
     return {"spec": cell.get("spec", SPEC.name), "slo": cell.get("slo", {}), "link_scale": cell.get("link_scale", 1.0)}
 
 
-def _save(path: Path | None, results: dict[tuple[str, int], dict]) -> None:
+def _save(path: Path | None, results: dict[tuple[str, int], dict], kept: list[dict]) -> None:
+    """Write this run's cells and `kept`: the reused cells it did not select, so that
+    `--json X --reuse X` with fewer seeds, workloads or other settings loses nothing."""
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps([results[key] for key in sorted(results)], indent=2))
+        path.write_text(json.dumps(kept + [results[key] for key in sorted(results)], indent=2))
 
 
 def main() -> None:
@@ -321,11 +325,15 @@ def main() -> None:
     variant = {"spec": arguments.spec.name, "slo": slo, "link_scale": arguments.link_scale}
     settings = (arguments.requests, arguments.search_seconds, arguments.tp, variant)
     workloads = available_workloads(arguments.workloads.split(";"))
-    results: dict[tuple[str, int], dict] = {
-        (cell["workload"], cell["seed"]): cell for path in arguments.reuse for cell in json.loads(path.read_text())
-        if (cell["requests"], cell["search_seconds"], cell.get("tp"), _variant(cell)) == settings
-        and cell["workload"] in workloads and (arguments.report or cell["seed"] < arguments.seeds)
-    }
+    results: dict[tuple[str, int], dict] = {}
+    kept: list[dict] = []
+    for cell in (cell for path in arguments.reuse for cell in json.loads(path.read_text())):
+        selected = ((cell["requests"], cell["search_seconds"], cell.get("tp"), _variant(cell)) == settings
+                    and cell["workload"] in workloads and (arguments.report or cell["seed"] < arguments.seeds))
+        if selected:
+            results[(cell["workload"], cell["seed"])] = cell
+        else:
+            kept.append(cell)
     # Seed-major: an interrupted run still has every workload's first seeds.
     keys = [] if arguments.report else [(w, seed) for seed in range(arguments.seeds) for w in workloads]
     elastic_todo = [key for key in keys if key not in results]
@@ -350,7 +358,7 @@ def main() -> None:
                 elif "infeasible" not in results[key]:
                     results[key]["goodputs"].update(measured["goodputs"])
                     results[key]["configurations"].update(measured["configurations"])
-                _save(arguments.json, results)
+                _save(arguments.json, results, kept)
                 g = measured["goodputs"]
                 print(f"[{stage} {done}/{len(jobs)} {time.perf_counter() - started:6.0f}s] {key[0]:20s} seed {key[1]}: "
                       + (", ".join(f"{s} {g[s]['p90']:.3f} | {g[s]['per-class']:.3f}" for s in g) or measured.get("infeasible", "")),

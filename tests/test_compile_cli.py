@@ -266,6 +266,8 @@ def test_compile_option_errors(tmp_path):
     assert result.exit_code == 2 and "exists and is not a directory" in result.stderr
     result = runner.invoke(app, ["compile", str(spec), "-o", str(tmp_path / "x"), "--requests", "0"])
     assert result.exit_code == 2 and "--requests at least 1" in result.stderr
+    result = runner.invoke(app, ["compile", str(spec), "-o", str(tmp_path / "x"), "--workers", "0"])
+    assert result.exit_code == 2 and "--workers at least 1" in result.stderr
 
 
 def test_the_library_compile_matches_the_command(compiled, tmp_path):

@@ -46,6 +46,11 @@ def compile_(
             show_default=False,
         ),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="processes simulating independent candidates at once; the policy is the same for any count "
+                     "(default: every core this process may use)", show_default=False),
+    ] = None,
 ) -> None:
     """Solve the MILP for an elastic scaling policy, verify it in simulation and write an artifact directory."""
     spec = load_spec_file(spec_file)
@@ -57,11 +62,11 @@ def compile_(
             calibrated = load_calibration(calibration, spec)
         except CalibrationError as error:
             fail(str(error))
-    if search_seconds < 0 or requests < 1:
-        fail("--search-seconds must be at least 0 and --requests at least 1")
+    if search_seconds < 0 or requests < 1 or (workers is not None and workers < 1):
+        fail("--search-seconds must be at least 0, --requests at least 1 and --workers at least 1")
     if output.exists() and not output.is_dir():
         fail(f"{output}: exists and is not a directory")
-    options = CompileOptions(search_seconds, requests, seed, runnable)
+    options = CompileOptions(search_seconds, requests, seed, runnable, workers)
     progress = _StageProgress()
     try:
         with native_stdout_to_stderr():

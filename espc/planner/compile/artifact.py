@@ -115,7 +115,11 @@ def write_artifact(
         "espc_version": __version__,
         "spec_hash": computed,
         "source": str(Path(spec_path).resolve()) if spec_path is not None else None,
-        "compile_options": dataclasses.asdict(options) if options is not None else None,
+        # What decides the policy: the worker count does not (parallel.fork_map).
+        "compile_options": (
+            {name: value for name, value in dataclasses.asdict(options).items() if name != "workers"}
+            if options is not None else None
+        ),
         "calibration": _calibration_record(calibration),
         "spec": canonical_spec(spec),
     }

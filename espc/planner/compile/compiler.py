@@ -37,6 +37,8 @@ Every stage reports progress through `on_progress(stage, message)`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -44,9 +46,10 @@ from pathlib import Path
 
 from espc._version import __version__
 from espc.frontend.spec import Spec
-from espc.planner.compile.evaluation import FINALISTS, Evaluator
+from espc.planner.compile.evaluation import FINALISTS, Evaluator, StrategyGoodput
 from espc.planner.compile.feasibility import Limits, NothingFeasible
 from espc.planner.compile.ilp import MilpSolution
+from espc.planner.compile.parallel import available_workers, fork_map
 from espc.planner.compile.policy import (
     POLICY_SCHEMA_VERSION,
     ElasticPolicy,
@@ -71,9 +74,12 @@ TRIAL_REQUESTS = 300  # requests per simulated trial (at least; high rates simul
 # loose bound).
 MAX_TRIAL_REQUESTS = 3_000
 BASELINE_FINALISTS = 1  # configurations of a baseline family measured after screening
-# Static groupings, best screened first, whose elastic equivalents are simulated: as many
-# as best-static's measurement takes from the same screen, so that elastic starts from
-# the grouping that best-static ends up with (the screen's ranking is noisy).
+# Static groupings per tp, best screened first, whose elastic equivalents are simulated: as
+# many as best-static's measurement takes from the same screen, so that elastic starts from
+# the grouping that best-static ends up with (the screen's ranking is noisy). Per tp, not
+# overall: the best elastic policy may sit at a tp where no static grouping does — a long
+# class served across small instances only by ESP (mixed at LoongServe's SLO: the best
+# seed, tp 1 with groups 6+1+1, ranked below three tp-2 and tp-4 groupings in the screen).
 SEED_LAYOUTS = FINALISTS
 SEARCH_STARTS = 2  # the local search starts from the best this many verified policies
 
@@ -88,6 +94,9 @@ class CompileOptions:
     # Hold the candidates to the runtime's limits (espc.planner.compile.feasibility); None:
     # when the spec's devices are CPUs.
     runnable: bool | None = None
+    # Processes that simulate independent candidates at once (espc.planner.compile.parallel;
+    # the policy does not depend on it); None: every core this process may use.
+    workers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +141,7 @@ def compile_spec(
     evaluator = Evaluator(
         spec, base_dir, requests=options.trial_requests, cost=cost, max_trial_requests=MAX_TRIAL_REQUESTS,
         tolerance=VERIFY_TOLERANCE, limits=limits,
+        workers=options.workers if options.workers is not None else available_workers(),
     )
     progress("metric", "choosing the goodput metric")
     evaluator.metric = goodput_metric(spec, evaluator)
@@ -162,31 +172,49 @@ def compile_spec(
             improved = _local_search(evaluator, start, seed, deadline, trials, progress)
             if best_elastic is None or improved[0] > best_elastic[0]:
                 best_elastic = improved
-        assert best_elastic is not None
-        if not best_elastic[1].is_rigid():
-            progress("ablate", "simulating elastic-rigid, the policy without ESP's choices")
-            rigid = best_elastic[1].rigid()
-            rate = _goodput(evaluator, rigid, seed, start_rate=best_elastic[0])
-            trials.append(Trial("ablate", "elastic-rigid", rate))
-            # A tie goes to rigid: choices that earned nothing on the compile seed only risk
-            # the held-out ones (benchmarks/results/policy_quality_pcie.txt, uniform seed 1).
-            if rate >= best_elastic[0]:
-                best_elastic = (rate, rigid)
-        predictions.append(StrategyPrediction("elastic", f"tp={best_elastic[1].tp}", best_elastic[0], len(trials)))
+    # The ablation and the baseline families are independent of each other: they run on
+    # the evaluator's workers together (each family's screen then runs on one).
+    requested = BASELINES if strategy == "auto" else () if strategy == "elastic" else (strategy,)
+    # A family with every configuration left out is listed in evaluator.skipped.
+    baselines = [baseline for baseline in requested if evaluator.candidates(baseline)]
+    rigid = best_elastic[1].rigid() if best_elastic and not best_elastic[1].is_rigid() else None
+    start_rate = best_elastic[0] if best_elastic else None
+    jobs: list[str | ElasticPolicy] = [*([rigid] if rigid else []), *baselines]
+    if rigid:
+        progress("ablate", "simulating elastic-rigid, the policy without ESP's choices")
+    if baselines:
+        cores = f" on {min(evaluator.workers, len(jobs))} cores" if evaluator.workers > 1 and len(jobs) > 1 else ""
+        progress("strategies", f"measuring the baseline families {', '.join(baselines)}{cores}")
 
-    baselines = BASELINES if strategy == "auto" else () if strategy == "elastic" else (strategy,)
-    for baseline in baselines:
-        if not evaluator.candidates(baseline):  # every configuration left out: listed in evaluator.skipped
-            continue
+    compiling = os.getpid()
 
-        def baseline_progress(message: str, b: str = baseline) -> None:
-            progress("strategies", f"{b}: {message}")
+    def measure(job: str | ElasticPolicy) -> float | StrategyGoodput:
+        if isinstance(job, ElasticPolicy):
+            return _goodput(evaluator, job, seed, start_rate=start_rate)
 
-        found = evaluator.strategy_goodput(
-            baseline, seed, on_progress=baseline_progress,
-            finalists=BASELINE_FINALISTS, start_rate=best_elastic[0] if best_elastic else None,
+        def family_progress(message: str) -> None:
+            if os.getpid() == compiling:  # a forked worker leaves the terminal to this process
+                progress("strategies", f"{job}: {message}")
+
+        return evaluator.strategy_goodput(
+            job, seed, on_progress=family_progress, finalists=BASELINE_FINALISTS, start_rate=start_rate
         )
-        predictions.append(StrategyPrediction(baseline, found.configuration, found.goodput.rate, found.configurations_searched))
+
+    measured = fork_map(measure, jobs, evaluator.workers)
+    if rigid:
+        assert best_elastic is not None
+        rigid_rate = measured.pop(0)
+        assert not isinstance(rigid_rate, StrategyGoodput)
+        trials.append(Trial("ablate", "elastic-rigid", rigid_rate))
+        # A tie goes to rigid: choices that earned nothing on the compile seed only risk
+        # the held-out ones (benchmarks/results/policy_quality_pcie.txt, uniform seed 1).
+        if rigid_rate >= best_elastic[0]:
+            best_elastic = (rigid_rate, rigid)
+    if best_elastic:
+        predictions.append(StrategyPrediction("elastic", f"tp={best_elastic[1].tp}", best_elastic[0], len(trials)))
+    for found in measured:
+        assert isinstance(found, StrategyGoodput)
+        predictions.append(StrategyPrediction(found.strategy, found.configuration, found.goodput.rate, found.configurations_searched))
 
     progress("choose", "choosing the strategy")
     if not predictions:
@@ -290,7 +318,7 @@ def _static_seeds(
     trials: list[Trial], progress: Progress,
 ) -> list[tuple[float, ElasticPolicy]]:
     """The verified elastic equivalents of the best SEED_LAYOUTS screened best-static groupings
-    at a tp the MILP solved (its policy is the template), partitioned and not (which wins
+    at each tp the MILP solved (its policy is the template), partitioned and not (which wins
     depends on the workload: a partition keeps long prompts' instances free of short
     requests' KV, sharing lends them while idle), other than the `verified` policies. The
     screen's bisections start from the best verified goodput (the same grid of rates as
@@ -307,14 +335,12 @@ def _static_seeds(
         "best-static", seed, lambda message: progress("seed", f"best-static: {message}"), start_rate=start_rate
     )
     seeds: list[tuple[float, ElasticPolicy]] = []
-    layouts = 0
+    layouts = dict.fromkeys(templates, 0)
     for screened_rate, candidate in screened:
         layout = candidate.layout
-        if layouts == SEED_LAYOUTS:
-            break
-        if layout is None or layout.tp not in templates:
+        if layout is None or layouts.get(layout.tp, SEED_LAYOUTS) == SEED_LAYOUTS:
             continue
-        layouts += 1
+        layouts[layout.tp] += 1
         instance_tokens = Deployment.build(evaluator.cost, layout.tp, evaluator.kv_capacity).capacity[0]
         for partitioned in (True, False):
             policy = static_equivalent(layout, templates[layout.tp], prompt_lens, instance_tokens, partitioned)
@@ -423,26 +449,35 @@ def _local_search(
 
     A neighbour is kept when its goodput clears the bar of the best's × (1 + tolerance),
     which a bisection finds only where the attainment target is met at about the bar: one
-    trial at the bar rejects most neighbours, for a fifth to a tenth of a bisection."""
+    trial at the bar rejects most neighbours, for a fifth to a tenth of a bisection. The
+    trials at the bar of the evaluator's `workers` neighbours run at once; the neighbours are
+    then taken in order as one at a time would, so the search goes the same way on any
+    number of cores (a trial beyond the first improvement is work thrown away)."""
     improved = True
     while improved and time.perf_counter() < deadline:
         improved = False
         instances = len(evaluator.cost.cluster.instances(best[1].tp))
-        for label, candidate in _neighbours(best[1], instances):
-            if time.perf_counter() >= deadline:
+        bar = best[0] * (1 + VERIFY_TOLERANCE)
+        neighbours = _neighbours(best[1], instances)
+        while not improved and time.perf_counter() < deadline:
+            chunk = list(itertools.islice(neighbours, max(evaluator.workers, 1)))
+            if not chunk:
                 break
-            progress("search", f"{label} (best {best[0]:.4g} req/s)")
-            bar = best[0] * (1 + VERIFY_TOLERANCE)
-            attainment = evaluator.trial_attainment(evaluator.elastic_candidate(candidate), bar, seed) if bar else 0.0
-            if bar and attainment < evaluator.spec.slo.attainment:
-                trials.append(Trial("search", f"{label} (misses the target at {bar:.4g} req/s: {attainment:.1%})", None))
-                continue
-            rate = _goodput(evaluator, candidate, seed, start_rate=best[0])
-            trials.append(Trial("search", label, rate))
-            if rate > bar:
-                best = (rate, candidate)
-                improved = True
-                break
+            progress("search", f"{'; '.join(label for label, _ in chunk)} (best {best[0]:.4g} req/s)")
+            attainments = fork_map(
+                lambda neighbour: evaluator.trial_attainment(evaluator.elastic_candidate(neighbour[1]), bar, seed) if bar else 0.0,
+                chunk, evaluator.workers,
+            )
+            for (label, candidate), attainment in zip(chunk, attainments):
+                if bar and attainment < evaluator.spec.slo.attainment:
+                    trials.append(Trial("search", f"{label} (misses the target at {bar:.4g} req/s: {attainment:.1%})", None))
+                    continue
+                rate = _goodput(evaluator, candidate, seed, start_rate=best[0])
+                trials.append(Trial("search", label, rate))
+                if rate > bar:
+                    best = (rate, candidate)
+                    improved = True
+                    break
     return best
 
 

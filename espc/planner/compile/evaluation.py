@@ -20,6 +20,7 @@ from espc.frontend.loader import validate_spec
 from espc.frontend.spec import GammaArrival, PoissonArrival, Spec
 from espc.planner.compile import ilp
 from espc.planner.compile.feasibility import Limits
+from espc.planner.compile.parallel import fork_map
 from espc.planner.compile.policy import ElasticPolicy, SkippedCandidate
 from espc.planner.compile.scheduler import ElasticScheduler
 from espc.planner.sim.costmodel import CostModel
@@ -97,10 +98,12 @@ class Evaluator:
         self, spec: Spec, base_dir: Path | None = None, requests: int | None = None, cost: CostModel | None = None,
         window_s: float = DEFAULT_WINDOW_S, elastic: ElasticPolicy | None = None, max_trial_requests: int | None = None,
         tolerance: float = GOODPUT_TOLERANCE, kv_capacity: int | None = None, metric: str = "p90",
-        limits: Limits | None = None,
+        limits: Limits | None = None, workers: int = 1,
     ):
         """`limits`: leave out the candidates they rule out (compile; see
-        espc.planner.compile.feasibility) and list them in `skipped`; None: every candidate."""
+        espc.planner.compile.feasibility) and list them in `skipped`; None: every candidate.
+        `workers`: processes that screen a family's configurations (parallel.fork_map; the
+        results do not depend on it)."""
         if metric not in METRICS:
             raise ValueError(f"unknown goodput metric {metric!r}; metrics: {', '.join(METRICS)}")
         self.spec = spec
@@ -121,6 +124,7 @@ class Evaluator:
         self._goodputs: dict[tuple, Goodput] = {}
         self.limits = limits
         self.skipped: list[SkippedCandidate] = []  # what `limits` left out, in the order met
+        self.workers = workers
 
     def elastic_candidate(self, policy: ElasticPolicy, label: str | None = None, strategy: str = "elastic") -> Candidate:
         deployment = Deployment.build(self.cost, policy.tp, self.kv_capacity)
@@ -260,12 +264,28 @@ class Evaluator:
         but at most the evaluator's `max_trial_requests`, and always `min_span_s()` of arrivals. Remembered per candidate identity and trial shape:
         static-sp, static-tp and best-static share configurations, and the same search from
         another start rate lands within the tolerance of the first."""
+        return self.goodputs([(candidate, start_rate)], seed, requests, tolerance, window_s)[0]
+
+    def goodputs(
+        self, starts: Sequence[tuple[Candidate, float | None]], seed: int | None = None, requests: int | None = None,
+        tolerance: float | None = None, window_s: float | None = None,
+    ) -> list[Goodput]:
+        """`goodput` of each (candidate, start rate), those not remembered yet on the
+        evaluator's `workers`."""
         base = requests if requests is not None else self.requests or self.spec.workload.requests
         window = self.window_s if window_s is None else window_s
         tolerance = self.tolerance if tolerance is None else tolerance
-        key = (candidate.identity(), seed, base, window, self.max_trial_requests, tolerance, self.metric)
-        if key in self._goodputs:
-            return self._goodputs[key]
+        keys = [(c.identity(), seed, base, window, self.max_trial_requests, tolerance, self.metric) for c, _ in starts]
+        missing = list({key: start for key, start in zip(keys, starts) if key not in self._goodputs}.items())
+        found = fork_map(
+            lambda job: self._bisect(job[1][0], seed, base, window, tolerance, job[1][1]), missing, self.workers
+        )
+        self._goodputs.update((key, goodput) for (key, _), goodput in zip(missing, found))
+        return [self._goodputs[key] for key in keys]
+
+    def _bisect(
+        self, candidate: Candidate, seed: int | None, base: int, window: float, tolerance: float, start_rate: float | None
+    ) -> Goodput:
         hopeless: set[float] = set()  # failed rates below which every trial fails alike
 
         def attainment_at(rate: float) -> float:
@@ -274,12 +294,10 @@ class Evaluator:
                 hopeless.add(rate)
             return attainment
 
-        found = find_goodput(
+        return find_goodput(
             attainment_at, self.spec.slo.attainment, self.bracket_start(start_rate), tolerance,
             hopeless_below=hopeless.__contains__,
         )
-        self._goodputs[key] = found
-        return found
 
     def trial_attainment(
         self, candidate: Candidate, rate: float, seed: int | None = None, requests: int | None = None,
@@ -337,19 +355,19 @@ class Evaluator:
         start_rate: float | None = None,
     ) -> list[tuple[float, Candidate]]:
         """Every configuration of `strategy` with its screened goodput, best first: short
-        trials (SCREEN_REQUESTS, at most SCREEN_WINDOW_S of arrivals) and a loose tolerance."""
-        screened: list[tuple[float, Candidate]] = []
-        for candidate in self.candidates(strategy):
-            if on_progress:
-                on_progress(f"screening {candidate.label}")
-            requests = min(SCREEN_REQUESTS, self.requests or SCREEN_REQUESTS)
-            # The family's configurations have goodputs of one magnitude: start from the best.
-            start = max((rate for rate, _ in screened), default=None) or start_rate
-            found = self.goodput(
-                candidate, seed, requests, SCREEN_TOLERANCE, start_rate=start, window_s=min(self.window_s, SCREEN_WINDOW_S),
-            )
-            screened.append((found.rate, candidate))
-        return sorted(screened, key=lambda pair: -pair[0])
+        trials (SCREEN_REQUESTS, at most SCREEN_WINDOW_S of arrivals) and a loose tolerance.
+        Every bisection starts from `start_rate`'s bracket, so none gains from the order they
+        run in, and they run on the evaluator's `workers` with the same results."""
+        family = self.candidates(strategy)
+        if on_progress:
+            cores = f" on {min(self.workers, len(family))} cores" if self.workers > 1 and len(family) > 1 else ""
+            on_progress(f"screening {len(family)} configuration{'s' if len(family) != 1 else ''}{cores}")
+        requests = min(SCREEN_REQUESTS, self.requests or SCREEN_REQUESTS)
+        found = self.goodputs(
+            [(candidate, start_rate) for candidate in family], seed, requests, SCREEN_TOLERANCE,
+            window_s=min(self.window_s, SCREEN_WINDOW_S),
+        )
+        return sorted(((goodput.rate, candidate) for goodput, candidate in zip(found, family)), key=lambda pair: -pair[0])
 
     def strategy_goodput(
         self, strategy: str, seed: int | None = None, on_progress: Callable[[str], None] | None = None,
@@ -364,14 +382,11 @@ class Evaluator:
             measured_candidates = [(candidate, rate) for rate, candidate in screened[:finalists]]
         else:
             measured_candidates = [(family[0], start_rate)]
-        best: tuple[Goodput, Candidate] | None = None
-        for candidate, screened_rate in measured_candidates:
-            if on_progress:
-                on_progress(f"measuring {candidate.label}")
-            measured = self.goodput(candidate, seed, start_rate=screened_rate or None)
-            if best is None or measured.rate > best[0].rate:
-                best = (measured, candidate)
-        assert best is not None
+        if on_progress:
+            on_progress(f"measuring {', '.join(candidate.label for candidate, _ in measured_candidates)}")
+        measured = self.goodputs([(candidate, rate or None) for candidate, rate in measured_candidates], seed)
+        # The first of the best: the screen's order breaks ties.
+        best = max(zip(measured, (candidate for candidate, _ in measured_candidates)), key=lambda pair: pair[0].rate)
         return StrategyGoodput(strategy, best[1].label, best[0], len(family))
 
 
