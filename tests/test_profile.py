@@ -15,7 +15,15 @@ import espc
 from espc.cli.main import app
 from espc.frontend.loader import load_spec
 from espc.planner.compile.artifact import load_artifact
-from espc.planner.sim.calibration import CalibrationError, Measurement, fit, load_calibration, write_calibration
+from espc.planner.sim.calibration import (
+    MIN_ITERATION_SHARE,
+    CalibrationError,
+    Measurement,
+    fit,
+    iteration_seconds,
+    load_calibration,
+    write_calibration,
+)
 from espc.planner.sim.costmodel import CostModel
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
@@ -257,3 +265,17 @@ def test_fit_measures_migration_latency_and_bandwidth():
     flat_cost = fit(spec, flat, {}).cost
     assert flat_cost.parameters.migration_bandwidth is None
     assert 2e-3 - 2048e-7 < flat_cost.parameters.migration_latency_s < 2e-3
+
+
+def test_a_negative_dispatch_lowers_the_fit_but_never_below_half_the_workers_time():
+    """The engine ran a DoP-2 decode faster than the grid's harness timed it: the fit follows
+    the engine (the dispatch is signed), but a grid point keeps at least MIN_ITERATION_SHARE
+    of its measured time."""
+    spec = load_spec(TINY)
+    grid = synthetic("decode", 2, DECODE_BATCHES, lambda b: 5e-3 + 1e-7 * sum(b) + 1e-4 * len(b))
+    plain = fit(spec, grid, {}).cost
+    faster = fit(spec, grid, {"dispatch_s": {"decode": {"2": -2e-3}}}).cost
+    assert faster.decode_time([100, 300], 2, 1) == pytest.approx(plain.decode_time([100, 300], 2, 1) - 2e-3)
+    point = grid[0]  # 5.1 ms measured
+    assert iteration_seconds(point, {"dispatch_s": {"decode": {"2": -2e-3}}}) == pytest.approx(point.seconds - 2e-3)
+    assert iteration_seconds(point, {"dispatch_s": {"decode": {"2": -1.0}}}) == pytest.approx(MIN_ITERATION_SHARE * point.seconds)

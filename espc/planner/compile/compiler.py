@@ -74,12 +74,9 @@ TRIAL_REQUESTS = 300  # requests per simulated trial (at least; high rates simul
 # loose bound).
 MAX_TRIAL_REQUESTS = 3_000
 BASELINE_FINALISTS = 1  # configurations of a baseline family measured after screening
-# Static groupings per tp, best screened first, whose elastic equivalents are simulated: as
-# many as best-static's measurement takes from the same screen, so that elastic starts from
-# the grouping that best-static ends up with (the screen's ranking is noisy). Per tp, not
-# overall: the best elastic policy may sit at a tp where no static grouping does — a long
-# class served across small instances only by ESP (mixed at LoongServe's SLO: the best
-# seed, tp 1 with groups 6+1+1, ranked below three tp-2 and tp-4 groupings in the screen).
+# Static groupings, best screened first, whose elastic equivalents are simulated: as many
+# as best-static's measurement takes from the same screen, so that elastic starts from
+# the grouping that best-static ends up with (the screen's ranking is noisy).
 SEED_LAYOUTS = FINALISTS
 SEARCH_STARTS = 2  # the local search starts from the best this many verified policies
 
@@ -318,7 +315,7 @@ def _static_seeds(
     trials: list[Trial], progress: Progress,
 ) -> list[tuple[float, ElasticPolicy]]:
     """The verified elastic equivalents of the best SEED_LAYOUTS screened best-static groupings
-    at each tp the MILP solved (its policy is the template), partitioned and not (which wins
+    at a tp the MILP solved (its policy is the template), partitioned and not (which wins
     depends on the workload: a partition keeps long prompts' instances free of short
     requests' KV, sharing lends them while idle), other than the `verified` policies. The
     screen's bisections start from the best verified goodput (the same grid of rates as
@@ -335,12 +332,14 @@ def _static_seeds(
         "best-static", seed, lambda message: progress("seed", f"best-static: {message}"), start_rate=start_rate
     )
     seeds: list[tuple[float, ElasticPolicy]] = []
-    layouts = dict.fromkeys(templates, 0)
+    layouts = 0
     for screened_rate, candidate in screened:
         layout = candidate.layout
-        if layout is None or layouts.get(layout.tp, SEED_LAYOUTS) == SEED_LAYOUTS:
+        if layouts == SEED_LAYOUTS:
+            break
+        if layout is None or layout.tp not in templates:
             continue
-        layouts[layout.tp] += 1
+        layouts += 1
         instance_tokens = Deployment.build(evaluator.cost, layout.tp, evaluator.kv_capacity).capacity[0]
         for partitioned in (True, False):
             policy = static_equivalent(layout, templates[layout.tp], prompt_lens, instance_tokens, partitioned)

@@ -97,7 +97,7 @@ class Calibration:
         rows = []
         for measurement in self.measurements:
             predicted = measurement.predicted(self.cost)
-            lasts = measurement.seconds + self.dispatch_s(measurement.phase, measurement.dop)
+            lasts = iteration_seconds(measurement, self.conditions)
             rows.append((measurement, predicted, (predicted - lasts) / lasts))
         return rows
 
@@ -106,12 +106,9 @@ def fit(spec: Spec, measurements: Sequence[Measurement], conditions: Mapping[str
     """The spec's cost model calibrated on `measurements` (see the module docstring)."""
     cost = CostModel.from_spec(spec)
     # The runtime's time per iteration beyond the workers': what an iteration lasts is both.
-    prefill = [
-        (m.dop, 1, m.lengths, m.seconds + dispatch_seconds(conditions, "prefill", m.dop))
-        for m in measurements if m.phase == "prefill"
-    ]
+    prefill = [(m.dop, 1, m.lengths, iteration_seconds(m, conditions)) for m in measurements if m.phase == "prefill"]
     decode = [
-        (m.dop, 1, len(m.lengths), sum(m.lengths), m.seconds + dispatch_seconds(conditions, "decode", m.dop))
+        (m.dop, 1, len(m.lengths), sum(m.lengths), iteration_seconds(m, conditions))
         for m in measurements if m.phase == "decode"
     ]
     migrations = [m for m in measurements if m.phase == "migration"]
@@ -128,6 +125,20 @@ def fit(spec: Spec, measurements: Sequence[Measurement], conditions: Mapping[str
         admission_s=float(conditions.get("admission_s", 0.0)),
     )
     return Calibration(calibrated, tuple(measurements), dict(conditions))
+
+
+# The engine runs an iteration faster than the profile's harness times it at some dops
+# (dispatch < 0), but a grid point counts for at least this share of its measured time: a
+# dispatch fitted on the engine's short shapes must not erase a long shape's work.
+MIN_ITERATION_SHARE = 0.5
+
+
+def iteration_seconds(measurement: Measurement, conditions: Mapping[str, Any]) -> float:
+    """What a runtime iteration of the grid point lasts: the workers' time plus the
+    dispatch time (negative where the engine is faster than the harness), at least
+    MIN_ITERATION_SHARE of the workers' time."""
+    dispatch = dispatch_seconds(conditions, measurement.phase, measurement.dop)
+    return max(measurement.seconds + dispatch, MIN_ITERATION_SHARE * measurement.seconds)
 
 
 def dispatch_seconds(conditions: Mapping[str, Any], phase: str, dop: int) -> float:
@@ -243,7 +254,7 @@ def format_calibration(calibration: Calibration) -> str:
     lines = [f"{'phase':<10} {'dop':>3} {'shape':<18} {'measured':>11} {'fitted':>11} {'error':>8}"]
     rows = calibration.errors()
     for measurement, predicted, error in rows:
-        lasts = measurement.seconds + calibration.dispatch_s(measurement.phase, measurement.dop)
+        lasts = iteration_seconds(measurement, calibration.conditions)
         lines.append(
             f"{measurement.phase:<10} {measurement.dop:>3} {measurement.label():<18} "
             f"{lasts * 1e3:>8.2f} ms {predicted * 1e3:>8.2f} ms {error:>+8.1%}"
