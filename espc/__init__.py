@@ -29,12 +29,15 @@ def compile(  # noqa: A001 — `espc.compile` is the public name (see DESIGN.md)
     seed: int | None = None,
     calibration: str | os.PathLike | None = None,
     runnable: bool | None = None,
+    workers: int | None = None,
 ) -> Policy:
     """`espc compile` as a function: the Policy for a Spec (or a spec file), and with
     `output` the verified artifact directory too. `calibration`: a file `espc profile` wrote
     for this spec's model and cluster; the cost model uses its fits. `runnable`: hold the
     candidates to what the runtime serves (`--runnable`) or not (`--simulation-only`); None:
-    when the spec's devices are CPUs. Raises SpecError for a bad spec file,
+    when the spec's devices are CPUs. `workers`: processes simulating at once, forked from
+    this one (`--workers`; None: every core; the policy is the same for any count) — a
+    service whose other threads hold locks a fork could catch may pass 1. Raises SpecError for a bad spec file,
     espc.planner.sim.calibration.CalibrationError for a bad or mismatched calibration file,
     espc.planner.compile.ilp.InfeasibleSLO when the SLOs cannot be met and
     espc.planner.compile.feasibility.NothingFeasible when no candidate is left."""
@@ -50,7 +53,9 @@ def compile(  # noqa: A001 — `espc.compile` is the public name (see DESIGN.md)
         spec_path = Path(spec)
         spec = load_spec(spec_path)
     calibrated = load_calibration(Path(calibration), spec) if calibration is not None else None
-    options = CompileOptions(search_seconds=search_seconds, trial_requests=requests, seed=seed, runnable=runnable)
+    options = CompileOptions(
+        search_seconds=search_seconds, trial_requests=requests, seed=seed, runnable=runnable, workers=workers
+    )
     result = compile_spec(
         spec, spec_hash(spec), spec_path.parent if spec_path else None, options, cost=calibrated.cost if calibrated else None
     )

@@ -102,8 +102,8 @@ class Evaluator:
     ):
         """`limits`: leave out the candidates they rule out (compile; see
         espc.planner.compile.feasibility) and list them in `skipped`; None: every candidate.
-        `workers`: processes that screen a family's configurations (parallel.fork_map; the
-        results do not depend on it)."""
+        `workers`: processes that simulate independent candidates at once (`goodputs`;
+        parallel.fork_map; the results do not depend on it)."""
         if metric not in METRICS:
             raise ValueError(f"unknown goodput metric {metric!r}; metrics: {', '.join(METRICS)}")
         self.spec = spec
@@ -276,11 +276,13 @@ class Evaluator:
         window = self.window_s if window_s is None else window_s
         tolerance = self.tolerance if tolerance is None else tolerance
         keys = [(c.identity(), seed, base, window, self.max_trial_requests, tolerance, self.metric) for c, _ in starts]
-        missing = list({key: start for key, start in zip(keys, starts) if key not in self._goodputs}.items())
-        found = fork_map(
-            lambda job: self._bisect(job[1][0], seed, base, window, tolerance, job[1][1]), missing, self.workers
-        )
-        self._goodputs.update((key, goodput) for (key, _), goodput in zip(missing, found))
+        missing: dict[tuple, tuple[Candidate, float | None]] = {}
+        for key, start in zip(keys, starts):  # the first start of a candidate met twice, as one at a time would
+            if key not in self._goodputs and key not in missing:
+                missing[key] = start
+        jobs = list(missing.values())
+        found = fork_map(lambda job: self._bisect(job[0], seed, base, window, tolerance, job[1]), jobs, self.workers)
+        self._goodputs.update(zip(missing, found))
         return [self._goodputs[key] for key in keys]
 
     def _bisect(

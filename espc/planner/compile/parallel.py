@@ -35,8 +35,8 @@ def fork_map(function: Callable[[Item], Result], items: Sequence[Item], workers:
     Sequential with one worker or one item, inside another fork_map (no nesting: every
     core is taken already) and where the platform cannot fork. A child's exception is raised here
     with its traceback."""
-    workers = min(workers, len(items))
     global _mapping
+    workers = min(workers, len(items))
     if workers <= 1 or _mapping or "fork" not in multiprocessing.get_all_start_methods():
         return [function(item) for item in items]
     context = multiprocessing.get_context("fork")
