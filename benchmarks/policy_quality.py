@@ -116,12 +116,13 @@ def pinned(spec: Spec, tp: int | None) -> Spec:
     return validate_spec(data, {}, "benchmark")
 
 
-def elastic_spec(spec: Spec, tp: int | None) -> Spec:
+def elastic_spec(spec: Spec, tp: int | None, goodput_metric: str = "auto") -> Spec:
     """The spec with strategy elastic, its tp pinned or (None) left to the compiler, as
-    best-static searches every tp."""
+    best-static searches every tp, and the goodput compile maximises."""
     data = pinned(spec, tp).model_dump(mode="json")
     data["cluster"]["tp"] = tp
     data["policy"]["strategy"] = "elastic"
+    data["policy"]["goodput_metric"] = goodput_metric
     return validate_spec(data, {}, "benchmark")
 
 
@@ -167,7 +168,7 @@ def _elastic_cell(workload: str, seed: int, requests: int, search_seconds: float
     cell = {"workload": workload, "seed": seed, "held_out_seed": held_out, "requests": requests,
             "search_seconds": search_seconds, "tp": tp, **variant, "goodputs": {}, "configurations": {}}
     with tempfile.TemporaryDirectory() as scratch:
-        spec = elastic_spec(_spec_for(workload, seed, requests, Path(scratch), variant), tp)
+        spec = elastic_spec(_spec_for(workload, seed, requests, Path(scratch), variant), tp, variant["goodput_metric"])
         try:
             result = compile_spec(
                 spec, spec_hash(spec), SPEC.parent,
@@ -178,7 +179,7 @@ def _elastic_cell(workload: str, seed: int, requests: int, search_seconds: float
         policy = result.policy
         assert policy.elastic is not None  # strategy elastic compiles an elastic policy
         # A trace workload's held-out seed is another trace; a distribution's is another sample.
-        scored = elastic_spec(_spec_for(workload, held_out, requests, Path(scratch), variant), tp)
+        scored = elastic_spec(_spec_for(workload, held_out, requests, Path(scratch), variant), tp, variant["goodput_metric"])
         migrations = use = None
         for metric in METRICS:
             evaluator = Evaluator(scored, base_dir=SPEC.parent, requests=requests, elastic=policy.elastic, metric=metric)
@@ -288,7 +289,13 @@ def render(results: list[dict]) -> str:
 
 def _variant(cell: dict) -> dict:
     """What a cell measured beside the trial shape (cells of earlier runs lack the defaults)."""
-    return {"spec": cell.get("spec", SPEC.name), "slo": cell.get("slo", {}), "link_scale": cell.get("link_scale", 1.0)}
+    return {"spec": cell.get("spec", SPEC.name), "slo": cell.get("slo", {}), "link_scale": cell.get("link_scale", 1.0),
+            "goodput_metric": cell.get("goodput_metric", "auto")}
+
+
+def _baseline_settings(requests: int, tp: int | None, variant: dict) -> tuple:
+    """What a baseline cell's goodputs depend on: not what elastic compiled for."""
+    return requests, tp, {name: value for name, value in variant.items() if name != "goodput_metric"}
 
 
 def _save(path: Path | None, results: dict[tuple[str, int], dict], kept: list[dict]) -> None:
@@ -297,6 +304,13 @@ def _save(path: Path | None, results: dict[tuple[str, int], dict], kept: list[di
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(kept + [results[key] for key in sorted(results)], indent=2))
+
+
+def _merge_baselines(cell: dict, baselines: dict | None) -> None:
+    """Add a baseline cell's goodputs and configurations to `cell` (not to an infeasible one)."""
+    if baselines is not None and "infeasible" not in cell:
+        cell["goodputs"].update(baselines["goodputs"])
+        cell["configurations"].update(baselines["configurations"])
 
 
 def main() -> None:
@@ -312,6 +326,8 @@ def main() -> None:
     parser.add_argument("--tpot", help="replace the spec's TPOT bound, e.g. \"30ms at p90\"")
     parser.add_argument("--spec", type=Path, default=SPEC, help="the spec measured (in specs/)")
     parser.add_argument("--link-scale", type=float, default=1.0, help="multiply every device's link bandwidth")
+    parser.add_argument("--goodput-metric", choices=("auto", "p90", "per-class"), default="auto",
+                        help="the goodput elastic is compiled for (baselines measured for another are reused)")
     parser.add_argument("--reuse", type=Path, nargs="*", default=[], help="take cells of earlier runs with the same settings")
     parser.add_argument("--report", action="store_true", help="measure nothing: the table of the --reuse cells")
     parser.add_argument("--json", type=Path, help="write every cell here, after each one")
@@ -322,11 +338,14 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown baselines {', '.join(unknown)}; baselines: {', '.join(BASELINES)}")
     slo = {name: bound for name, bound in (("ttft", arguments.ttft), ("tpot", arguments.tpot)) if bound}
-    variant = {"spec": arguments.spec.name, "slo": slo, "link_scale": arguments.link_scale}
+    variant = {"spec": arguments.spec.name, "slo": slo, "link_scale": arguments.link_scale,
+               "goodput_metric": arguments.goodput_metric}
     settings = (arguments.requests, arguments.search_seconds, arguments.tp, variant)
     workloads = available_workloads(arguments.workloads.split(";"))
     results: dict[tuple[str, int], dict] = {}
     kept: list[dict] = []
+    # Baseline goodputs of cells whose elastic was compiled for another goodput metric.
+    measured_baselines: dict[tuple[str, int], dict] = {}
     for cell in (cell for path in arguments.reuse for cell in json.loads(path.read_text())):
         selected = ((cell["requests"], cell["search_seconds"], cell.get("tp"), _variant(cell)) == settings
                     and cell["workload"] in workloads and (arguments.report or cell["seed"] < arguments.seeds))
@@ -334,12 +353,22 @@ def main() -> None:
             results[(cell["workload"], cell["seed"])] = cell
         else:
             kept.append(cell)
+            if _baseline_settings(cell["requests"], cell.get("tp"), _variant(cell)) == _baseline_settings(
+                arguments.requests, arguments.tp, variant
+            ):
+                measured_baselines.setdefault((cell["workload"], cell["seed"]), {"goodputs": {}, "configurations": {}})
+                for strategy in set(cell["goodputs"]) - set(ELASTIC):
+                    measured_baselines[(cell["workload"], cell["seed"])]["goodputs"][strategy] = cell["goodputs"][strategy]
+                    measured_baselines[(cell["workload"], cell["seed"])]["configurations"][strategy] = cell["configurations"][strategy]
     # Seed-major: an interrupted run still has every workload's first seeds.
     keys = [] if arguments.report else [(w, seed) for seed in range(arguments.seeds) for w in workloads]
     elastic_todo = [key for key in keys if key not in results]
+    for key, cell in results.items():
+        _merge_baselines(cell, measured_baselines.get(key))
     baseline_todo = [
         (key, missing) for key in keys
-        if (missing := [b for b in baselines if key not in results or b not in results[key]["goodputs"]])
+        if (missing := [b for b in baselines if (key not in results or b not in results[key]["goodputs"])
+                        and b not in measured_baselines.get(key, {}).get("goodputs", {})])
     ]
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=arguments.jobs) as pool:
@@ -355,9 +384,9 @@ def main() -> None:
                 key = jobs[future]
                 if stage == "elastic":
                     results[key] = measured
-                elif "infeasible" not in results[key]:
-                    results[key]["goodputs"].update(measured["goodputs"])
-                    results[key]["configurations"].update(measured["configurations"])
+                    _merge_baselines(measured, measured_baselines.get(key))
+                else:
+                    _merge_baselines(results[key], measured)
                 _save(arguments.json, results, kept)
                 g = measured["goodputs"]
                 print(f"[{stage} {done}/{len(jobs)} {time.perf_counter() - started:6.0f}s] {key[0]:20s} seed {key[1]}: "

@@ -6,8 +6,8 @@ eagerly (DoP 1), prefill and decode, at tp 1 and tp 2: target ≤ 1.10×.
 
 One request at a time, so every iteration runs on one instance (DoP 1). Per model and
 prompt length L, each repeat serves one request of L random token ids (vocabulary 256) and
-D = --decode-steps greedy decode steps, four ways, interleaved so that a change in the
-machine's background load hits all four alike:
+D = --decode-steps greedy decode steps, five ways, interleaved so that a change in the
+machine's background load hits all five alike:
 
 - eager (SDPA): the model's modules called directly in this process (embed, per layer
   input norm, `Attention.qkv` with RoPE, a contiguous KV cache, `F.scaled_dot_product_attention`
@@ -19,8 +19,12 @@ machine's background load hits all four alike:
 - FX graph, in process: the plan lowered by `espc.backend.lower.Lowering` (cached, as a
   worker does) with its inputs computed against a paged KV table (`PagedKVTable`, as the
   driver does) and the graph executed in this process: no driver loop, no IPC.
+- the same FX graph over a slot-major pool ([layers, 2, slots, kv_heads, head_dim] in
+  memory, the heads of a slot side by side): the ablation of `pool_tensor`'s head-major
+  layout, which the other columns use (the ops index by slot either way).
 - engine: `espc.runtime.engine.Engine` on the spec (strategy static-sp, configuration
-  "tp=1, groups=1+1+1+1", kv_capacity 8192, 1 torch thread per worker): prefill = the
+  "tp=1, groups=1+1+1+1", every instance holding the model's whole context — 8192 tokens, or the
+  longest prompt and its decode steps —, 1 torch thread per worker): prefill = the
   request's TTFT, decode = its TPOT, both from the engine's own records (`engine.result()`),
   so they include the driver's scheduling, lowering-cache lookups, input computation, the
   queues to and from the worker process and the gap between iterations. Beside them: the
@@ -72,6 +76,8 @@ SPEC_TP = {1: SPEC, 2: ROOT / "specs" / "tiny-cpu-tp2.toml"}  # the engine's spe
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "runtime_overhead.json"
 TARGET = 1.10
 CONFIGURATIONS = {1: "tp=1, groups=1+1+1+1", 2: "tp=2, groups=1+1"}
+# Tokens each instance holds (and the models' max_context): at least this, more when the
+# longest prompt and its decode steps need it.
 KV_CAPACITY = 8192
 THREADS = 1
 VOCAB = 256
@@ -80,29 +86,32 @@ SMALL_MODEL = {
     "head_dim": 64, "ffn": 1536, "vocab": VOCAB, "rope_theta": 10000.0, "dtype": "float32",
     "max_context": 8192, "weights": "random:0",
 }
-SMALL_DEVICE_MEMORY = "2GiB"  # the `cpu` device preset's
-METHODS = ("eager_sdpa", "eager_kernel", "graph", "engine")
-IN_PROCESS = METHODS[:3]
+DEVICE_MEMORY = "2GiB"  # the `cpu` device preset's
+METHODS = ("eager_sdpa", "eager_kernel", "graph", "graph_slot_major", "engine")
+IN_PROCESS = METHODS[:4]
 
 
-def load_specs(names: list[str], tp: int):
+def load_specs(names: list[str], tp: int, context: int):
+    """The engine's spec per model, its model's max_context `context`: the KV capacity of
+    every instance and of the in-process paths (`kv_capacity`)."""
     from espc import load_spec
     from espc.frontend.spec import Spec
 
     if tp not in SPEC_TP:
         raise SystemExit(f"tp {tp}: this benchmark has specs for tp {sorted(SPEC_TP)}")
-    tiny = load_spec(SPEC_TP[tp])
+    tiny = load_spec(SPEC_TP[tp]).model_dump(mode="json")
     specs = {}
     for name in names:
+        raw = {**tiny, "model": {**tiny["model"], "max_context": context}}
+        # tiny-cpu.toml caps a device at 3 MiB (scarce KV at toy scale); here every instance
+        # holds `context` tokens, and the small model's weights alone are 49 MiB: give the
+        # devices the CPU preset's memory.
+        raw["cluster"]["nodes"] = [{**node, "device": {**node["device"], "memory": DEVICE_MEMORY}}
+                                   for node in raw["cluster"]["nodes"]]
         if name == "tiny":
-            specs[name] = tiny
+            specs[name] = Spec.model_validate(raw)
         elif name == "small":
-            raw = tiny.model_dump(mode="json")
-            raw["model"] = SMALL_MODEL
-            # tiny-cpu.toml caps a device at 3 MiB (scarce KV at toy scale); the small model's
-            # weights alone are 49 MiB: give its devices the CPU preset's memory.
-            for node in raw["cluster"]["nodes"]:
-                node["device"]["memory"] = SMALL_DEVICE_MEMORY
+            raw["model"] = SMALL_MODEL | {"max_context": context}
             specs[name] = Spec.model_validate(raw)
         else:
             raise SystemExit(f"unknown model {name!r}: choose tiny or small")
@@ -190,9 +199,11 @@ def time_eager(model, kernel: str, prompt: list[int], steps: int, tp: int = 1) -
 
 class InProcessGraph:
     """The runtime's lowering and paged KV table, executed in this process (DoP 1, instance
-    0; as its TP rank `tp_rank` of `tp` when the model is a TP shard)."""
+    0; as its TP rank `tp_rank` of `tp` when the model is a TP shard). `slot_major`: the pool
+    laid out [layers, 2, slots, kv_heads, head_dim] in memory, the heads of a slot together,
+    instead of `pool_tensor`'s head-major layout (the ablation of that layout)."""
 
-    def __init__(self, spec, model, tp: int = 1, tp_rank: int = 0):
+    def __init__(self, spec, model, tp: int = 1, tp_rank: int = 0, slot_major: bool = False):
         from espc.backend.kvpool import PagedKVTable, pool_tensor
         from espc.backend.lower import Lowering
         from espc.backend.tensor_parallel import local_heads
@@ -200,8 +211,10 @@ class InProcessGraph:
         self.spec = spec
         self.tp_rank = tp_rank
         self.lowering = Lowering(model, attention=spec.runtime.attention, tp=tp)
-        self.table = PagedKVTable(KV_CAPACITY, spec.runtime.kv_block_size, 4)
+        self.table = PagedKVTable(kv_capacity(spec), spec.runtime.kv_block_size, 4)
         self.pool = pool_tensor(spec.model, self.table.num_slots, model.dtype, kv_heads=local_heads(model)[1])
+        if slot_major:
+            self.pool = torch.empty(self.pool.shape, dtype=self.pool.dtype)
         self.iteration = 0
         self.request = 0
 
@@ -240,11 +253,14 @@ class InProcessPaths:
 
     def __init__(self, spec, model, tp: int = 1, tp_rank: int = 0):
         self.model, self.kernel, self.tp = model, spec.runtime.attention, tp
-        self.graph = InProcessGraph(spec, model, tp, tp_rank)
+        self.graphs = {
+            "graph": InProcessGraph(spec, model, tp, tp_rank),
+            "graph_slot_major": InProcessGraph(spec, model, tp, tp_rank, slot_major=True),
+        }
 
     def time(self, method: str, prompt: list[int], steps: int) -> tuple[float, float]:
-        if method == "graph":
-            return self.graph.time(prompt, steps)
+        if method in self.graphs:
+            return self.graphs[method].time(prompt, steps)
         return time_eager(self.model, "sdpa" if method == "eager_sdpa" else self.kernel, prompt, steps, self.tp)
 
     def close(self) -> None:
@@ -377,7 +393,7 @@ def measure_model(
     started = time.perf_counter()
     rows = []
     with Engine.from_spec(
-        spec, strategy="static-sp", configuration=CONFIGURATIONS[tp], kv_capacity=KV_CAPACITY, threads=THREADS,
+        spec, strategy="static-sp", configuration=CONFIGURATIONS[tp], kv_capacity=kv_capacity(spec), threads=THREADS,
     ) as engine:
         workers = engine.stats()["instances"]
         worker_log = watch_worker_seconds(engine)
@@ -409,6 +425,7 @@ def measure_model(
                     "eager_sdpa_s": statistics.median(s[index] for s in samples["eager_sdpa"]),
                     "eager_kernel_s": statistics.median(s[index] for s in samples["eager_kernel"]),
                     "graph_s": statistics.median(s[index] for s in samples["graph"]),
+                    "graph_slot_major_s": statistics.median(s[index] for s in samples["graph_slot_major"]),
                     "engine_s": statistics.median(s[key] for s in samples["engine"]),
                     "engine_iteration_s": statistics.median(s[f"{phase}_iteration"] for s in samples["engine"]),
                     "engine_worker_s": statistics.median(s[f"{phase}_worker"] for s in samples["engine"]),
@@ -428,6 +445,11 @@ def measure_model(
     return rows
 
 
+def kv_capacity(spec) -> int:
+    """Tokens per instance: the model's whole context (see load_specs)."""
+    return spec.model.max_context
+
+
 def _params(steps: int):
     from espc.runtime.sampling import SamplingParams
 
@@ -441,7 +463,7 @@ def _ms(seconds: float) -> str:
 def format_table(rows: list[dict]) -> str:
     header = (
         f"{'model':<6} {'tp':>2} {'phase':<8} {'length':>6} │ {'eager ms':>9} {'engine ms':>9} {'ratio':>6} {'≤1.10?':>6} │ "
-        f"{'eager, espc kernel':>18} {'FX graph in-proc':>16} {'engine worker':>13} {'engine iteration':>16} "
+        f"{'eager, espc kernel':>18} {'FX graph in-proc':>16} {'slot-major pool':>15} {'engine worker':>13} {'engine iteration':>16} "
         f"{'engine / eager, espc kernel':>27}"
     )
     lines = [header, "─" * len(header)]
@@ -449,7 +471,7 @@ def format_table(rows: list[dict]) -> str:
         lines.append(
             f"{r['model']:<6} {r['tp']:>2} {r['phase']:<8} {r['length']:>6} │ {_ms(r['eager_sdpa_s'])} {_ms(r['engine_s'])} "
             f"{r['ratio_vs_eager_sdpa']:>5.2f}× {'yes' if r['within_target'] else 'no':>6} │ "
-            f"{_ms(r['eager_kernel_s']):>18} {_ms(r['graph_s']):>16} {_ms(r['engine_worker_s']):>13} "
+            f"{_ms(r['eager_kernel_s']):>18} {_ms(r['graph_s']):>16} {_ms(r['graph_slot_major_s']):>15} {_ms(r['engine_worker_s']):>13} "
             f"{_ms(r['engine_iteration_s']):>16} {r['ratio_vs_eager_kernel']:>26.2f}×"
         )
     return "\n".join(lines)
@@ -474,7 +496,8 @@ def main() -> None:
     small_lengths = [int(n) for n in arguments.small_lengths.split(",")] if arguments.small_lengths else lengths
     names = [name.strip() for name in arguments.models.split(",") if name.strip()]
     tps = [int(t) for t in arguments.tps.split(",")]
-    specs = {tp: load_specs(names, tp) for tp in tps}
+    context = max(KV_CAPACITY, max(lengths + small_lengths) + arguments.decode_steps + 1)
+    specs = {tp: load_specs(names, tp, context) for tp in tps}
     started = time.perf_counter()
     rows = []
     for tp in tps:
@@ -504,7 +527,7 @@ def main() -> None:
         "configuration": {"spec": str(SPEC.relative_to(ROOT)), "strategy": "static-sp", "configuration": CONFIGURATIONS[1],
                           "tps": tps, "tp_specs": {tp: str(SPEC_TP[tp].relative_to(ROOT)) for tp in tps},
                           "tp_configurations": {tp: CONFIGURATIONS[tp] for tp in tps},
-                          "kv_capacity": KV_CAPACITY, "threads": THREADS, "repeats": arguments.repeats,
+                          "kv_capacity": context, "threads": THREADS, "repeats": arguments.repeats,
                           "small_repeats": arguments.small_repeats,
                           "decode_steps": arguments.decode_steps, "small_model": SMALL_MODEL},
         "models": {name: spec.model.model_dump(mode="json") for name, spec in specs[tps[0]].items()},

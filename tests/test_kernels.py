@@ -333,6 +333,60 @@ def test_torch_paged_reads_a_long_context_in_bounded_chunks(monkeypatch):
     check(out, oracle(q, k, v, q_pos, k_pos, q_seq, k_seq, True, 0.25), torch.float32)
 
 
+def in_runs(k, v, head_major: bool, layers=3, layer=1, seed=0):
+    """Like `in_pool`, but as a long request's KV lies: its first keys in one run of
+    consecutive slots (a prefill's pages), then keys scattered one by one (decode pages
+    interleaved with other requests'), then a second run, and nothing in between; laid out
+    slot-major or head-major (as `pool_tensor` lays it out). Returns (pool, slots, scattered keys)."""
+    nk, hkv, d = k.shape
+    run = reference.VIEW_MIN_RUN
+    assert nk > 2 * run
+    scattered = nk - 2 * run
+    first = torch.arange(2, 2 + run)
+    region = 2 + run + 1  # past a gap: no single joins the first run
+    picks = torch.randperm(3 * nk, generator=torch.Generator().manual_seed(seed))[:scattered]
+    singles = region + 2 * picks  # two apart: no two singles are consecutive
+    second = torch.arange(region + 6 * nk + 1, region + 6 * nk + 1 + run)
+    slots = torch.cat((first, singles, second))
+    size = int(second[-1]) + 3
+    if head_major:
+        pool = torch.full((layers, 2, hkv, size, d), float("nan"), dtype=k.dtype).transpose(2, 3)
+    else:
+        pool = torch.full((layers, 2, size, hkv, d), float("nan"), dtype=k.dtype)
+    pool[layer, 0, slots], pool[layer, 1, slots] = k, v
+    return pool, slots, scattered
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("head_major", [False, True], ids=["slot-major", "head-major"])
+@pytest.mark.parametrize("nq,causal,layout,dtype,splits", [
+    (1, True, "contig", torch.float32, None),  # a decode step: every key visible
+    (3, True, "packed", torch.bfloat16, 3),
+    (40, True, "contig", torch.float32, 2),  # a chunk: causal among its own keys
+    (5, False, "striped", torch.float16, None),
+], ids=str)
+def test_paged_reads_runs_in_place(impl, head_major, nq, causal, layout, dtype, splits):
+    """Keys in runs of consecutive slots around scattered ones (`in_runs`), GQA 8:2, odd
+    count, in either pool layout: the same result as attn_partial over those keys; the torch
+    reference gathers only the scattered keys and reads the runs where they lie."""
+    nk = 2 * reference.VIEW_MIN_RUN + 37
+    q, k, v, q_pos, k_pos, q_seq, k_seq = make_inputs(nq, nk, 8, 2, 16, layout, dtype, seed=nq)
+    pool, slots, scattered = in_runs(k, v, head_major)
+    gathered = []
+    index_select = torch.Tensor.index_select
+
+    def counted(self, dim, index):
+        gathered.append(index.numel())
+        return index_select(self, dim, index)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.Tensor, "index_select", counted)
+        out = attn_paged(q, pool, 1, slots, q_pos, k_pos, q_seq, k_seq, causal=causal, scale=0.25, impl=impl, num_splits=splits)
+    check(out, oracle(q, k, v, q_pos, k_pos, q_seq, k_seq, causal, 0.25), dtype)
+    if impl == "torch":
+        assert sum(gathered) == scattered
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_paged_bad_arguments_are_clear_errors(impl):
     q, k, v, q_pos, k_pos, q_seq, k_seq = make_inputs(3, 5, 4, 2, 16, "contig", torch.float32)

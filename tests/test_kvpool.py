@@ -251,6 +251,18 @@ def test_releases_out_of_the_middle_of_pages_compact_the_request():
     table.verify()
 
 
+def test_pool_is_indexed_by_slot_and_laid_out_by_head():
+    """`pool_tensor` is indexed [layers, 2, slots, kv_heads, head_dim], and one head's K of a
+    run of slots is one contiguous block (what attention reads), not interleaved by head."""
+    spec = ModelSpec(preset="tiny")
+    pool = pool_tensor(spec, 48, torch.float32)
+    assert pool.shape == (spec.layers, 2, 48, spec.kv_heads, spec.head_dim)
+    run = pool[1, 0, 5:21, 1]  # layer 1's K of head 1 at slots [5, 21)
+    assert run.is_contiguous()
+    pool[1, 0, 7, 1] = 3.0  # slot-indexed writes land where slot-indexed reads find them
+    assert (run[2] == 3.0).all()
+
+
 def test_compaction_moves_the_kv_with_its_tokens_in_a_real_pool():
     """A ring of 2 retains [0, 151) on one rank (two striped allocations, as a prefill
     allocates), then migrates [100, 151) away: the moves, applied with the graph's own ops

@@ -18,8 +18,14 @@ _SCORE_BUDGET = 1 << 24
 # Upper bound on the K and V bytes `attn_paged` gathers out of the pool at once (4 MiB): a long
 # context is read chunk by chunk, so no call copies a layer's whole context.
 _GATHER_BUDGET = 1 << 22
-# Below this many queries of one sequence (decode steps, short chunks) the dense path is
-# cheaper than the fused kernel, which needs K and V copied out per query head under GQA.
+# `attn_paged` attends to a run of at least this many consecutive slots in place (a view of
+# the pool: a prefill's pages, allocated together); shorter runs (the pages a decode fills one
+# at a time, interleaved with other requests') are gathered, as one view per 16-token page
+# would cost more in calls than the copy.
+VIEW_MIN_RUN = 64
+# Below this many queries of one sequence (short chunks, or decode steps where some key lies
+# past a query) the dense path is cheaper than the fused kernel, which needs K and V copied
+# out per query head under GQA once the mask is causal.
 FLASH_MIN_QUERIES = 32
 
 
@@ -122,35 +128,51 @@ def attn_partial(q, k, v, q_pos, k_pos, q_seq, k_seq, *, causal: bool, scale: fl
 def _sequence_attention(q, k, v, q_pos, k_pos, causal: bool, scale: float):
     """One sequence's queries over its (non-empty) keys."""
     nq, nk = q.shape[0], k.shape[0]
+    if not causal or bool(k_pos.max() <= q_pos.min()):  # every query sees every key (decode)
+        return _flash_grouped(q, k, v, scale)
     if nq < FLASH_MIN_QUERIES:
         return _masked_attention(q, k, v, q_pos, k_pos, causal, scale)
-    if causal and not bool((k_pos[1:] >= k_pos[:-1]).all()):
+    if not bool((k_pos[1:] >= k_pos[:-1]).all()):
         k_pos, order = k_pos.sort()
         k, v = k[order], v[order]
-    visible = torch.searchsorted(k_pos, q_pos, right=True) if causal else torch.full_like(q_pos, nk)
-    if bool((visible == nk).all()):
-        return _flash(q, k, v, False, scale)
+    visible = torch.searchsorted(k_pos, q_pos, right=True)
     skipped = int((visible == 0).sum())  # leading queries before every key: o = 0, lse = -inf
     staircase = torch.arange(1, nq - skipped + 1, device=q.device).clamp(max=nk)
     if bool((visible[:skipped] == 0).all()) and torch.equal(visible[skipped:], staircase):
         o = q.new_zeros((nq, q.shape[1], q.shape[2]), dtype=torch.float32)
         lse = q.new_full((nq, q.shape[1]), float("-inf"), dtype=torch.float32)
-        o[skipped:], lse[skipped:] = _flash(q[skipped:], k, v, True, scale)
+        o[skipped:], lse[skipped:] = _flash_causal(q[skipped:], k, v, scale)
         return o, lse
     return _masked_attention(q, k, v, q_pos, k_pos, causal, scale)
 
 
-def _flash(q, k, v, causal: bool, scale: float):
-    """PyTorch's fused attention (top-left causal) in fp32, returning its log-sum-exp."""
+def _flash_causal(q, k, v, scale: float):
+    """PyTorch's fused attention, top-left causal, in fp32, returning its log-sum-exp."""
     if q.shape[0] == 0:  # the fused kernel divides by the query count
         return q.new_zeros(q.shape, dtype=torch.float32), q.new_zeros(q.shape[:2], dtype=torch.float32)
     group = q.shape[1] // k.shape[1]
     as_batch = lambda t: t.float().transpose(0, 1)[None]  # noqa: E731 — [1, H, N, D]
     o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         as_batch(q), as_batch(k.repeat_interleave(group, dim=1)), as_batch(v.repeat_interleave(group, dim=1)),
-        0.0, causal, scale=scale,
+        0.0, True, scale=scale,
     )
     return o[0].transpose(0, 1), lse[0].transpose(0, 1)
+
+
+def _flash_grouped(q, k, v, scale: float):
+    """PyTorch's fused attention, unmasked, in fp32, returning its log-sum-exp. Under GQA the
+    G query heads of a KV head see the same keys, so its Nq × G queries are one batch row
+    over that head's K and V, which are read where they lie (a view of the pool is fine)
+    instead of copied once per query head."""
+    nq, hq, d = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    queries = q.float().reshape(nq, hkv, group, d).transpose(0, 1).reshape(1, hkv, nq * group, d)
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        queries, k.float().transpose(0, 1)[None], v.float().transpose(0, 1)[None], 0.0, False, scale=scale,
+    )
+    o = o[0].reshape(hkv, nq, group, d).transpose(0, 1).reshape(nq, hq, d)
+    return o, lse[0].reshape(hkv, nq, group).transpose(0, 1).reshape(nq, hq)
 
 
 def _masked_attention(q, k, v, q_pos, k_pos, causal: bool, scale: float):
@@ -216,25 +238,52 @@ def attn_decode_partial(q, k, v, q_pos, k_pos, q_seq, k_seq, *, causal: bool, sc
 def attn_paged(q, pool, layer: int, kv_slots, q_pos, k_pos, q_seq, k_seq, *, causal: bool, scale: float, num_splits=None):
     """`attn_partial` over the K/V rows at `kv_slots` of `pool[layer]` ([layers, 2, slots, Hkv, D]).
 
-    Split-KV like `attn_decode_partial`: the slots are cut into at least `num_splits`
-    contiguous chunks (None: 1), and into more where a chunk's K and V would exceed
-    `_GATHER_BUDGET` bytes; each chunk is gathered (a copy of that chunk only), attended to
-    and merged into the running result, so memory stays bounded whatever the context.
+    Split-KV like `attn_decode_partial`: the keys are cut into parts, each attended to and
+    merged into the running result. A run of at least VIEW_MIN_RUN consecutive slots is read
+    in place; the other keys are gathered, at most `_GATHER_BUDGET` bytes of K and V at a
+    time, so memory stays bounded whatever the context. `num_splits` (None: 1) cuts every
+    part further into at most ceil(Nk / num_splits) keys.
     """
     check_paged_args(q, pool, layer, kv_slots, q_pos, k_pos, q_seq, k_seq)
     check_splits("attn_paged", num_splits)
-    nk = kv_slots.shape[0]
-    token_bytes = 2 * pool.shape[3] * pool.shape[4] * pool.element_size()
-    splits = max(num_splits or 1, -(-nk * token_bytes // _GATHER_BUDGET))
-    chunk = max(1, -(-nk // splits))
-    layer_kv = pool[layer]
-
-    def part(s: int):
-        k, v = layer_kv.index_select(1, kv_slots[s:s + chunk])
-        return attn_partial(q, k, v, q_pos, k_pos[s:s + chunk], q_seq, k_seq[s:s + chunk], causal=causal, scale=scale)
-
-    o, lse = part(0)  # with nk = 0, one empty chunk: o = 0, lse = -inf
-    for s in range(chunk, nk, chunk):
-        part_o, part_lse = part(s)
+    parts = _paged_parts(pool[layer], kv_slots, num_splits or 1)
+    keys, k, v = next(parts)  # at least one part, empty when there are no keys
+    o, lse = attn_partial(q, k, v, q_pos, k_pos[keys], q_seq, k_seq[keys], causal=causal, scale=scale)
+    for keys, k, v in parts:
+        part_o, part_lse = attn_partial(q, k, v, q_pos, k_pos[keys], q_seq, k_seq[keys], causal=causal, scale=scale)
         o, lse = attn_merge(torch.stack((o, part_o)), torch.stack((lse, part_lse)))
     return o, lse
+
+
+def _paged_parts(layer_kv, kv_slots, num_splits: int):
+    """(keys, k, v) parts covering `kv_slots` of `layer_kv` [2, slots, Hkv, D], at least one
+    (empty when there are no keys): `keys` indexes kv_slots (a slice or an index tensor), k and
+    v [n, Hkv, D] are a view of a run of slots or a gathered copy (see `attn_paged`)."""
+    nk = kv_slots.shape[0]
+    most = max(1, -(-nk // num_splits))
+    rows_per_gather = max(1, min(most, _GATHER_BUDGET // (2 * layer_kv[0, 0].numel() * layer_kv.element_size())))
+    breaks = torch.nonzero(kv_slots.diff() != 1).flatten() + 1
+    starts = torch.cat((breaks.new_zeros(1), breaks))  # of the runs of consecutive slots
+    lengths = torch.diff(starts, append=starts.new_full((1,), nk))
+    long = lengths >= VIEW_MIN_RUN
+    for start, length, slot in zip(starts[long].tolist(), lengths[long].tolist(), kv_slots[starts[long]].tolist()):
+        for piece in range(start, start + length, most):
+            end = min(piece + most, start + length)
+            kv = layer_kv[:, slot + piece - start:slot + end - start]
+            yield slice(piece, end), kv[0], kv[1]
+    if nk and bool(long.all()):
+        return
+    scattered = torch.nonzero((~long).repeat_interleave(lengths)).flatten()  # the keys of short runs
+    for piece in range(0, max(len(scattered), 1), rows_per_gather):
+        keys = scattered[piece:piece + rows_per_gather]
+        k, v = _gather(layer_kv, kv_slots[keys])
+        yield keys, k, v
+
+
+def _gather(layer_kv, slots):
+    """layer_kv [2, slots, Hkv, D] at `slots` -> [2, n, Hkv, D], copying rows that are
+    contiguous in memory: a head-major pool's (`espc.backend.kvpool.pool_tensor`) rows are one
+    head's D values, and its gather keeps that layout (13x faster than copying across it)."""
+    if layer_kv.stride(1) < layer_kv.stride(2):
+        return layer_kv.transpose(1, 2).index_select(2, slots).transpose(1, 2)
+    return layer_kv.index_select(1, slots)
