@@ -333,20 +333,21 @@ def test_torch_paged_reads_a_long_context_in_bounded_chunks(monkeypatch):
     check(out, oracle(q, k, v, q_pos, k_pos, q_seq, k_seq, True, 0.25), torch.float32)
 
 
+RUN = 24  # keys per run of consecutive slots in `in_runs`
+
+
 def in_runs(k, v, head_major: bool, layers=3, layer=1, seed=0):
-    """Like `in_pool`, but as a long request's KV lies: its first keys in one run of
+    """Like `in_pool`, but as a long request's KV lies: its first RUN keys in one run of
     consecutive slots (a prefill's pages), then keys scattered one by one (decode pages
     interleaved with other requests'), then a second run, and nothing in between; laid out
-    slot-major or head-major (as `pool_tensor` lays it out). Returns (pool, slots, scattered keys)."""
+    slot-major or head-major (as `pool_tensor` lays it out). Returns (pool, slots)."""
     nk, hkv, d = k.shape
-    run = reference.VIEW_MIN_RUN
-    assert nk > 2 * run
-    scattered = nk - 2 * run
-    first = torch.arange(2, 2 + run)
-    region = 2 + run + 1  # past a gap: no single joins the first run
-    picks = torch.randperm(3 * nk, generator=torch.Generator().manual_seed(seed))[:scattered]
+    assert nk > 2 * RUN
+    first = torch.arange(2, 2 + RUN)
+    region = 2 + RUN + 1  # past a gap: no single joins the first run
+    picks = torch.randperm(3 * nk, generator=torch.Generator().manual_seed(seed))[:nk - 2 * RUN]
     singles = region + 2 * picks  # two apart: no two singles are consecutive
-    second = torch.arange(region + 6 * nk + 1, region + 6 * nk + 1 + run)
+    second = torch.arange(region + 6 * nk + 1, region + 6 * nk + 1 + RUN)
     slots = torch.cat((first, singles, second))
     size = int(second[-1]) + 3
     if head_major:
@@ -354,37 +355,43 @@ def in_runs(k, v, head_major: bool, layers=3, layer=1, seed=0):
     else:
         pool = torch.full((layers, 2, size, hkv, d), float("nan"), dtype=k.dtype)
     pool[layer, 0, slots], pool[layer, 1, slots] = k, v
-    return pool, slots, scattered
+    return pool, slots
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("head_major", [False, True], ids=["slot-major", "head-major"])
 @pytest.mark.parametrize("nq,causal,layout,dtype,splits", [
     (1, True, "contig", torch.float32, None),  # a decode step: every key visible
-    (3, True, "packed", torch.bfloat16, 3),
+    (3, True, "packed", torch.bfloat16, 3),  # requests mixed within the runs
+    (2, True, "by_run", torch.float32, None),  # two requests' decode steps, one per run
     (40, True, "contig", torch.float32, 2),  # a chunk: causal among its own keys
     (5, False, "striped", torch.float16, None),
 ], ids=str)
-def test_paged_reads_runs_in_place(impl, head_major, nq, causal, layout, dtype, splits):
+def test_paged_reads_runs_in_place(monkeypatch, impl, head_major, nq, causal, layout, dtype, splits):
     """Keys in runs of consecutive slots around scattered ones (`in_runs`), GQA 8:2, odd
     count, in either pool layout: the same result as attn_partial over those keys; the torch
-    reference gathers only the scattered keys and reads the runs where they lie."""
-    nk = 2 * reference.VIEW_MIN_RUN + 37
-    q, k, v, q_pos, k_pos, q_seq, k_seq = make_inputs(nq, nk, 8, 2, 16, layout, dtype, seed=nq)
-    pool, slots, scattered = in_runs(k, v, head_major)
+    reference, taking a run of RUN keys as long enough to read in place, gathers only the
+    scattered keys."""
+    nk = 2 * RUN + 37
+    q, k, v, q_pos, k_pos, q_seq, k_seq = make_inputs(nq, nk, 8, 2, 16, "contig" if layout == "by_run" else layout, dtype, seed=nq)
+    if layout == "by_run":  # request 0 holds the first run and the singles, request 1 the second run
+        q_seq, q_pos = torch.tensor([0, 1]), torch.tensor([nk - RUN, RUN])
+        k_seq = torch.cat((torch.zeros(nk - RUN, dtype=torch.long), torch.ones(RUN, dtype=torch.long)))
+        k_pos = torch.cat((torch.arange(nk - RUN), torch.arange(RUN)))
+    pool, slots = in_runs(k, v, head_major)
+    monkeypatch.setattr(reference, "VIEW_MIN_BYTES", RUN * 2 * 2 * 16 * k.element_size())
     gathered = []
-    index_select = torch.Tensor.index_select
+    gather = reference._gather
 
-    def counted(self, dim, index):
-        gathered.append(index.numel())
-        return index_select(self, dim, index)
+    def counted(layer_kv, keys):
+        gathered.append(keys.numel())
+        return gather(layer_kv, keys)
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.Tensor, "index_select", counted)
-        out = attn_paged(q, pool, 1, slots, q_pos, k_pos, q_seq, k_seq, causal=causal, scale=0.25, impl=impl, num_splits=splits)
+    monkeypatch.setattr(reference, "_gather", counted)
+    out = attn_paged(q, pool, 1, slots, q_pos, k_pos, q_seq, k_seq, causal=causal, scale=0.25, impl=impl, num_splits=splits)
     check(out, oracle(q, k, v, q_pos, k_pos, q_seq, k_seq, causal, 0.25), dtype)
     if impl == "torch":
-        assert sum(gathered) == scattered
+        assert sum(gathered) == nk - 2 * RUN
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -420,6 +420,20 @@ def test_fcfs_with_a_bucket_cap_serves_the_head():
     assert_starved_requests_are_bypassed_at_most_once(observed.decisions)
 
 
+def test_a_bucket_cap_counts_running_prefills_only():
+    """A bucket that may prefill on one instance at a time: request 0's prefill ended and it
+    decodes on that instance when request 1 arrives, mid-step. Nothing of the bucket is
+    prefilling, so request 1 starts at once on a free instance (an instance that once
+    prefilled and decodes now does not hold the bucket's cap)."""
+    policy = ElasticPolicy(1, (LengthBucket(0, 100_000, 1.0, 1, 4096, 1),), 0.0, 1, 0, False, False, 0, 0.0, 10.0)
+    alone = simulate(scheduler(policy, 600), (Request(0, 0.0, 100, 40),), check=True, record_timeline=True)
+    third_step = [batch for batch in alone.timeline if batch.phase == "decode"][2]
+    arrival = (third_step.start_s + third_step.end_s) / 2
+    _, result = run((Request(0, 0.0, 100, 40), Request(1, arrival, 100, 1)), 600, policy)
+    record = next(record for record in result.records if record.id == 1)
+    assert record.first_scheduled_s == arrival
+
+
 def test_same_seed_same_metrics():
     requests = generate(spec().workload, seed=11, rate=500.0, requests=30)
     runs = [simulate(scheduler(milp_policy(), 600), requests, check=True) for _ in range(2)]

@@ -169,9 +169,10 @@ class ElasticScheduler(Scheduler):
         self.prefill_s = prefill_s
         self.tpot_s = slo.tpot.target()
         self.last_migrated: dict[int, int] = {}  # request id -> iteration of its last migration
-        # Ring instances of the prefills this scheduler started -> their length bucket. Plans
-        # are started as returned, and a ring instance is idle again exactly when its batch
-        # finished, so idle entries are stale.
+        # Ring instances of the prefills this scheduler planned -> their length bucket: each
+        # counts toward its bucket's cap while its plan is being built and, once started,
+        # while its instance runs a prefill (`ClusterState.prefilling`; no other prefill
+        # starts there before it ends). A decision forgets the others first.
         self.prefilling_on: dict[int, LengthBucket] = {}
         self.name = name or f"elastic(tp={policy.tp})"
         self._decode_spread = functools.lru_cache(maxsize=None)(self._decode_spread_uncached)
@@ -208,6 +209,8 @@ class ElasticScheduler(Scheduler):
     def schedule(self, state: ClusterState) -> IterationPlan | None:
         if not state.idle:
             return None
+        for instance in [i for i in self.prefilling_on if i not in state.prefilling]:
+            del self.prefilling_on[instance]
         groups, reserve = self._running_view(state)
         held = {instance for group in groups for instance in group.instances}
         free_instances = [i for i in sorted(state.idle) if i not in held]
@@ -379,7 +382,7 @@ class ElasticScheduler(Scheduler):
 
         if not state.waiting:
             return
-        if not self._finished_prefills(state) and not any(
+        if not any(
             self._may_prefill(state, part, *of_class(placement), room)
             for placement, part in self._queues_by_placement(list(state.waiting.values()))
         ):
@@ -388,14 +391,6 @@ class ElasticScheduler(Scheduler):
             class_free, class_groups = of_class(placement)
             if self._may_prefill(state, queue, class_free, class_groups, room):
                 yield placement, queue, class_free, class_groups
-            # `_prefills` would admit nothing, but it would still drop the entries of finished
-            # prefills, and when that happens shows in later decisions (an instance whose
-            # prefill ended and that decodes now counts toward its bucket's cap until it is
-            # dropped while idle): it is done here exactly when `_prefills` would have run.
-            elif self._finished_prefills(state) and (
-                class_free or self._groups_to_lend(state, queue[0], class_free, class_groups, room)[0]
-            ):
-                self._forget_finished_prefills(state)
 
     def _may_prefill(
         self, state: ClusterState, queue: list[RequestState], free_instances: list[int], groups: list[_DecodeGroup],
@@ -478,7 +473,6 @@ class ElasticScheduler(Scheduler):
         the batches on rings of `pool` and plan their retention. A batch on lent instances
         must finish within `stall_budget_s` (the decodes it pauses). Requests with a cached
         prefix go first (`_hit_prefills`: their hits go to `hits`)."""
-        self._forget_finished_prefills(state)
         in_use = self._nothing_in_use.copy()
         for bucket in self.prefilling_on.values():
             in_use[bucket] += 1
@@ -610,14 +604,6 @@ class ElasticScheduler(Scheduler):
         if len(lengths) == 1:
             return _one_prompt_times(self.deployment.cost, self.deployment.tp, lengths[0], dop)
         return self.deployment.cost.prefill_segment_times(lengths, dop, self.deployment.tp, starts, ends)
-
-    def _finished_prefills(self, state: ClusterState) -> list[int]:
-        """Ring instances in `prefilling_on` whose prefill has finished (they are idle)."""
-        return [instance for instance in self.prefilling_on if instance in state.idle]
-
-    def _forget_finished_prefills(self, state: ClusterState) -> None:
-        for instance in self._finished_prefills(state):
-            del self.prefilling_on[instance]
 
     def _hit_prefills(
         self, state: ClusterState, queue: list[RequestState], pool: list[int], room: _Room, lent: set[int],

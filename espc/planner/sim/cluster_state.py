@@ -125,6 +125,7 @@ class ClusterState:
         # Cached requests evicted since the runtime's tables last released them, in order.
         self._evicted: list[int] = []
         self.idle: set[int] = set(range(len(self.capacity)))
+        self.prefilling: set[int] = set()  # instances running a prefill batch
         self.now = 0.0
         self.check = check  # verify every plan against the pool before applying it
         self.requests: dict[int, RequestState] = {}
@@ -196,6 +197,7 @@ class ClusterState:
             raise StateError(f"instance {instance} still holds {self.used[instance]} tokens of KV")
         self.retired.add(instance)
         self.idle.discard(instance)
+        self.prefilling.discard(instance)
         self.capacity[instance] = 0
 
     # ------------------------------------------------------------------------ prefix cache
@@ -344,6 +346,8 @@ class ClusterState:
                 if instance not in self.idle:
                     raise StateError(f"plan uses busy instance {instance}:\n{plan}")
                 self.idle.discard(instance)
+            if isinstance(batch, PrefillBatch):
+                self.prefilling.update(batch.instances)
             for item in batch.items:
                 state = self.requests[item.request_id]
                 if state.busy:
@@ -372,6 +376,8 @@ class ClusterState:
         for instance in batch.instances:
             if instance not in self.retired:
                 self.idle.add(instance)
+        if isinstance(batch, PrefillBatch):
+            self.prefilling.difference_update(batch.instances)
         for item in batch.items:
             state = self.requests[item.request_id]
             if state.done:
