@@ -4,6 +4,7 @@
         [--workloads "mixed;lveval;zipf(1.0, 10, 200K);lveval-heavy;adversarial"]
         [--baselines best-static,static-tp,static-sp,chunked,disaggregated] [--tp 2]
         [--ttft "max(5x prefill, 5s) at p90"] [--tpot "30ms at p90"] [--spec specs/lwm7b-a800x8.toml] [--link-scale 0.5]
+        [--goodput-metric p90]
         [--reuse benchmarks/results/policy_quality.json] [--report] [--json benchmarks/results/policy_quality.json]
 
 For specs/lwm7b-a800x8.toml (LWM-Text-1M on 8 × A800, LoongServe's SLO), per workload and
@@ -18,7 +19,9 @@ under both metrics: P90 goodput (attainment over all requests) and per-class goo
 (attainment in every prompt-length class, so the long requests ESP is for cannot be
 dropped). Ratios are paired per seed (elastic / elastic-rigid: what ESP itself earns;
 elastic / the best baseline of that seed); the table shows their geometric mean with a 95%
-t-interval over seeds, and LoongServe's published ratios beside ours where measured.
+t-interval over seeds, and LoongServe's published ratios beside ours where measured. A seed
+where a side serves nothing has no ratio and is counted apart: "x/0" (only the first side
+meets the target), "0/x" (only the second) or "0/0".
 
 `--ttft` / `--tpot` replace the spec's SLO bounds: where ESP pays depends on how much slack
 they leave a prompt prefilled on one instance and a context decoded by one instance
@@ -34,9 +37,11 @@ scheduler want — there migrations per 100 iterations at elastic's P90 goodput 
 reported. Compile chooses rigid by itself where rigid measures higher on its seed (its
 `ablate` stage): then both rows are the same policy and the ratio is 1.
 
-`--reuse` takes the cells of earlier runs measured with the same settings (trial requests,
-search budget, tp and SLO — elastic's compile depends on all of them) and measures only
-what they lack: a reused cell without some `--baselines` gets just those. The `--json` file
+`--goodput-metric` chooses the goodput elastic is compiled for (the spec's `auto` by
+default). `--reuse` takes the cells of earlier runs measured with the same settings (trial
+requests, search budget, tp, SLO and that metric — elastic's compile depends on all of them;
+a baseline's goodputs are taken from a cell compiled for another metric too) and measures
+only what they lack: a reused cell without some `--baselines` gets just those. The `--json` file
 keeps every reused cell too, the ones this run did not select (other seeds, workloads or
 settings) included, so `--json X --reuse X` only ever adds. `--report` measures nothing
 and prints the table of the reused cells.
@@ -52,6 +57,7 @@ import statistics
 import tempfile
 import textwrap
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -222,17 +228,19 @@ def _baseline_cell(workload: str, seed: int, requests: int, tp: int | None, vari
 
 
 def paired_ratio(pairs: list[tuple[float, float]]) -> str:
-    """Geometric mean of a/b over seeds with a 95% t-interval ("a/0" pairs are listed apart)."""
+    """Geometric mean of a/b over seeds with a 95% t-interval; pairs with a zero are listed
+    apart: "x/0" where only a is served, "0/x" where only b is, "0/0" where neither is."""
     logs = [math.log(a / b) for a, b in pairs if a > 0 and b > 0]
-    undefined = sum(1 for a, b in pairs if not (a > 0 and b > 0))
+    apart = Counter("x/0" if a > 0 else "0/x" if b > 0 else "0/0" for a, b in pairs if not (a > 0 and b > 0))
+    listed = ", ".join(f"{apart[kind]} × {kind}" for kind in ("x/0", "0/x", "0/0") if apart[kind])
     if not logs:
-        return "-" if not undefined else f"({undefined} × x/0)"
+        return f"({listed})" if listed else "-"
     mean = statistics.fmean(logs)
     text = f"{math.exp(mean):.2f}×"
     if len(logs) > 1:
         half = T95.get(len(logs) - 1, 1.96) * statistics.stdev(logs) / math.sqrt(len(logs))
         text += f" [{math.exp(mean - half):.2f}, {math.exp(mean + half):.2f}]"
-    return text + (f" (+{undefined} × x/0)" if undefined else "")
+    return text + (f" (+{listed})" if listed else "")
 
 
 def render(results: list[dict]) -> str:

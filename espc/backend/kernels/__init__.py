@@ -16,8 +16,9 @@
                num_splits=None) -> (o, lse)
         attn_decode_partial over k = pool[layer, 0, kv_slots], v = pool[layer, 1, kv_slots]
         (pool [layers, 2, slots, Hkv, D], kv_slots int64 [Nk]) without copying the context:
-        the Triton kernel loads K/V tiles at their slots; the torch reference gathers and
-        attends chunk by chunk (bounded memory) and merges.
+        the Triton kernel loads K/V tiles at their slots; the torch reference reads long runs
+        of consecutive slots in place, gathers the rest chunk by chunk (bounded memory) and
+        merges.
 
 impl="torch" (default; CPU reference, memory-bounded) or "triton" (CUDA, or CPU under
 TRITON_INTERPRET=1). The Triton module is imported on first use so that torch-only callers
