@@ -394,6 +394,23 @@ def test_paged_reads_runs_in_place(monkeypatch, impl, head_major, nq, causal, la
         assert sum(gathered) == nk - 2 * RUN
 
 
+@pytest.mark.parametrize("splits", [None, 3])
+@pytest.mark.parametrize("head_major", [False, True], ids=["slot-major", "head-major"])
+def test_torch_paged_reads_one_run_in_place(monkeypatch, splits, head_major):
+    """One request's whole context in one run of slots (a decode step after its prefill):
+    read in place, in `splits` pieces, nothing gathered, the same result."""
+    q, k, v, q_pos, k_pos, q_seq, k_seq = make_inputs(1, 53, 8, 2, 16, "contig", torch.float32, seed=3)
+    shape = (3, 2, 2, 70, 16) if head_major else (3, 2, 70, 2, 16)
+    pool = torch.full(shape, float("nan"))
+    pool = pool.transpose(2, 3) if head_major else pool
+    slots = torch.arange(9, 9 + 53)
+    pool[1, 0, slots], pool[1, 1, slots] = k, v
+    monkeypatch.setattr(reference, "VIEW_MIN_BYTES", 1)
+    monkeypatch.setattr(reference, "_gather", lambda *_: pytest.fail("gathered a run it could read in place"))
+    out = attn_paged(q, pool, 1, slots, q_pos, k_pos, q_seq, k_seq, causal=True, scale=0.25, impl="torch", num_splits=splits)
+    check(out, oracle(q, k, v, q_pos, k_pos, q_seq, k_seq, True, 0.25), torch.float32)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_paged_bad_arguments_are_clear_errors(impl):
     q, k, v, q_pos, k_pos, q_seq, k_seq = make_inputs(3, 5, 4, 2, 16, "contig", torch.float32)

@@ -113,15 +113,17 @@ def attn_partial(q, k, v, q_pos, k_pos, q_seq, k_seq, *, causal: bool, scale: fl
     """
     check_attn_args(q, k, v, q_pos, k_pos, q_seq, k_seq)
     nq, hq, d = q.shape
+    if nq and k.shape[0] and bool((q_seq == q_seq[0]).all()) and bool((k_seq == q_seq[0]).all()):
+        o, lse = _sequence_attention(q, k, v, q_pos, k_pos, causal, scale)  # one request (a decode step)
+        return o.contiguous(), lse.contiguous()
     o = q.new_zeros((nq, hq, d), dtype=torch.float32)
     lse = q.new_full((nq, hq), float("-inf"), dtype=torch.float32)
     if nq == 0 or k.shape[0] == 0:
         return o, lse
-    single = bool((q_seq == q_seq[0]).all()) and bool((k_seq == q_seq[0]).all())
-    for sequence in q_seq[:1] if single else torch.unique(q_seq):
-        rows = slice(None) if single else (q_seq == sequence).nonzero().squeeze(1)
-        keys = slice(None) if single else (k_seq == sequence).nonzero().squeeze(1)
-        if k_pos[keys].numel():
+    for sequence in torch.unique(q_seq):
+        rows = (q_seq == sequence).nonzero().squeeze(1)
+        keys = (k_seq == sequence).nonzero().squeeze(1)
+        if keys.numel():
             o[rows], lse[rows] = _sequence_attention(q[rows], k[keys], v[keys], q_pos[rows], k_pos[keys], causal, scale)
     return o, lse
 
@@ -279,6 +281,12 @@ def _paged_parts(layer_kv, kv_slots, num_splits: int):
     token_bytes = 2 * layer_kv[0, 0].numel() * layer_kv.element_size()
     rows_per_gather = max(1, min(most, _GATHER_BUDGET // token_bytes))
     breaks = torch.nonzero(kv_slots.diff() != 1).flatten() + 1
+    if nk and not len(breaks) and nk * token_bytes >= VIEW_MIN_BYTES:  # one long run (one request's context)
+        first = int(kv_slots[0])
+        for piece in range(0, nk, most):
+            kv = layer_kv[:, first + piece:first + min(piece + most, nk)]
+            yield slice(piece, piece + most), kv[0], kv[1]
+        return
     starts = torch.cat((breaks.new_zeros(1), breaks))  # of the runs of consecutive slots
     lengths = torch.diff(starts, append=starts.new_full((1,), nk))
     long = lengths * token_bytes >= VIEW_MIN_BYTES
